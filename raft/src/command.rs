@@ -1,0 +1,142 @@
+//! Commands: every change to the job state is one of these, committed through
+//! Raft and applied in log order on every node.
+//!
+//! A command carries everything `apply` needs to be deterministic: the leader's
+//! clock (`at_ms`) and any random choice (the seed) are fields filled in by the
+//! leader before it proposes the entry, never read inside `apply`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::job::{FieldError, Job, JobId, JobRequest, JobState, NodeId};
+
+/// The log payload: a command plus the leader's wall clock when it proposed it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    pub at_ms: u64,
+    pub cmd: Command,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    /// A new job. `id` is chosen by the receiving node and makes retries of the
+    /// same forwarded submission idempotent; `seed` is filled by the leader.
+    Submit { id: JobId, request: JobRequest, seed: Option<u64>, idempotency_key: Option<String> },
+    /// Scheduler decision: queued jobs to nodes; `attempt` must be the job's
+    /// current attempt + 1, so a decision made on stale state is rejected.
+    Assign { assignments: Vec<Assignment> },
+    /// The executing node began the attempt.
+    Start { job: JobId, node: NodeId, attempt: u32 },
+    /// The executing node reports progress of the attempt.
+    Progress { job: JobId, node: NodeId, attempt: u32, step: u32, steps: u32 },
+    /// The executing node finished the attempt. Fenced by `attempt`.
+    Complete { job: JobId, node: NodeId, attempt: u32, outcome: Outcome },
+    /// Scheduler decision: the node of these attempts is considered lost.
+    Requeue { jobs: Vec<(JobId, u32)>, reason: String },
+    Cancel { job: JobId },
+    /// A node announces its executor: slots and the models it serves.
+    RegisterNode { node: NodeId, info: NodeRegistration },
+    /// A draining node takes no new jobs (it finishes the ones it has).
+    SetDraining { node: NodeId, draining: bool },
+    /// The node left the membership; forget its executor.
+    ForgetNode { node: NodeId },
+    /// Cluster-wide limits, written by the leader.
+    Configure(ClusterConfig),
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub job: JobId,
+    pub node: NodeId,
+    pub attempt: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// The PNG bytes of the result.
+    Succeeded { png: Vec<u8> },
+    Failed { error: String },
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRegistration {
+    pub slots: u32,
+    /// Models this node's executor can run.
+    pub models: Vec<String>,
+    /// Models currently loaded in memory (scheduling affinity).
+    pub loaded_models: Vec<String>,
+    /// The executor's name, e.g. `test-pattern`.
+    pub executor: String,
+}
+
+/// Limits that every replica must agree on, so they live in the state.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterConfig {
+    /// Submissions beyond this many queued jobs are rejected.
+    pub max_queue_depth: u64,
+    /// Result images kept; the oldest are evicted beyond it.
+    pub max_results: u64,
+    /// Total bytes of result images kept; the oldest are evicted beyond it.
+    pub max_result_bytes: u64,
+    /// Finished job records kept; the oldest are forgotten beyond it (with
+    /// their idempotency keys).
+    pub max_finished_jobs: u64,
+    /// Assignments per job before a lost node makes the job fail instead of
+    /// being re-queued again.
+    pub max_attempts: u32,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            max_queue_depth: 100_000,
+            max_results: 10_000,
+            max_result_bytes: 1 << 30,
+            max_finished_jobs: 100_000,
+            max_attempts: 5,
+        }
+    }
+}
+
+/// What `apply` answers for one command.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    /// `created` is false when an idempotent retry found the existing job.
+    Submitted { job: Box<Job>, created: bool },
+    /// Per-decision results for `Assign`/`Requeue`: how many took effect.
+    Applied { count: u32 },
+    /// Accepted (or an idempotent repeat of an accepted command).
+    Ok,
+    Rejected(Rejection),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Rejection {
+    Invalid(FieldError),
+    QueueFull { max_queue_depth: u64 },
+    /// The idempotency key was used before for a different request.
+    IdempotencyKeyReused { job: JobId },
+    UnknownJob,
+    /// The attempt is not the current one, or the job is not active on that node.
+    StaleAttempt { current_attempt: u32, state: JobState },
+    /// The job is already terminal.
+    NotCancellable { state: JobState },
+    UnknownNode,
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rejection::Invalid(e) => write!(f, "invalid {e}"),
+            Rejection::QueueFull { max_queue_depth } => write!(f, "queue full ({max_queue_depth} jobs queued)"),
+            Rejection::IdempotencyKeyReused { job } => {
+                write!(f, "idempotency key already used by job {job} for a different request")
+            }
+            Rejection::UnknownJob => write!(f, "no such job"),
+            Rejection::StaleAttempt { current_attempt, state } => {
+                write!(f, "stale attempt (current attempt {current_attempt}, state {})", state.as_str())
+            }
+            Rejection::NotCancellable { state } => write!(f, "job already {}", state.as_str()),
+            Rejection::UnknownNode => write!(f, "unknown node"),
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! The job model: what a client asks for, and what the cluster records about it.
+//!
+//! These types are replicated in the Raft log and in snapshots, so they are plain
+//! data with no behaviour beyond validation. Limits live here, next to the fields
+//! they bound, so the HTTP layer and the state machine enforce the same numbers.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// A Raft node id.
+pub type NodeId = u64;
+
+/// Longest accepted prompt or negative prompt, in characters.
+pub const MAX_PROMPT_CHARS: usize = 2_000;
+/// Longest accepted model name, in bytes.
+pub const MAX_MODEL_NAME_BYTES: usize = 128;
+/// Longest accepted idempotency key, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
+/// Image side bounds, in pixels; sides must be multiples of 8 (latent stride).
+pub const MIN_IMAGE_SIDE_PX: u32 = 8;
+pub const MAX_IMAGE_SIDE_PX: u32 = 2_048;
+/// Denoising steps bounds.
+pub const MAX_STEPS: u32 = 150;
+/// Classifier-free guidance bounds.
+pub const MAX_GUIDANCE: f32 = 50.0;
+/// Priority bounds; higher runs first.
+pub const MIN_PRIORITY: i32 = -100;
+pub const MAX_PRIORITY: i32 = 100;
+/// Largest result image accepted into the log.
+pub const MAX_IMAGE_BYTES: usize = 32 << 20;
+/// Longest error message kept for a failed job.
+pub const MAX_ERROR_CHARS: usize = 1_000;
+/// Most history events kept per job (attempts are bounded, so this only caps
+/// repeated stale completions).
+pub const MAX_EVENTS_PER_JOB: usize = 64;
+
+/// A job id: 128 random bits chosen by the node that first received the
+/// submission. It doubles as the internal idempotency key while the node keeps
+/// forwarding the submission across a leader change.
+#[derive(Copy, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct JobId(pub u128);
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+impl fmt::Debug for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "JobId({self})")
+    }
+}
+
+impl FromStr for JobId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.len() != 32 {
+            return Err("a job id is 32 hexadecimal characters".into());
+        }
+        u128::from_str_radix(s, 16)
+            .map(JobId)
+            .map_err(|_| "a job id is 32 hexadecimal characters".into())
+    }
+}
+
+/// What the client asked for, exactly as accepted (after defaults were applied).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobRequest {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub width: u32,
+    pub height: u32,
+    pub steps: u32,
+    pub guidance: f32,
+    /// `None`: the leader chooses one and records it in the log (see [`Job::seed`]).
+    pub seed: Option<u64>,
+    pub model: String,
+    pub priority: i32,
+}
+
+/// A request field that breaks a rule.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: &str, message: impl Into<String>) -> Self {
+        FieldError { field: field.to_string(), message: message.into() }
+    }
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+impl JobRequest {
+    /// Checks every bound. The HTTP layer calls it to answer 4xx naming the
+    /// field; the state machine calls it again so a bad command can never enter
+    /// the replicated state, whoever sent it.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        if self.prompt.trim().is_empty() {
+            return Err(FieldError::new("prompt", "must not be empty"));
+        }
+        if self.prompt.chars().count() > MAX_PROMPT_CHARS {
+            return Err(FieldError::new("prompt", format!("longer than {MAX_PROMPT_CHARS} characters")));
+        }
+        if self.negative_prompt.chars().count() > MAX_PROMPT_CHARS {
+            return Err(FieldError::new(
+                "negative_prompt",
+                format!("longer than {MAX_PROMPT_CHARS} characters"),
+            ));
+        }
+        for (field, side) in [("width", self.width), ("height", self.height)] {
+            if !(MIN_IMAGE_SIDE_PX..=MAX_IMAGE_SIDE_PX).contains(&side) || side % 8 != 0 {
+                return Err(FieldError::new(
+                    field,
+                    format!("must be a multiple of 8 between {MIN_IMAGE_SIDE_PX} and {MAX_IMAGE_SIDE_PX}, got {side}"),
+                ));
+            }
+        }
+        if !(1..=MAX_STEPS).contains(&self.steps) {
+            return Err(FieldError::new("steps", format!("must be between 1 and {MAX_STEPS}, got {}", self.steps)));
+        }
+        if !self.guidance.is_finite() || !(0.0..=MAX_GUIDANCE).contains(&self.guidance) {
+            return Err(FieldError::new("guidance", format!("must be between 0 and {MAX_GUIDANCE}")));
+        }
+        if self.model.is_empty() || self.model.len() > MAX_MODEL_NAME_BYTES {
+            return Err(FieldError::new("model", format!("must be 1 to {MAX_MODEL_NAME_BYTES} bytes")));
+        }
+        if !(MIN_PRIORITY..=MAX_PRIORITY).contains(&self.priority) {
+            return Err(FieldError::new(
+                "priority",
+                format!("must be between {MIN_PRIORITY} and {MAX_PRIORITY}, got {}", self.priority),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Where a job is in its life. `Queued → Assigned → Running → terminal`, with
+/// `Assigned|Running → Queued` only through a re-queue (node lost).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum JobState {
+    Queued,
+    Assigned,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Assigned => "assigned",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+    }
+
+    /// Assigned or running: the job holds one executor slot on its node.
+    pub fn is_active(self) -> bool {
+        matches!(self, JobState::Assigned | JobState::Running)
+    }
+
+    pub const ALL: [JobState; 6] = [
+        JobState::Queued,
+        JobState::Assigned,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Cancelled,
+    ];
+}
+
+impl FromStr for JobState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        JobState::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| "must be one of queued, assigned, running, succeeded, failed, cancelled".to_string())
+    }
+}
+
+/// One recorded transition of a job, with the leader's clock at commit time.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub at_ms: u64,
+    pub kind: EventKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventKind {
+    Submitted,
+    Assigned { node: NodeId, attempt: u32 },
+    Started { node: NodeId, attempt: u32 },
+    Requeued { node: NodeId, attempt: u32, reason: String },
+    Succeeded { node: NodeId, attempt: u32 },
+    Failed { node: Option<NodeId>, attempt: u32, error: String },
+    Cancelled,
+    /// A completion arrived for an attempt that is no longer current (fencing).
+    CompletionRejected { node: NodeId, attempt: u32, reason: String },
+    /// The result image was dropped by the retention limit.
+    ResultEvicted,
+}
+
+/// Execution progress, as last reported by the executing node.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    pub step: u32,
+    pub steps: u32,
+}
+
+/// Everything the cluster knows about one job (the image itself is kept apart).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: JobId,
+    pub request: JobRequest,
+    /// The seed actually used: the request's, or one the leader chose.
+    pub seed: u64,
+    pub idempotency_key: Option<String>,
+    pub state: JobState,
+    /// The node of the current (or, once terminal, the last) attempt.
+    pub node: Option<NodeId>,
+    /// How many times the job has been assigned; the current attempt's number.
+    pub attempt: u32,
+    pub progress: Progress,
+    pub error: Option<String>,
+    /// Log index of the submission: FIFO order within a priority.
+    pub seq: u64,
+    pub submitted_at_ms: u64,
+    pub assigned_at_ms: Option<u64>,
+    pub started_at_ms: Option<u64>,
+    pub finished_at_ms: Option<u64>,
+    /// Size of the result image, once succeeded (kept after eviction).
+    pub result_bytes: Option<u64>,
+    pub result_evicted: bool,
+    pub history: Vec<Event>,
+}
+
+impl Job {
+    pub(crate) fn push_event(&mut self, at_ms: u64, kind: EventKind) {
+        // Transitions are always kept; only repeated rejections can hit the cap.
+        let is_rejection = matches!(kind, EventKind::CompletionRejected { .. });
+        if !is_rejection || self.history.len() < MAX_EVENTS_PER_JOB {
+            self.history.push(Event { at_ms, kind });
+        }
+    }
+}
+
+/// Truncates a message to [`MAX_ERROR_CHARS`] characters.
+pub fn bounded_message(msg: &str) -> String {
+    msg.chars().take(MAX_ERROR_CHARS).collect()
+}

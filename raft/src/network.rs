@@ -1,0 +1,162 @@
+//! Node-to-node Raft RPCs over HTTP/1.1 (bincode bodies, `/raft/*` on each
+//! node's one port), authenticated by the cluster secret.
+//!
+//! Any failure to get an answer (refused, reset, timed out, wrong status) is
+//! reported to openraft as `Unreachable`, so it backs off (see [`backoff`])
+//! instead of retrying hot. Every successful answer from a peer is recorded in
+//! [`PeerHealth`]: the leader's scheduler judges a node lost when it has not
+//! answered for `node_timeout_ms`, by this clock and no other.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use openraft::BasicNode;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::codec;
+use crate::job::NodeId;
+use crate::TypeConfig;
+
+/// Header carrying the cluster secret on every node-to-node request.
+pub const SECRET_HEADER: &str = "x-raftgen-secret";
+pub const PATH_APPEND: &str = "/raft/append";
+pub const PATH_VOTE: &str = "/raft/vote";
+pub const PATH_SNAPSHOT: &str = "/raft/snapshot";
+
+/// When each peer last answered a Raft RPC (heartbeats included).
+#[derive(Clone, Default)]
+pub struct PeerHealth(Arc<Mutex<HashMap<NodeId, Instant>>>);
+
+impl PeerHealth {
+    pub fn record_ack(&self, node: NodeId) {
+        self.0.lock().expect("health lock").insert(node, Instant::now());
+    }
+
+    pub fn last_ack(&self, node: NodeId) -> Option<Instant> {
+        self.0.lock().expect("health lock").get(&node).copied()
+    }
+
+    /// A new leader gives every node a full timeout before judging it: it
+    /// resets every clock to now.
+    pub fn reset_all(&self, nodes: impl IntoIterator<Item = NodeId>) {
+        let now = Instant::now();
+        let mut map = self.0.lock().expect("health lock");
+        map.clear();
+        map.extend(nodes.into_iter().map(|n| (n, now)));
+    }
+}
+
+/// Builds one [`PeerClient`] per target; connections are pooled by `reqwest`.
+#[derive(Clone)]
+pub struct NetworkFactory {
+    client: reqwest::Client,
+    secret: Arc<str>,
+    health: PeerHealth,
+}
+
+impl NetworkFactory {
+    pub fn new(secret: &str, health: PeerHealth) -> Self {
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(500))
+            .pool_idle_timeout(Duration::from_secs(30))
+            .tcp_nodelay(true)
+            .build()
+            .expect("building an HTTP client with static settings");
+        NetworkFactory { client, secret: secret.into(), health }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
+        PeerClient {
+            target,
+            base: format!("http://{}", node.addr),
+            client: self.client.clone(),
+            secret: self.secret.clone(),
+            health: self.health.clone(),
+        }
+    }
+}
+
+pub struct PeerClient {
+    target: NodeId,
+    base: String,
+    client: reqwest::Client,
+    secret: Arc<str>,
+    health: PeerHealth,
+}
+
+type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
+
+impl PeerClient {
+    /// Sends one RPC and decodes the remote `Result`. Transport failures become
+    /// `Unreachable`; a remote Raft error is passed on as `RemoteError`.
+    async fn call<Req, Resp, E>(&self, path: &str, req: &Req, timeout: Duration) -> Result<Resp, RpcErr<E>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let unreachable = |msg: String| RPCError::Unreachable(Unreachable::new(&std::io::Error::other(msg)));
+        let body = codec::encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let resp = self
+            .client
+            .post(format!("{}{}", self.base, path))
+            .header(SECRET_HEADER, &*self.secret)
+            .timeout(timeout)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| unreachable(format!("{path} to node {}: {e}", self.target)))?;
+        if !resp.status().is_success() {
+            return Err(unreachable(format!("{path} to node {}: HTTP {}", self.target, resp.status())));
+        }
+        let bytes = resp.bytes().await.map_err(|e| unreachable(format!("{path}: reading body: {e}")))?;
+        let result: Result<Resp, RaftError<NodeId, E>> =
+            codec::decode(&bytes).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        self.health.record_ack(self.target);
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
+        self.call(PATH_APPEND, &rpc, option.hard_ttl()).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<InstallSnapshotError>> {
+        self.call(PATH_SNAPSHOT, &rpc, option.hard_ttl()).await
+    }
+
+    async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> Result<VoteResponse<NodeId>, RpcErr> {
+        self.call(PATH_VOTE, &rpc, option.hard_ttl()).await
+    }
+
+    fn backoff(&self) -> Backoff {
+        backoff()
+    }
+}
+
+/// Retry delays toward an unreachable peer: 50 ms doubling to 500 ms, so a
+/// paused or restarted node is picked up again quickly without a hot loop.
+pub fn backoff() -> Backoff {
+    Backoff::new((0..).map(|i: u32| Duration::from_millis((50u64 << i.min(4)).min(500))))
+}

@@ -1,0 +1,493 @@
+//! The job state machine: the replicated state of the whole cluster.
+//!
+//! `apply` is a pure, deterministic function of (state, log index, request): no
+//! clock, no randomness, no I/O. Every replica that applies the same log reaches
+//! the same state byte for byte, which is what lets us snapshot, replay and test
+//! it exhaustively (see `check_invariants` and the randomized tests below).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+
+use crate::command::{Assignment, ClusterConfig, Command, NodeRegistration, Outcome, Rejection, Request, Response};
+use crate::job::{
+    bounded_message, EventKind, FieldError, Job, JobId, JobRequest, JobState, NodeId, Progress,
+    MAX_IDEMPOTENCY_KEY_BYTES, MAX_IMAGE_BYTES,
+};
+
+/// A node's executor as the cluster sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub registration: NodeRegistration,
+    pub draining: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobStateMachine {
+    config: ClusterConfig,
+    jobs: BTreeMap<JobId, Job>,
+    /// Every job by submission order (log index), for listings.
+    by_seq: BTreeMap<u64, JobId>,
+    /// Queued jobs in scheduling order: (-priority, seq).
+    queue: BTreeMap<(i64, u64), JobId>,
+    /// Assigned or running jobs, per node.
+    active: BTreeMap<NodeId, BTreeSet<JobId>>,
+    /// Terminal jobs in the order they finished (retention order).
+    finished: BTreeMap<u64, JobId>,
+    /// Result images of succeeded jobs, keyed like `finished`.
+    image_order: BTreeMap<u64, JobId>,
+    images: BTreeMap<JobId, ByteBuf>,
+    result_bytes: u64,
+    idempotency: BTreeMap<String, JobId>,
+    nodes: BTreeMap<NodeId, NodeInfo>,
+    next_finish_seq: u64,
+}
+
+impl JobStateMachine {
+    pub fn new(config: ClusterConfig) -> Self {
+        JobStateMachine { config, ..Default::default() }
+    }
+
+    pub fn config(&self) -> &ClusterConfig {
+        &self.config
+    }
+
+    /// Applies one committed request. `index` is the entry's log index; it orders
+    /// jobs FIFO within a priority.
+    pub fn apply(&mut self, index: u64, req: &Request) -> Response {
+        let at = req.at_ms;
+        match &req.cmd {
+            Command::Submit { id, request, seed, idempotency_key } => {
+                self.submit(index, at, *id, request, *seed, idempotency_key.as_deref())
+            }
+            Command::Assign { assignments } => {
+                let count = assignments.iter().filter(|a| self.assign(at, a)).count();
+                Response::Applied { count: count as u32 }
+            }
+            Command::Start { job, node, attempt } => self.start(at, *job, *node, *attempt),
+            Command::Progress { job, node, attempt, step, steps } => {
+                let Some(j) = self.jobs.get_mut(job) else { return Response::Rejected(Rejection::UnknownJob) };
+                if j.state != JobState::Running || j.node != Some(*node) || j.attempt != *attempt {
+                    return Response::Rejected(Rejection::StaleAttempt { current_attempt: j.attempt, state: j.state });
+                }
+                j.progress = Progress { step: (*step).min(*steps), steps: *steps };
+                Response::Ok
+            }
+            Command::Complete { job, node, attempt, outcome } => self.complete(at, *job, *node, *attempt, outcome),
+            Command::Requeue { jobs, reason } => {
+                let count = jobs.iter().filter(|(job, attempt)| self.requeue(at, *job, *attempt, reason)).count();
+                Response::Applied { count: count as u32 }
+            }
+            Command::Cancel { job } => self.cancel(at, *job),
+            Command::RegisterNode { node, info } => {
+                self.nodes.entry(*node).or_default().registration = info.clone();
+                Response::Ok
+            }
+            Command::SetDraining { node, draining } => match self.nodes.get_mut(node) {
+                Some(n) => {
+                    n.draining = *draining;
+                    Response::Ok
+                }
+                None => Response::Rejected(Rejection::UnknownNode),
+            },
+            Command::ForgetNode { node } => {
+                let stranded: Vec<(JobId, u32)> = self
+                    .active
+                    .get(node)
+                    .into_iter()
+                    .flatten()
+                    .map(|id| (*id, self.jobs[id].attempt))
+                    .collect();
+                for (job, attempt) in stranded {
+                    self.requeue(at, job, attempt, "node left the cluster");
+                }
+                self.nodes.remove(node);
+                Response::Ok
+            }
+            Command::Configure(config) => {
+                self.config = *config;
+                self.enforce_retention(at);
+                Response::Ok
+            }
+        }
+    }
+
+    fn submit(
+        &mut self,
+        index: u64,
+        at: u64,
+        id: JobId,
+        request: &JobRequest,
+        seed: Option<u64>,
+        key: Option<&str>,
+    ) -> Response {
+        if let Err(e) = request.validate() {
+            return Response::Rejected(Rejection::Invalid(e));
+        }
+        if let Some(key) = key {
+            if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+                return Response::Rejected(Rejection::Invalid(FieldError::new(
+                    "Idempotency-Key",
+                    format!("must be 1 to {MAX_IDEMPOTENCY_KEY_BYTES} bytes"),
+                )));
+            }
+            if let Some(existing) = self.idempotency.get(key) {
+                let job = &self.jobs[existing];
+                if job.request == *request {
+                    return Response::Submitted { job: Box::new(job.clone()), created: false };
+                }
+                return Response::Rejected(Rejection::IdempotencyKeyReused { job: *existing });
+            }
+        }
+        if let Some(job) = self.jobs.get(&id) {
+            // The receiving node retried a forward whose first try did commit.
+            return Response::Submitted { job: Box::new(job.clone()), created: false };
+        }
+        if self.queue.len() as u64 >= self.config.max_queue_depth {
+            return Response::Rejected(Rejection::QueueFull { max_queue_depth: self.config.max_queue_depth });
+        }
+        // The leader always fills the seed; this fallback is deterministic too.
+        let seed = seed.or(request.seed).unwrap_or((id.0 as u64) ^ ((id.0 >> 64) as u64));
+        let mut job = Job {
+            id,
+            request: request.clone(),
+            seed,
+            idempotency_key: key.map(str::to_string),
+            state: JobState::Queued,
+            node: None,
+            attempt: 0,
+            progress: Progress { step: 0, steps: request.steps },
+            error: None,
+            seq: index,
+            submitted_at_ms: at,
+            assigned_at_ms: None,
+            started_at_ms: None,
+            finished_at_ms: None,
+            result_bytes: None,
+            result_evicted: false,
+            history: Vec::new(),
+        };
+        job.push_event(at, EventKind::Submitted);
+        self.queue.insert(queue_key(&job), id);
+        self.by_seq.insert(index, id);
+        if let Some(key) = key {
+            self.idempotency.insert(key.to_string(), id);
+        }
+        self.jobs.insert(id, job.clone());
+        Response::Submitted { job: Box::new(job), created: true }
+    }
+
+    fn assign(&mut self, at: u64, a: &Assignment) -> bool {
+        let Some(job) = self.jobs.get(&a.job) else { return false };
+        if job.state != JobState::Queued || a.attempt != job.attempt + 1 {
+            return false;
+        }
+        let Some(node) = self.nodes.get(&a.node) else { return false };
+        let busy = self.active.get(&a.node).map_or(0, BTreeSet::len) as u32;
+        if node.draining || busy >= node.registration.slots || !node.registration.models.contains(&job.request.model) {
+            return false;
+        }
+        let job = self.jobs.get_mut(&a.job).expect("checked above");
+        self.queue.remove(&queue_key(job));
+        job.state = JobState::Assigned;
+        job.node = Some(a.node);
+        job.attempt = a.attempt;
+        job.assigned_at_ms = Some(at);
+        job.progress = Progress { step: 0, steps: job.request.steps };
+        job.push_event(at, EventKind::Assigned { node: a.node, attempt: a.attempt });
+        self.active.entry(a.node).or_default().insert(a.job);
+        true
+    }
+
+    fn start(&mut self, at: u64, id: JobId, node: NodeId, attempt: u32) -> Response {
+        let Some(job) = self.jobs.get_mut(&id) else { return Response::Rejected(Rejection::UnknownJob) };
+        let current = job.node == Some(node) && job.attempt == attempt;
+        match job.state {
+            JobState::Running if current => Response::Ok,
+            JobState::Assigned if current => {
+                job.state = JobState::Running;
+                job.started_at_ms = Some(at);
+                job.push_event(at, EventKind::Started { node, attempt });
+                Response::Ok
+            }
+            state => Response::Rejected(Rejection::StaleAttempt { current_attempt: job.attempt, state }),
+        }
+    }
+
+    fn complete(&mut self, at: u64, id: JobId, node: NodeId, attempt: u32, outcome: &Outcome) -> Response {
+        let Some(job) = self.jobs.get_mut(&id) else { return Response::Rejected(Rejection::UnknownJob) };
+        let current = job.node == Some(node) && job.attempt == attempt;
+        if !(current && job.state.is_active()) {
+            if current && matches!(job.state, JobState::Succeeded | JobState::Failed) {
+                // The same completion, retried after its first commit.
+                return Response::Ok;
+            }
+            let rejection = Rejection::StaleAttempt { current_attempt: job.attempt, state: job.state };
+            job.push_event(at, EventKind::CompletionRejected { node, attempt, reason: rejection.to_string() });
+            return Response::Rejected(rejection);
+        }
+        match outcome {
+            Outcome::Succeeded { png } if png.len() <= MAX_IMAGE_BYTES => {
+                job.push_event(at, EventKind::Succeeded { node, attempt });
+                job.progress.step = job.progress.steps;
+                job.result_bytes = Some(png.len() as u64);
+                self.finish(at, id, JobState::Succeeded, None, Some(png.clone()));
+            }
+            Outcome::Succeeded { png } => {
+                let error = format!("result image of {} bytes exceeds {MAX_IMAGE_BYTES} bytes", png.len());
+                job.push_event(at, EventKind::Failed { node: Some(node), attempt, error: error.clone() });
+                self.finish(at, id, JobState::Failed, Some(error), None);
+            }
+            Outcome::Failed { error } => {
+                let error = bounded_message(error);
+                job.push_event(at, EventKind::Failed { node: Some(node), attempt, error: error.clone() });
+                self.finish(at, id, JobState::Failed, Some(error), None);
+            }
+        }
+        Response::Ok
+    }
+
+    fn requeue(&mut self, at: u64, id: JobId, attempt: u32, reason: &str) -> bool {
+        let Some(job) = self.jobs.get_mut(&id) else { return false };
+        if !job.state.is_active() || job.attempt != attempt {
+            return false;
+        }
+        let node = job.node.expect("active jobs have a node");
+        let reason = bounded_message(reason);
+        job.push_event(at, EventKind::Requeued { node, attempt, reason: reason.clone() });
+        if attempt >= self.config.max_attempts {
+            let error = format!("gave up after {attempt} attempts: {reason}");
+            job.push_event(at, EventKind::Failed { node: None, attempt, error: error.clone() });
+            self.finish(at, id, JobState::Failed, Some(error), None);
+            return true;
+        }
+        job.state = JobState::Queued;
+        job.node = None;
+        job.progress = Progress { step: 0, steps: job.request.steps };
+        self.queue.insert(queue_key(job), id);
+        remove_active(&mut self.active, node, id);
+        true
+    }
+
+    fn cancel(&mut self, at: u64, id: JobId) -> Response {
+        let Some(job) = self.jobs.get_mut(&id) else { return Response::Rejected(Rejection::UnknownJob) };
+        match job.state {
+            JobState::Cancelled => return Response::Ok,
+            state if state.is_terminal() => return Response::Rejected(Rejection::NotCancellable { state }),
+            JobState::Queued => {
+                self.queue.remove(&queue_key(job));
+            }
+            _ => {}
+        }
+        job.push_event(at, EventKind::Cancelled);
+        self.finish(at, id, JobState::Cancelled, None, None);
+        Response::Ok
+    }
+
+    /// Moves a queued or active job to a terminal state and applies retention.
+    fn finish(&mut self, at: u64, id: JobId, state: JobState, error: Option<String>, png: Option<Vec<u8>>) {
+        let job = self.jobs.get_mut(&id).expect("finish of a known job");
+        if job.state.is_active() {
+            let node = job.node.expect("active jobs have a node");
+            remove_active(&mut self.active, node, id);
+        }
+        job.state = state;
+        job.error = error;
+        job.finished_at_ms = Some(at);
+        let seq = self.next_finish_seq;
+        self.next_finish_seq += 1;
+        self.finished.insert(seq, id);
+        if let Some(png) = png {
+            self.result_bytes += png.len() as u64;
+            self.images.insert(id, ByteBuf::from(png));
+            self.image_order.insert(seq, id);
+        }
+        self.enforce_retention(at);
+    }
+
+    fn enforce_retention(&mut self, at: u64) {
+        while self.image_order.len() as u64 > self.config.max_results
+            || self.result_bytes > self.config.max_result_bytes
+        {
+            let Some((_, id)) = self.image_order.pop_first() else { break };
+            let bytes = self.images.remove(&id).map_or(0, |b| b.len() as u64);
+            self.result_bytes -= bytes;
+            let job = self.jobs.get_mut(&id).expect("images belong to known jobs");
+            job.result_evicted = true;
+            job.push_event(at, EventKind::ResultEvicted);
+        }
+        while self.finished.len() as u64 > self.config.max_finished_jobs {
+            let Some((seq, id)) = self.finished.pop_first() else { break };
+            if self.image_order.remove(&seq).is_some() {
+                let bytes = self.images.remove(&id).map_or(0, |b| b.len() as u64);
+                self.result_bytes -= bytes;
+            }
+            let job = self.jobs.remove(&id).expect("finished jobs are known");
+            self.by_seq.remove(&job.seq);
+            if let Some(key) = &job.idempotency_key {
+                self.idempotency.remove(key);
+            }
+        }
+    }
+
+    // ---- Queries (pure reads) ----
+
+    pub fn job(&self, id: &JobId) -> Option<&Job> {
+        self.jobs.get(id)
+    }
+
+    pub fn image(&self, id: &JobId) -> Option<&[u8]> {
+        self.images.get(id).map(|b| b.as_slice())
+    }
+
+    /// Newest first, optionally only one state, at most `limit`.
+    pub fn recent_jobs(&self, state: Option<JobState>, limit: usize) -> Vec<&Job> {
+        self.by_seq
+            .values()
+            .rev()
+            .map(|id| &self.jobs[id])
+            .filter(|j| state.is_none_or(|s| j.state == s))
+            .take(limit)
+            .collect()
+    }
+
+    pub fn job_count(&self) -> usize {
+        self.jobs.len()
+    }
+
+    pub fn queue_depth(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Queued jobs in scheduling order (highest priority, then oldest, first).
+    pub fn queued(&self) -> impl Iterator<Item = &Job> {
+        self.queue.values().map(|id| &self.jobs[id])
+    }
+
+    /// Assigned or running jobs of one node.
+    pub fn active_on(&self, node: NodeId) -> impl Iterator<Item = &Job> {
+        self.active.get(&node).into_iter().flatten().map(|id| &self.jobs[id])
+    }
+
+    pub fn active_count(&self, node: NodeId) -> usize {
+        self.active.get(&node).map_or(0, BTreeSet::len)
+    }
+
+    /// Nodes that hold active jobs (whether or not still registered).
+    pub fn nodes_with_active_jobs(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.active.iter().filter(|(_, s)| !s.is_empty()).map(|(n, _)| *n)
+    }
+
+    pub fn nodes(&self) -> &BTreeMap<NodeId, NodeInfo> {
+        &self.nodes
+    }
+
+    pub fn result_bytes(&self) -> u64 {
+        self.result_bytes
+    }
+
+    /// Checks every structural invariant; tests call it after each step, and the
+    /// storage layer after loading a snapshot.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut queued = 0;
+        let mut active = 0;
+        let mut terminal = 0;
+        for (id, job) in &self.jobs {
+            if job.id != *id {
+                return Err(format!("{id}: keyed under another id"));
+            }
+            if self.by_seq.get(&job.seq) != Some(id) {
+                return Err(format!("{id}: missing from the submission index"));
+            }
+            let in_queue = self.queue.get(&queue_key(job)) == Some(id);
+            let in_active = self.active.values().filter(|s| s.contains(id)).count();
+            let assigned_events =
+                job.history.iter().filter(|e| matches!(e.kind, EventKind::Assigned { .. })).count() as u32;
+            if assigned_events != job.attempt {
+                return Err(format!("{id}: attempt {} but {assigned_events} assignments", job.attempt));
+            }
+            let successes = job.history.iter().filter(|e| matches!(e.kind, EventKind::Succeeded { .. })).count();
+            match job.state {
+                JobState::Queued => {
+                    queued += 1;
+                    if !in_queue || in_active != 0 || job.node.is_some() {
+                        return Err(format!("{id}: queued but queue={in_queue} active={in_active}"));
+                    }
+                }
+                JobState::Assigned | JobState::Running => {
+                    active += 1;
+                    let node = job.node.ok_or_else(|| format!("{id}: active without node"))?;
+                    if in_queue || in_active != 1 || !self.active[&node].contains(id) {
+                        return Err(format!("{id}: active but queue={in_queue} active={in_active}"));
+                    }
+                    if job.attempt == 0 {
+                        return Err(format!("{id}: active with attempt 0"));
+                    }
+                }
+                state => {
+                    terminal += 1;
+                    if in_queue || in_active != 0 {
+                        return Err(format!("{id}: terminal but queue={in_queue} active={in_active}"));
+                    }
+                    let has_image = self.images.contains_key(id);
+                    if state == JobState::Succeeded {
+                        if successes != 1 {
+                            return Err(format!("{id}: succeeded with {successes} success events"));
+                        }
+                        if has_image == job.result_evicted {
+                            return Err(format!("{id}: image present={has_image} evicted={}", job.result_evicted));
+                        }
+                    } else if has_image || successes != 0 {
+                        return Err(format!("{id}: {state:?} with a result"));
+                    }
+                }
+            }
+            if job.state != JobState::Succeeded && successes != 0 {
+                return Err(format!("{id}: success event but state {:?}", job.state));
+            }
+        }
+        if queued != self.queue.len() || self.by_seq.len() != self.jobs.len() {
+            return Err("queue or submission index holds unknown jobs".into());
+        }
+        if active != self.active.values().map(BTreeSet::len).sum::<usize>() {
+            return Err("active index holds unknown jobs".into());
+        }
+        if terminal != self.finished.len() {
+            return Err(format!("{terminal} terminal jobs but {} in finish order", self.finished.len()));
+        }
+        let bytes: u64 = self.images.values().map(|b| b.len() as u64).sum();
+        if bytes != self.result_bytes || self.images.len() != self.image_order.len() {
+            return Err("image accounting is off".into());
+        }
+        if self.image_order.len() as u64 > self.config.max_results || bytes > self.config.max_result_bytes {
+            return Err("result retention exceeded".into());
+        }
+        if self.finished.len() as u64 > self.config.max_finished_jobs {
+            return Err("finished-job retention exceeded".into());
+        }
+        for (key, id) in &self.idempotency {
+            if self.jobs.get(id).and_then(|j| j.idempotency_key.as_deref()) != Some(key.as_str()) {
+                return Err(format!("idempotency key {key} points at the wrong job"));
+            }
+        }
+        let keyed = self.jobs.values().filter(|j| j.idempotency_key.is_some()).count();
+        if keyed != self.idempotency.len() {
+            return Err("a job's idempotency key is not indexed".into());
+        }
+        Ok(())
+    }
+}
+
+fn queue_key(job: &Job) -> (i64, u64) {
+    (-(job.request.priority as i64), job.seq)
+}
+
+fn remove_active(active: &mut BTreeMap<NodeId, BTreeSet<JobId>>, node: NodeId, id: JobId) {
+    if let Some(set) = active.get_mut(&node) {
+        set.remove(&id);
+        if set.is_empty() {
+            active.remove(&node);
+        }
+    }
+}
