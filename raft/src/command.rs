@@ -53,7 +53,10 @@ pub struct Assignment {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
     /// The PNG bytes of the result.
-    Succeeded { png: Vec<u8> },
+    Succeeded {
+        #[serde(with = "serde_bytes")]
+        png: Vec<u8>,
+    },
     Failed { error: String },
 }
 

@@ -1,0 +1,167 @@
+//! The Raft log, vote and purge marker in sled, flushed before acknowledging.
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+
+use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
+use openraft::{ErrorSubject, ErrorVerb, OptionalSend, StorageError, StorageIOError, Vote};
+use raftgen_raft::{codec, LogId, NodeId, TypeConfig};
+
+type Entry = openraft::Entry<TypeConfig>;
+
+const KEY_VOTE: &[u8] = b"vote";
+const KEY_COMMITTED: &[u8] = b"committed";
+const KEY_LAST_PURGED: &[u8] = b"last_purged";
+
+/// Log entries keyed by big-endian index (so sled's order is log order), plus a
+/// `meta` tree for the vote, the committed id and the last purged id.
+#[derive(Clone)]
+pub struct LogStore {
+    db: sled::Db,
+    logs: sled::Tree,
+    meta: sled::Tree,
+}
+
+fn key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+fn read_err(subject: ErrorSubject<NodeId>, e: impl std::fmt::Display) -> StorageError<NodeId> {
+    StorageIOError::new(subject, ErrorVerb::Read, openraft::AnyError::error(e.to_string())).into()
+}
+
+fn write_err(subject: ErrorSubject<NodeId>, e: impl std::fmt::Display) -> StorageError<NodeId> {
+    StorageIOError::new(subject, ErrorVerb::Write, openraft::AnyError::error(e.to_string())).into()
+}
+
+impl LogStore {
+    pub(crate) fn new(db: sled::Db) -> Result<Self, std::io::Error> {
+        let logs = db.open_tree("logs").map_err(crate::io_err)?;
+        let meta = db.open_tree("meta").map_err(crate::io_err)?;
+        Ok(LogStore { db, logs, meta })
+    }
+
+    fn get_meta<T: serde::de::DeserializeOwned>(&self, k: &[u8]) -> Result<Option<T>, StorageError<NodeId>> {
+        match self.meta.get(k).map_err(|e| read_err(ErrorSubject::Store, e))? {
+            Some(v) => codec::decode(&v).map(Some).map_err(|e| read_err(ErrorSubject::Store, e)),
+            None => Ok(None),
+        }
+    }
+
+    fn put_meta<T: serde::Serialize>(&self, k: &[u8], v: &T) -> Result<(), StorageError<NodeId>> {
+        let bytes = codec::encode(v).map_err(|e| write_err(ErrorSubject::Store, e))?;
+        self.meta.insert(k, bytes).map_err(|e| write_err(ErrorSubject::Store, e))?;
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<(), StorageError<NodeId>> {
+        self.db.flush_async().await.map_err(|e| write_err(ErrorSubject::Logs, e))?;
+        Ok(())
+    }
+
+    /// Bytes sled uses on disk (all trees).
+    pub fn disk_bytes(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError<NodeId>> {
+        let start = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i + 1,
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(i) => Bound::Included(key(*i)),
+            Bound::Excluded(i) => Bound::Excluded(key(*i)),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        let mut out = Vec::new();
+        for item in self.logs.range((Bound::Included(key(start)), end)) {
+            let (_, v) = item.map_err(|e| read_err(ErrorSubject::Logs, e))?;
+            out.push(codec::decode::<Entry>(&v).map_err(|e| read_err(ErrorSubject::Logs, e))?);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<NodeId>> {
+        let last_purged_log_id: Option<LogId> = self.get_meta(KEY_LAST_PURGED)?;
+        let last = match self.logs.last().map_err(|e| read_err(ErrorSubject::Logs, e))? {
+            Some((_, v)) => Some(codec::decode::<Entry>(&v).map_err(|e| read_err(ErrorSubject::Logs, e))?.log_id),
+            None => last_purged_log_id,
+        };
+        Ok(LogState { last_purged_log_id, last_log_id: last })
+    }
+
+    async fn get_log_reader(&mut self) -> LogStore {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
+        self.put_meta(KEY_VOTE, vote)?;
+        self.flush().await
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
+        self.get_meta(KEY_VOTE)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError<NodeId>> {
+        // Not flushed on purpose: it only shortens replay after a restart, and
+        // the next flush (every append) makes it durable anyway.
+        self.put_meta(KEY_COMMITTED, &committed)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError<NodeId>> {
+        Ok(self.get_meta::<Option<LogId>>(KEY_COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = sled::Batch::default();
+        for entry in entries {
+            let bytes = codec::encode(&entry).map_err(|e| write_err(ErrorSubject::Logs, e))?;
+            batch.insert(&key(entry.log_id.index), bytes);
+        }
+        self.logs.apply_batch(batch).map_err(|e| write_err(ErrorSubject::Logs, e))?;
+        // Group commit: one flush for the whole batch, then acknowledge.
+        let flushed = self.db.flush_async().await.map(|_| ()).map_err(crate::io_err);
+        let failed = flushed.as_ref().err().map(|e| write_err(ErrorSubject::Logs, e));
+        callback.log_io_completed(flushed);
+        failed.map_or(Ok(()), Err)
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError<NodeId>> {
+        let mut batch = sled::Batch::default();
+        for item in self.logs.range(key(log_id.index)..) {
+            let (k, _) = item.map_err(|e| read_err(ErrorSubject::Logs, e))?;
+            batch.remove(k);
+        }
+        self.logs.apply_batch(batch).map_err(|e| write_err(ErrorSubject::Logs, e))?;
+        self.flush().await
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError<NodeId>> {
+        // The marker first: a crash between the two leaves entries that are
+        // merely unreachable, never a log whose start is unknown.
+        self.put_meta(KEY_LAST_PURGED, &log_id)?;
+        let mut batch = sled::Batch::default();
+        for item in self.logs.range(..=key(log_id.index)) {
+            let (k, _) = item.map_err(|e| read_err(ErrorSubject::Logs, e))?;
+            batch.remove(k);
+        }
+        self.logs.apply_batch(batch).map_err(|e| write_err(ErrorSubject::Logs, e))?;
+        self.flush().await
+    }
+}

@@ -1,0 +1,222 @@
+//! The job state machine behind openraft's `RaftStateMachine`, plus a cheap
+//! read handle ([`StateView`]) for the HTTP API, the scheduler and the executor
+//! host.
+//!
+//! The state lives in memory as one [`SmData`] value (state + applied log id +
+//! membership), changed only under a write lock, so `apply` and the applied id
+//! move together. It is made durable by snapshots written to sled (flushed);
+//! after a restart openraft replays the log from the snapshot's last id up to
+//! the persisted committed id. Logs are only purged up to a snapshot, so the
+//! replay always finds what it needs.
+
+use std::io::Cursor;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
+use openraft::{EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder, StorageError, StorageIOError};
+use raftgen_raft::state::JobStateMachine;
+use raftgen_raft::{codec, LogId, NodeId, Response, StoredMembership, TypeConfig};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+type Entry = openraft::Entry<TypeConfig>;
+type Meta = SnapshotMeta<NodeId, openraft::BasicNode>;
+
+const KEY_SNAPSHOT: &[u8] = b"current";
+
+/// Everything a snapshot holds, swapped as one value.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SmData {
+    pub last_applied: Option<LogId>,
+    pub membership: StoredMembership,
+    pub jobs: JobStateMachine,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: Meta,
+    data: Vec<u8>,
+}
+
+struct Shared {
+    db: sled::Db,
+    snapshots: sled::Tree,
+    data: RwLock<SmData>,
+    /// The last applied log index, for anyone waiting on a change.
+    applied: watch::Sender<u64>,
+    /// Bytes of entries applied since the last snapshot (snapshot-by-size).
+    bytes_since_snapshot: AtomicU64,
+    snapshot_counter: AtomicU64,
+}
+
+/// openraft's handle on the state machine.
+#[derive(Clone)]
+pub struct StateMachineStore {
+    shared: Arc<Shared>,
+}
+
+/// A read-only handle on the applied state, for the rest of the node.
+#[derive(Clone)]
+pub struct StateView {
+    shared: Arc<Shared>,
+}
+
+fn sm_err(verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError<NodeId> {
+    StorageIOError::new(ErrorSubject::StateMachine, verb, openraft::AnyError::error(e.to_string())).into()
+}
+
+impl StateMachineStore {
+    pub(crate) fn new(db: sled::Db) -> Result<Self, std::io::Error> {
+        let snapshots = db.open_tree("snapshot").map_err(crate::io_err)?;
+        let data = match snapshots.get(KEY_SNAPSHOT).map_err(crate::io_err)? {
+            Some(bytes) => {
+                let stored: StoredSnapshot = codec::decode(&bytes).map_err(crate::io_err)?;
+                let data: SmData = codec::decode(&stored.data).map_err(crate::io_err)?;
+                data.jobs.check_invariants().map_err(crate::io_err)?;
+                data
+            }
+            None => SmData::default(),
+        };
+        let (applied, _) = watch::channel(data.last_applied.map_or(0, |l| l.index));
+        Ok(StateMachineStore {
+            shared: Arc::new(Shared {
+                db,
+                snapshots,
+                data: RwLock::new(data),
+                applied,
+                bytes_since_snapshot: AtomicU64::new(0),
+                snapshot_counter: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    pub fn view(&self) -> StateView {
+        StateView { shared: self.shared.clone() }
+    }
+
+    async fn persist(&self, stored: &StoredSnapshot) -> Result<(), StorageError<NodeId>> {
+        let bytes = codec::encode(stored).map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        self.shared.snapshots.insert(KEY_SNAPSHOT, bytes).map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        self.shared.db.flush_async().await.map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        Ok(())
+    }
+}
+
+impl StateView {
+    /// Reads the applied state under a shared lock. Keep `f` short: applies wait.
+    pub fn read(&self) -> RwLockReadGuard<'_, SmData> {
+        self.shared.data.read().expect("state lock poisoned")
+    }
+
+    /// Changes to the last applied log index.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.shared.applied.subscribe()
+    }
+
+    pub fn bytes_since_snapshot(&self) -> u64 {
+        self.shared.bytes_since_snapshot.load(Ordering::Relaxed)
+    }
+
+    /// Bytes sled uses on disk (log, vote and snapshot together).
+    pub fn disk_bytes(&self) -> u64 {
+        self.shared.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+        let (meta, data) = {
+            let data = self.shared.data.read().expect("state lock poisoned");
+            let n = self.shared.snapshot_counter.fetch_add(1, Ordering::Relaxed);
+            let id = match data.last_applied {
+                Some(l) => format!("{}-{}-{n}", l.leader_id, l.index),
+                None => format!("none-{n}"),
+            };
+            let meta = Meta { last_log_id: data.last_applied, last_membership: data.membership.clone(), snapshot_id: id };
+            (meta, codec::encode(&*data).map_err(|e| sm_err(ErrorVerb::Read, e))?)
+        };
+        self.shared.bytes_since_snapshot.store(0, Ordering::Relaxed);
+        let stored = StoredSnapshot { meta: meta.clone(), data };
+        self.persist(&stored).await?;
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(stored.data)) })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError<NodeId>> {
+        let data = self.shared.data.read().expect("state lock poisoned");
+        Ok((data.last_applied, data.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = Entry> + openraft::OptionalSend,
+        I::IntoIter: openraft::OptionalSend,
+    {
+        let mut out = Vec::new();
+        let mut bytes = 0u64;
+        let last = {
+            let mut data = self.shared.data.write().expect("state lock poisoned");
+            for entry in entries {
+                data.last_applied = Some(entry.log_id);
+                out.push(match entry.payload {
+                    EntryPayload::Blank => Response::Ok,
+                    EntryPayload::Normal(ref req) => {
+                        bytes += approx_size(req);
+                        data.jobs.apply(entry.log_id.index, req)
+                    }
+                    EntryPayload::Membership(ref m) => {
+                        data.membership = StoredMembership::new(Some(entry.log_id), m.clone());
+                        Response::Ok
+                    }
+                });
+            }
+            data.last_applied.map_or(0, |l| l.index)
+        };
+        self.shared.bytes_since_snapshot.fetch_add(bytes, Ordering::Relaxed);
+        self.shared.applied.send_replace(last);
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(&mut self, meta: &Meta, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError<NodeId>> {
+        let bytes = snapshot.into_inner();
+        let new: SmData = codec::decode(&bytes).map_err(|e| sm_err(ErrorVerb::Read, e))?;
+        new.jobs.check_invariants().map_err(|e| sm_err(ErrorVerb::Read, e))?;
+        // Durable first, then visible: a crash in between replays to the same state.
+        self.persist(&StoredSnapshot { meta: meta.clone(), data: bytes }).await?;
+        let last = new.last_applied.map_or(0, |l| l.index);
+        *self.shared.data.write().expect("state lock poisoned") = new;
+        self.shared.bytes_since_snapshot.store(0, Ordering::Relaxed);
+        self.shared.applied.send_replace(last);
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+        let Some(bytes) = self.shared.snapshots.get(KEY_SNAPSHOT).map_err(|e| sm_err(ErrorVerb::Read, e))? else {
+            return Ok(None);
+        };
+        let stored: StoredSnapshot = codec::decode(&bytes).map_err(|e| sm_err(ErrorVerb::Read, e))?;
+        Ok(Some(Snapshot { meta: stored.meta, snapshot: Box::new(Cursor::new(stored.data)) }))
+    }
+}
+
+/// The size that matters for snapshot-by-size: result images dominate.
+fn approx_size(req: &raftgen_raft::Request) -> u64 {
+    match &req.cmd {
+        raftgen_raft::Command::Complete { outcome: raftgen_raft::command::Outcome::Succeeded { png }, .. } => {
+            png.len() as u64 + 64
+        }
+        _ => 256,
+    }
+}
