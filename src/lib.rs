@@ -1,1 +1,20 @@
+//! raftgen: one binary per GPU machine. Every node embeds a Raft log holding
+//! the job queue, the assignments and the results; any node accepts HTTP
+//! submissions and forwards writes to the leader; the leader assigns jobs to
+//! the nodes' executors.
+//!
+//! Modules: [`app`] (shared context and the write path), [`http`] (public API
+//! and `/raft` routes), [`node`] (start-up and shutdown), [`scheduler`]
+//! (leader loop), [`host`] (executor host), [`membership`] (join/leave),
+//! [`executor`] (the trait and the test-pattern test double), [`cli`], [`demo`].
 
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod executor;
+pub mod host;
+pub mod http;
+pub mod membership;
+pub mod node;
+pub mod scheduler;

@@ -1,0 +1,194 @@
+//! The node's shared context and its one write path.
+//!
+//! Every change to the job state goes through [`App::write`]: on the leader it
+//! is proposed to Raft (after the leader stamps its clock and, for submissions
+//! without one, a seed); on a follower it is forwarded to the leader over a
+//! connection pool of our own. While there is no leader, or the leader changes
+//! mid-request, the write is retried with backoff until it commits or its
+//! deadline passes. Every command is idempotent under retry (submissions carry
+//! their job id, completions their attempt), so a retry never doubles a job.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use openraft::error::{ClientWriteError, RaftError};
+use raftgen_raft::network::{PeerHealth, SECRET_HEADER};
+use raftgen_raft::{codec, Command, NodeId, Raft, Request, Response};
+use raftgen_storage::StateView;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::config::NodeSettings;
+use crate::executor::Executor;
+
+/// Internal endpoint where followers forward commands to the leader.
+pub const PATH_FORWARD: &str = "/raft/write";
+
+/// The node's shared context.
+pub struct App {
+    pub id: NodeId,
+    /// The address other nodes and clients reach this node at.
+    pub addr: String,
+    pub raft: Raft,
+    pub view: StateView,
+    pub settings: NodeSettings,
+    pub health: PeerHealth,
+    pub executor: Arc<dyn Executor>,
+    /// Pool for forwarded writes and proxied reads (separate from Raft's).
+    pub client: reqwest::Client,
+    pub secret: Arc<str>,
+    /// Becomes true once, when the node starts shutting down.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// A write that did not commit.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("no leader committed the write within {waited_ms} ms")]
+    Timeout { waited_ms: u64 },
+    #[error("{0}")]
+    Fatal(String),
+}
+
+/// The leader's answer to a forwarded command when it could not commit it.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ForwardReject {
+    NotLeader { leader: Option<NodeId> },
+    Fatal(String),
+}
+
+enum Attempt {
+    Done(Response),
+    Retry,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl App {
+    pub fn leader(&self) -> Option<(NodeId, String)> {
+        let m = self.raft.server_metrics();
+        let m = m.borrow();
+        let leader = m.current_leader?;
+        let addr = m.membership_config.membership().get_node(&leader)?.addr.clone();
+        Some((leader, addr))
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raft.server_metrics().borrow().current_leader == Some(self.id)
+    }
+
+    /// Commits `cmd` through whichever node leads, retrying across leader
+    /// changes until `timeout` has passed.
+    pub async fn write(&self, cmd: Command, timeout: Duration) -> Result<Response, WriteError> {
+        let started = Instant::now();
+        let deadline = started + timeout;
+        let mut server = self.raft.server_metrics();
+        let mut delay = Duration::from_millis(5);
+        loop {
+            let leader = self.leader();
+            let attempt = tokio::select! {
+                a = self.try_once(leader.clone(), &cmd, deadline) => a,
+                _ = leader_changed(&mut server, leader.as_ref().map(|l| l.0)) => Attempt::Retry,
+                _ = tokio::time::sleep_until(deadline.into()) => Attempt::Retry,
+            };
+            match attempt {
+                Attempt::Done(resp) => return Ok(resp),
+                Attempt::Retry => {}
+            }
+            if *self.shutdown.borrow() {
+                return Err(WriteError::Fatal("node is shutting down".into()));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(WriteError::Timeout { waited_ms: started.elapsed().as_millis() as u64 });
+            }
+            let pause = delay.min(deadline - now);
+            tokio::select! {
+                _ = server.changed() => {}
+                _ = tokio::time::sleep(pause) => {}
+            }
+            delay = (delay * 2).min(Duration::from_millis(100));
+        }
+    }
+
+    async fn try_once(&self, leader: Option<(NodeId, String)>, cmd: &Command, deadline: Instant) -> Attempt {
+        match leader {
+            None => Attempt::Retry,
+            Some((id, _)) if id == self.id => match self.propose_local(cmd.clone()).await {
+                Ok(resp) => Attempt::Done(resp),
+                Err(ForwardReject::NotLeader { .. }) => Attempt::Retry,
+                Err(ForwardReject::Fatal(e)) => {
+                    tracing::warn!("proposal failed: {e}");
+                    Attempt::Retry
+                }
+            },
+            Some((id, addr)) => match self.forward(&addr, cmd, deadline).await {
+                Ok(Ok(resp)) => Attempt::Done(resp),
+                Ok(Err(reject)) => {
+                    tracing::debug!("leader {id} did not take the write: {reject:?}");
+                    Attempt::Retry
+                }
+                Err(e) => {
+                    tracing::debug!("forwarding to leader {id} at {addr}: {e}");
+                    Attempt::Retry
+                }
+            },
+        }
+    }
+
+    /// Proposes on this node (it must lead). The leader's clock and random
+    /// choices enter the log here, never inside `apply`.
+    pub async fn propose_local(&self, cmd: Command) -> Result<Response, ForwardReject> {
+        let mut req = Request { at_ms: now_ms(), cmd };
+        if let Command::Submit { seed, request, .. } = &mut req.cmd {
+            if seed.is_none() {
+                *seed = Some(request.seed.unwrap_or_else(rand::random));
+            }
+        }
+        match self.raft.client_write(req).await {
+            Ok(r) => Ok(r.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(ForwardReject::NotLeader { leader: f.leader_id })
+            }
+            Err(e) => Err(ForwardReject::Fatal(e.to_string())),
+        }
+    }
+
+    async fn forward(
+        &self,
+        addr: &str,
+        cmd: &Command,
+        deadline: Instant,
+    ) -> Result<Result<Response, ForwardReject>, String> {
+        let body = codec::encode(cmd).map_err(|e| e.to_string())?;
+        let timeout = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        let resp = self
+            .client
+            .post(format!("http://{addr}{PATH_FORWARD}"))
+            .header(SECRET_HEADER, &*self.secret)
+            .timeout(timeout)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if !resp.status().is_success() {
+            return Err(format!("HTTP {}", resp.status()));
+        }
+        let bytes = resp.bytes().await.map_err(|e| e.to_string())?;
+        codec::decode(&bytes).map_err(|e| e.to_string())
+    }
+}
+
+/// Resolves when the known leader is no longer `leader`.
+async fn leader_changed(server: &mut watch::Receiver<openraft::metrics::RaftServerMetrics<NodeId, openraft::BasicNode>>, leader: Option<NodeId>) {
+    loop {
+        if server.borrow_and_update().current_leader != leader {
+            return;
+        }
+        if server.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}

@@ -1,0 +1,428 @@
+//! The `raftgen` command line: `node` runs a node; `submit`, `status`, `jobs`
+//! and `leave` talk to any node's HTTP API; `demo` starts a local cluster.
+//! Errors are one line on stderr and a non-zero exit.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use clap::{Parser, Subcommand, ValueEnum};
+use raftgen_raft::command::ClusterConfig;
+use raftgen_raft::network::SECRET_HEADER;
+use serde_json::{json, Value};
+
+use crate::config::NodeSettings;
+use crate::executor::test_pattern::TestPatternExecutor;
+use crate::executor::{Executor, NoExecutor};
+
+/// The secret used when none is given: fine on one machine, never across a network.
+pub const DEV_SECRET: &str = "raftgen-insecure-dev-secret";
+
+#[derive(Parser)]
+#[command(name = "raftgen", version, about = "A Raft-replicated text-to-image job cluster: one binary per GPU machine")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum ExecutorKind {
+    /// No executor: the node votes and serves the API but runs no job.
+    None,
+    /// TEST DOUBLE: synthetic deterministic images, for tests and benchmarks.
+    TestPattern,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Run a node.
+    Node(Box<NodeArgs>),
+    /// Submit a job (through any node) and optionally wait for its image.
+    Submit(SubmitArgs),
+    /// Show the leader, term, members and queue depth.
+    Status {
+        #[arg(long, default_value = "http://127.0.0.1:7001")]
+        server: String,
+        #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+        output: OutputFormat,
+    },
+    /// List recent jobs.
+    Jobs {
+        #[arg(long, default_value = "http://127.0.0.1:7001")]
+        server: String,
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+        output: OutputFormat,
+    },
+    /// Drain a node (it finishes its jobs, takes no new ones), then remove it.
+    Leave {
+        #[arg(long, default_value = "http://127.0.0.1:7001")]
+        server: String,
+        #[arg(long)]
+        id: u64,
+        #[arg(long, env = "RAFTGEN_CLUSTER_SECRET", default_value = DEV_SECRET, hide_env_values = true)]
+        cluster_secret: String,
+    },
+    /// Start a local 3-node cluster, generate a few images through a follower, stop it.
+    Demo(crate::demo::DemoArgs),
+}
+
+#[derive(clap::Args)]
+pub struct NodeArgs {
+    #[arg(long)]
+    pub id: u64,
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// Address other nodes and clients use to reach this node (default: --listen).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Start a new cluster with this node as its only member (ignored once initialized).
+    #[arg(long, conflicts_with = "join")]
+    pub init: bool,
+    /// Join the cluster through any of its nodes (ignored once a member).
+    #[arg(long)]
+    pub join: Option<String>,
+    #[arg(long, env = "RAFTGEN_CLUSTER_SECRET", hide_env_values = true)]
+    pub cluster_secret: Option<String>,
+    #[arg(long, value_enum, default_value_t = ExecutorKind::None)]
+    pub executor: ExecutorKind,
+    /// Simulated run time per job of the test-pattern executor.
+    #[arg(long, default_value_t = 500)]
+    pub test_pattern_delay_ms: u64,
+    #[arg(long, default_value_t = 1)]
+    pub slots: u32,
+    #[arg(long, default_value_t = 5_000)]
+    pub node_timeout_ms: u64,
+    #[arg(long, default_value_t = 30_000)]
+    pub submit_timeout_ms: u64,
+    #[arg(long, default_value_t = 600_000)]
+    pub report_timeout_ms: u64,
+    #[arg(long, default_value_t = 600_000)]
+    pub drain_timeout_ms: u64,
+    #[arg(long, default_value_t = 64 * 1024)]
+    pub max_body_bytes: usize,
+    #[arg(long, default_value_t = ClusterConfig::default().max_queue_depth)]
+    pub max_queue_depth: u64,
+    #[arg(long, default_value_t = ClusterConfig::default().max_results)]
+    pub max_results: u64,
+    #[arg(long, default_value_t = ClusterConfig::default().max_result_bytes)]
+    pub max_result_bytes: u64,
+    #[arg(long, default_value_t = ClusterConfig::default().max_finished_jobs)]
+    pub max_finished_jobs: u64,
+    #[arg(long, default_value_t = ClusterConfig::default().max_attempts)]
+    pub max_attempts: u32,
+    #[arg(long, default_value_t = 64 << 20)]
+    pub snapshot_max_bytes: u64,
+    #[arg(long, default_value_t = 25)]
+    pub heartbeat_interval_ms: u64,
+    #[arg(long, default_value_t = 50)]
+    pub election_timeout_min_ms: u64,
+    #[arg(long, default_value_t = 100)]
+    pub election_timeout_max_ms: u64,
+}
+
+#[derive(clap::Args)]
+pub struct SubmitArgs {
+    #[arg(long, default_value = "http://127.0.0.1:7001")]
+    pub server: String,
+    pub prompt: String,
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
+    #[arg(long)]
+    pub width: Option<u32>,
+    #[arg(long)]
+    pub height: Option<u32>,
+    #[arg(long)]
+    pub steps: Option<u32>,
+    #[arg(long)]
+    pub guidance: Option<f32>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long)]
+    pub model: Option<String>,
+    #[arg(long)]
+    pub priority: Option<i32>,
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    /// Wait until the job finishes.
+    #[arg(long)]
+    pub wait: bool,
+    /// Where to write the PNG (with --wait; default: <job id>.png).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[arg(long, default_value_t = 600_000)]
+    pub timeout_ms: u64,
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+}
+
+impl NodeArgs {
+    pub fn into_options(self) -> anyhow::Result<crate::node::NodeOptions> {
+        if self.election_timeout_min_ms <= self.heartbeat_interval_ms
+            || self.election_timeout_max_ms <= self.election_timeout_min_ms
+        {
+            bail!("need --heartbeat-interval-ms < --election-timeout-min-ms < --election-timeout-max-ms");
+        }
+        let secret = self.cluster_secret.clone().unwrap_or_else(|| {
+            tracing::warn!("no --cluster-secret or RAFTGEN_CLUSTER_SECRET: using the insecure development secret");
+            DEV_SECRET.to_string()
+        });
+        let executor: Arc<dyn Executor> = match self.executor {
+            ExecutorKind::None => {
+                tracing::warn!("--executor none: this node runs no jobs");
+                Arc::new(NoExecutor)
+            }
+            ExecutorKind::TestPattern => {
+                tracing::warn!("--executor test-pattern: a TEST DOUBLE drawing synthetic images, not a model");
+                Arc::new(TestPatternExecutor { delay_ms: self.test_pattern_delay_ms })
+            }
+        };
+        let slots = if self.executor == ExecutorKind::None { 0 } else { self.slots };
+        Ok(crate::node::NodeOptions {
+            id: self.id,
+            listen: self.listen,
+            advertise: self.advertise,
+            data: self.data,
+            init: self.init,
+            join: self.join,
+            secret,
+            executor,
+            settings: NodeSettings {
+                slots,
+                node_timeout_ms: self.node_timeout_ms,
+                submit_timeout_ms: self.submit_timeout_ms,
+                report_timeout_ms: self.report_timeout_ms,
+                drain_timeout_ms: self.drain_timeout_ms,
+                max_body_bytes: self.max_body_bytes,
+                snapshot_max_bytes: self.snapshot_max_bytes,
+                cluster: ClusterConfig {
+                    max_queue_depth: self.max_queue_depth,
+                    max_results: self.max_results,
+                    max_result_bytes: self.max_result_bytes,
+                    max_finished_jobs: self.max_finished_jobs,
+                    max_attempts: self.max_attempts,
+                },
+                heartbeat_interval_ms: self.heartbeat_interval_ms,
+                election_timeout_min_ms: self.election_timeout_min_ms,
+                election_timeout_max_ms: self.election_timeout_max_ms,
+            },
+        })
+    }
+}
+
+/// A small client of the public API for the CLI commands and the demo.
+pub struct Client {
+    http: reqwest::Client,
+    pub server: String,
+}
+
+impl Client {
+    pub fn new(server: &str) -> Self {
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("http client");
+        Client { http, server: server.trim_end_matches('/').to_string() }
+    }
+
+    async fn check(resp: reqwest::Response) -> anyhow::Result<reqwest::Response> {
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        let msg = body["error"]["message"].as_str().unwrap_or("no details");
+        match body["error"]["field"].as_str() {
+            Some(field) => bail!("{status}: {field}: {msg}"),
+            None => bail!("{status}: {msg}"),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.server)
+    }
+
+    pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        let resp = self.http.get(self.url(path)).send().await.with_context(|| format!("cannot reach {}", self.server))?;
+        Ok(Self::check(resp).await?.json().await?)
+    }
+
+    pub async fn get_bytes(&self, path: &str) -> anyhow::Result<Vec<u8>> {
+        let resp = self.http.get(self.url(path)).send().await.with_context(|| format!("cannot reach {}", self.server))?;
+        Ok(Self::check(resp).await?.bytes().await?.to_vec())
+    }
+
+    pub async fn submit(&self, body: &Value, key: Option<&str>) -> anyhow::Result<Value> {
+        let mut req = self.http.post(self.url("/v1/jobs")).json(body);
+        if let Some(k) = key {
+            req = req.header("idempotency-key", k);
+        }
+        let resp = req.send().await.with_context(|| format!("cannot reach {}", self.server))?;
+        Ok(Self::check(resp).await?.json().await?)
+    }
+
+    pub async fn delete(&self, path: &str, secret: Option<&str>) -> anyhow::Result<Value> {
+        let mut req = self.http.delete(self.url(path)).timeout(Duration::from_secs(3600));
+        if let Some(s) = secret {
+            req = req.header(SECRET_HEADER, s);
+        }
+        let resp = req.send().await.with_context(|| format!("cannot reach {}", self.server))?;
+        Ok(Self::check(resp).await?.json().await?)
+    }
+
+    /// Polls a job until it is terminal, calling `on_update` on each change.
+    pub async fn wait_job(&self, id: &str, timeout: Duration, mut on_update: impl FnMut(&Value)) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + timeout;
+        let mut last = Value::Null;
+        loop {
+            let job = self.get(&format!("/v1/jobs/{id}")).await?;
+            if job["state"] != last["state"] || job["progress"] != last["progress"] {
+                on_update(&job);
+            }
+            if matches!(job["state"].as_str(), Some("succeeded" | "failed" | "cancelled")) {
+                return Ok(job);
+            }
+            if Instant::now() > deadline {
+                bail!("job {id} still {} after {} ms", job["state"], timeout.as_millis());
+            }
+            last = job;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Cmd::Node(args) => crate::node::run(args.into_options()?).await,
+        Cmd::Submit(args) => submit(args).await,
+        Cmd::Status { server, output } => status(&server, output).await,
+        Cmd::Jobs { server, state, limit, output } => jobs(&server, state, limit, output).await,
+        Cmd::Leave { server, id, cluster_secret } => {
+            let v = Client::new(&server).delete(&format!("/v1/cluster/nodes/{id}"), Some(&cluster_secret)).await?;
+            println!("node {id} left the cluster (drained: {})", v["drained"]);
+            Ok(())
+        }
+        Cmd::Demo(args) => crate::demo::run(args).await,
+    }
+}
+
+async fn submit(a: SubmitArgs) -> anyhow::Result<()> {
+    let client = Client::new(&a.server);
+    let mut body = json!({ "prompt": a.prompt });
+    let fields: [(&str, Option<Value>); 8] = [
+        ("negative_prompt", a.negative_prompt.map(Value::from)),
+        ("width", a.width.map(Value::from)),
+        ("height", a.height.map(Value::from)),
+        ("steps", a.steps.map(Value::from)),
+        ("guidance", a.guidance.map(Value::from)),
+        ("seed", a.seed.map(Value::from)),
+        ("model", a.model.map(Value::from)),
+        ("priority", a.priority.map(Value::from)),
+    ];
+    for (k, v) in fields {
+        if let Some(v) = v {
+            body[k] = v;
+        }
+    }
+    let job = client.submit(&body, a.idempotency_key.as_deref()).await?;
+    let id = job["id"].as_str().ok_or_else(|| anyhow!("the server answered without a job id"))?.to_string();
+    if !a.wait {
+        match a.output {
+            OutputFormat::Json => println!("{job}"),
+            OutputFormat::Text => println!("{id} {}", job["state"].as_str().unwrap_or("?")),
+        }
+        return Ok(());
+    }
+    if a.output == OutputFormat::Text {
+        eprintln!("submitted {id}");
+    }
+    let text = a.output == OutputFormat::Text;
+    let job = client
+        .wait_job(&id, Duration::from_millis(a.timeout_ms), |j| {
+            if text {
+                eprintln!(
+                    "  {} (node {}, step {}/{})",
+                    j["state"].as_str().unwrap_or("?"),
+                    j["node"],
+                    j["progress"]["step"],
+                    j["progress"]["steps"]
+                );
+            }
+        })
+        .await?;
+    if job["state"] != "succeeded" {
+        bail!("job {id} {}: {}", job["state"].as_str().unwrap_or("?"), job["error"].as_str().unwrap_or(""));
+    }
+    let png = client.get_bytes(&format!("/v1/jobs/{id}/image")).await?;
+    let out = a.out.unwrap_or_else(|| PathBuf::from(format!("{id}.png")));
+    std::fs::write(&out, &png).with_context(|| format!("writing {}", out.display()))?;
+    match a.output {
+        OutputFormat::Json => println!("{}", json!({ "job": job, "file": out.display().to_string() })),
+        OutputFormat::Text => println!("{id} succeeded: {} ({} bytes)", out.display(), png.len()),
+    }
+    Ok(())
+}
+
+async fn status(server: &str, output: OutputFormat) -> anyhow::Result<()> {
+    let c = Client::new(server).get("/v1/cluster").await?;
+    if output == OutputFormat::Json {
+        println!("{c}");
+        return Ok(());
+    }
+    println!("leader: {}  term: {}  queue depth: {}", c["leader_id"], c["term"], c["queue_depth"]);
+    println!("{:>4}  {:<22} {:<8} {:<8} {:>5} {:>7}  executor", "id", "addr", "role", "healthy", "slots", "running");
+    for m in c["members"].as_array().into_iter().flatten() {
+        let healthy = match m["healthy"].as_bool() {
+            Some(true) => "yes",
+            Some(false) => "NO",
+            None => "?",
+        };
+        println!(
+            "{:>4}  {:<22} {:<8} {:<8} {:>5} {:>7}  {}{}",
+            m["id"],
+            m["addr"].as_str().unwrap_or(""),
+            m["role"].as_str().unwrap_or(""),
+            healthy,
+            m["slots"],
+            m["running"],
+            m["executor"].as_str().unwrap_or("-"),
+            if m["draining"] == true { " (draining)" } else { "" }
+        );
+    }
+    Ok(())
+}
+
+async fn jobs(server: &str, state: Option<String>, limit: usize, output: OutputFormat) -> anyhow::Result<()> {
+    let mut path = format!("/v1/jobs?limit={limit}");
+    if let Some(s) = state {
+        path.push_str(&format!("&state={s}"));
+    }
+    let v = Client::new(server).get(&path).await?;
+    if output == OutputFormat::Json {
+        println!("{v}");
+        return Ok(());
+    }
+    println!("{:<32}  {:<9} {:>4} {:>7}  prompt", "id", "state", "node", "attempt");
+    for j in v["jobs"].as_array().into_iter().flatten() {
+        let prompt: String = j["request"]["prompt"].as_str().unwrap_or("").chars().take(40).collect();
+        println!(
+            "{:<32}  {:<9} {:>4} {:>7}  {prompt}",
+            j["id"].as_str().unwrap_or(""),
+            j["state"].as_str().unwrap_or(""),
+            j["node"],
+            j["attempt"]
+        );
+    }
+    println!("({} jobs in the cluster, {} queued)", v["total"], v["queue_depth"]);
+    Ok(())
+}

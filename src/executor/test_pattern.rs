@@ -1,0 +1,94 @@
+//! TEST DOUBLE: the deterministic test-pattern executor.
+//!
+//! It draws a synthetic image computed only from the job (prompt, negative
+//! prompt, seed, size, steps), taking a configurable time per job. It exists for
+//! cluster tests, chaos runs and scheduler benchmarks, where what matters is
+//! that the same job always yields the same bytes and that execution takes a
+//! controllable time. It is not a model and never the default: a node runs it
+//! only with `--executor test-pattern`.
+
+use std::time::Duration;
+
+use super::{ExecError, Executor, JobSpec, RunControl};
+
+/// The one model name the test-pattern executor serves.
+pub const MODEL: &str = "test-pattern";
+
+pub struct TestPatternExecutor {
+    /// Simulated run time of one job, spread evenly over its steps.
+    pub delay_ms: u64,
+}
+
+impl Executor for TestPatternExecutor {
+    fn name(&self) -> &str {
+        "test-pattern"
+    }
+
+    fn models(&self) -> Vec<String> {
+        vec![MODEL.to_string()]
+    }
+
+    fn loaded_models(&self) -> Vec<String> {
+        self.models()
+    }
+
+    fn generate(&self, job: &JobSpec, ctl: &RunControl) -> Result<Vec<u8>, ExecError> {
+        let steps = job.request.steps.max(1);
+        let per_step = Duration::from_micros(self.delay_ms * 1000 / steps as u64);
+        for step in 1..=steps {
+            if ctl.is_cancelled() {
+                return Err(ExecError::Cancelled);
+            }
+            if !per_step.is_zero() {
+                std::thread::sleep(per_step);
+            }
+            ctl.progress(step, steps);
+        }
+        render(job).map_err(|e| ExecError::Failed(format!("png encoding: {e}")))
+    }
+}
+
+/// FNV-1a over the fields that define the image.
+fn fingerprint(job: &JobSpec) -> u64 {
+    let r = &job.request;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for b in bytes {
+            h ^= *b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    eat(r.prompt.as_bytes());
+    eat(&[0]);
+    eat(r.negative_prompt.as_bytes());
+    eat(&job.seed.to_le_bytes());
+    eat(&r.steps.to_le_bytes());
+    eat(r.model.as_bytes());
+    h
+}
+
+/// Diagonal bands whose colours, angle and frequency come from the fingerprint.
+fn render(job: &JobSpec) -> Result<Vec<u8>, png::EncodingError> {
+    let (w, h) = (job.request.width, job.request.height);
+    let f = fingerprint(job);
+    let base = [(f & 0xff) as u8, ((f >> 8) & 0xff) as u8, ((f >> 16) & 0xff) as u8];
+    let accent = [((f >> 24) & 0xff) as u8, ((f >> 32) & 0xff) as u8, ((f >> 40) & 0xff) as u8];
+    let period = 8 + ((f >> 48) % 56) as u32;
+    let slope = 1 + ((f >> 56) % 3) as u32;
+    let mut pixels = Vec::with_capacity((w * h * 3) as usize);
+    for y in 0..h {
+        for x in 0..w {
+            let band = ((x + slope * y) / period) % 2 == 0;
+            pixels.extend_from_slice(if band { &base } else { &accent });
+        }
+    }
+    let mut out = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut out, w, h);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut writer = enc.write_header()?;
+        writer.write_image_data(&pixels)?;
+    }
+    Ok(out)
+}

@@ -1,0 +1,403 @@
+//! The public JSON API, served by every node. Reads come from this node's
+//! applied state; writes go through [`App::write`], which reaches the leader.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get};
+use axum::{Json, Router};
+use raftgen_raft::command::Rejection;
+use raftgen_raft::job::{JobId, JobRequest, JobState, MAX_IDEMPOTENCY_KEY_BYTES};
+use raftgen_raft::{Command, NodeId, Response as SmResponse};
+use serde_json::{json, Map, Value};
+
+use super::views::job_json;
+use super::{secret_ok, ApiError};
+use crate::app::{App, WriteError};
+use crate::config::{MAX_LIST_LIMIT, MEMBERSHIP_TIMEOUT_MS};
+use crate::membership;
+
+/// Header a node sets when it proxies a request to the leader, to stop loops.
+const HOPS_HEADER: &str = "x-raftgen-hops";
+const MAX_HOPS: u32 = 3;
+/// How long a read of an unknown job waits for this node to apply what it has.
+const READ_BARRIER_MS: u64 = 1_000;
+
+pub fn routes() -> Router<Arc<App>> {
+    Router::new()
+        .route("/v1/jobs", get(list_jobs).post(submit))
+        .route("/v1/jobs/{id}", get(get_job).delete(cancel))
+        .route("/v1/jobs/{id}/image", get(get_image))
+        .route("/v1/cluster", get(cluster))
+        .route("/v1/cluster/nodes", axum::routing::post(join))
+        .route("/v1/cluster/nodes/{id}", delete(leave))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+}
+
+/// Reads a body up to `max` bytes; larger bodies get 413 naming `body`.
+async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        let mut e = ApiError::field("body", format!("larger than {max} bytes"));
+        e.status = StatusCode::PAYLOAD_TOO_LARGE;
+        e.code = "body_too_large";
+        e
+    };
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(body, max).await.map_err(|_| too_large())
+}
+
+// ---- Jobs ----
+
+const SUBMIT_FIELDS: [&str; 9] =
+    ["prompt", "negative_prompt", "width", "height", "steps", "guidance", "seed", "model", "priority"];
+
+fn uint(obj: &Map<String, Value>, field: &str, default: u64, max: u64) -> Result<u64, ApiError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(default),
+        Some(v) => match v.as_u64() {
+            Some(n) if n <= max => Ok(n),
+            _ => Err(ApiError::field(field, format!("must be a non-negative integer up to {max}"))),
+        },
+    }
+}
+
+fn string(obj: &Map<String, Value>, field: &str) -> Result<Option<String>, ApiError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(ApiError::field(field, "must be a string")),
+    }
+}
+
+/// Parses and validates a submission, naming the first offending field.
+fn parse_submit(bytes: &[u8], served_models: &[String]) -> Result<JobRequest, ApiError> {
+    let value: Value = serde_json::from_slice(bytes).map_err(|e| ApiError::field("body", format!("invalid JSON: {e}")))?;
+    let Value::Object(obj) = value else { return Err(ApiError::field("body", "must be a JSON object")) };
+    if let Some(unknown) = obj.keys().find(|k| !SUBMIT_FIELDS.contains(&k.as_str())) {
+        return Err(ApiError::field(unknown, format!("unknown field; accepted: {}", SUBMIT_FIELDS.join(", "))));
+    }
+    let prompt = string(&obj, "prompt")?.ok_or_else(|| ApiError::field("prompt", "is required"))?;
+    let guidance = match obj.get("guidance") {
+        None | Some(Value::Null) => 7.5,
+        Some(v) => v.as_f64().ok_or_else(|| ApiError::field("guidance", "must be a number"))? as f32,
+    };
+    let priority = match obj.get("priority") {
+        None | Some(Value::Null) => 0,
+        Some(v) => v
+            .as_i64()
+            .and_then(|p| i32::try_from(p).ok())
+            .ok_or_else(|| ApiError::field("priority", "must be an integer"))?,
+    };
+    let model = match string(&obj, "model")? {
+        Some(m) => {
+            if !served_models.contains(&m) {
+                return Err(ApiError::field(
+                    "model",
+                    format!("no node in the cluster serves model '{m}'; served: [{}]", served_models.join(", ")),
+                ));
+            }
+            m
+        }
+        None => served_models.first().cloned().ok_or_else(|| {
+            ApiError::field("model", "no node in the cluster serves any model (all started with --executor none?)")
+        })?,
+    };
+    let request = JobRequest {
+        prompt,
+        negative_prompt: string(&obj, "negative_prompt")?.unwrap_or_default(),
+        width: uint(&obj, "width", 512, u32::MAX as u64)? as u32,
+        height: uint(&obj, "height", 512, u32::MAX as u64)? as u32,
+        steps: uint(&obj, "steps", 20, u32::MAX as u64)? as u32,
+        guidance,
+        seed: match obj.get("seed") {
+            None | Some(Value::Null) => None,
+            Some(_) => Some(uint(&obj, "seed", 0, u64::MAX)?),
+        },
+        model,
+        priority,
+    };
+    request.validate().map_err(|e| ApiError::field(&e.field, e.message))?;
+    Ok(request)
+}
+
+fn rejection_error(r: Rejection) -> ApiError {
+    match r {
+        Rejection::Invalid(e) => ApiError::field(&e.field, e.message),
+        Rejection::QueueFull { .. } => {
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "queue_full", r.to_string()).retry_after(1)
+        }
+        Rejection::IdempotencyKeyReused { .. } => {
+            let mut e = ApiError::field("Idempotency-Key", r.to_string());
+            e.status = StatusCode::UNPROCESSABLE_ENTITY;
+            e.code = "idempotency_key_reused";
+            e
+        }
+        Rejection::UnknownJob => ApiError::not_found("job"),
+        Rejection::NotCancellable { .. } | Rejection::StaleAttempt { .. } => {
+            ApiError::new(StatusCode::CONFLICT, "conflict", r.to_string())
+        }
+        Rejection::UnknownNode => ApiError::not_found("node"),
+    }
+}
+
+fn write_error(e: WriteError, job: Option<JobId>) -> ApiError {
+    let err = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()).retry_after(1);
+    match job {
+        Some(id) => err.with_extra(json!({ "job_id": id.to_string() })),
+        None => err,
+    }
+}
+
+async fn submit(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let bytes = read_body(body, &headers, app.settings.max_body_bytes).await?;
+    let key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => {
+            let k = v.to_str().map_err(|_| ApiError::field("Idempotency-Key", "must be visible ASCII"))?;
+            if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+                return Err(ApiError::field("Idempotency-Key", format!("must be 1 to {MAX_IDEMPOTENCY_KEY_BYTES} bytes")));
+            }
+            Some(k.to_string())
+        }
+    };
+    let served = served_models(&app);
+    let request = parse_submit(&bytes, &served)?;
+    let id = JobId(rand::random());
+    let cmd = Command::Submit { id, request, seed: None, idempotency_key: key };
+    match app.write(cmd, app.settings.submit_timeout()).await {
+        Ok(SmResponse::Submitted { job, created }) => {
+            let mut resp = (StatusCode::ACCEPTED, Json(job_json(&job))).into_response();
+            if let Ok(v) = HeaderValue::from_str(&format!("/v1/jobs/{}", job.id)) {
+                resp.headers_mut().insert(header::LOCATION, v);
+            }
+            if !created {
+                resp.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+            }
+            Ok(resp)
+        }
+        Ok(SmResponse::Rejected(r)) => Err(rejection_error(r)),
+        Ok(other) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("{other:?}"))),
+        Err(e) => Err(write_error(e, Some(id))),
+    }
+}
+
+/// Models served by any registered node, sorted (the first is the default).
+fn served_models(app: &App) -> Vec<String> {
+    let data = app.view.read();
+    let mut models: Vec<String> =
+        data.jobs.nodes().values().flat_map(|n| n.registration.models.iter().cloned()).collect();
+    models.sort();
+    models.dedup();
+    models
+}
+
+fn parse_id(id: &str) -> Result<JobId, ApiError> {
+    id.parse().map_err(|e: String| ApiError::field("id", e))
+}
+
+/// On a miss, gives this node a moment to apply the entries it already holds:
+/// a job acknowledged through another node is usually in our log already.
+async fn read_barrier(app: &App) {
+    let target = app.raft.metrics().borrow().last_log_index.unwrap_or(0);
+    let mut applied = app.view.subscribe();
+    let _ = tokio::time::timeout(Duration::from_millis(READ_BARRIER_MS), applied.wait_for(|i| *i >= target)).await;
+}
+
+async fn with_job<T>(app: &App, id: JobId, f: impl Fn(&raftgen_raft::job::Job, Option<&[u8]>) -> T) -> Option<T> {
+    for round in 0..2 {
+        {
+            let data = app.view.read();
+            if let Some(job) = data.jobs.job(&id) {
+                return Some(f(job, data.jobs.image(&id)));
+            }
+        }
+        if round == 0 {
+            read_barrier(app).await;
+        }
+    }
+    None
+}
+
+async fn get_job(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let id = parse_id(&id)?;
+    with_job(&app, id, |job, _| Json(job_json(job))).await.ok_or_else(|| ApiError::not_found("job"))
+}
+
+async fn get_image(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let found = with_job(&app, id, |job, image| match image {
+        Some(png) => Ok((StatusCode::OK, [(header::CONTENT_TYPE, "image/png")], png.to_vec()).into_response()),
+        None if job.result_evicted => {
+            Err(ApiError::new(StatusCode::GONE, "evicted", "the result was dropped by the retention limit"))
+        }
+        None => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "no_result",
+            format!("job is {}; it has no image", job.state.as_str()),
+        )),
+    })
+    .await;
+    found.ok_or_else(|| ApiError::not_found("job"))?
+}
+
+async fn cancel(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let id = parse_id(&id)?;
+    match app.write(Command::Cancel { job: id }, app.settings.submit_timeout()).await {
+        Ok(SmResponse::Ok) => Ok(Json(json!({ "id": id.to_string(), "state": "cancelled" }))),
+        Ok(SmResponse::Rejected(r)) => Err(rejection_error(r)),
+        Ok(other) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("{other:?}"))),
+        Err(e) => Err(write_error(e, None)),
+    }
+}
+
+async fn list_jobs(
+    State(app): State<Arc<App>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let state = match q.get("state").filter(|s| !s.is_empty()) {
+        Some(s) => Some(s.parse::<JobState>().map_err(|e| ApiError::field("state", e))?),
+        None => None,
+    };
+    let limit = match q.get("limit") {
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_LIST_LIMIT).contains(n))
+            .ok_or_else(|| ApiError::field("limit", format!("must be an integer from 1 to {MAX_LIST_LIMIT}")))?,
+        None => 50,
+    };
+    let data = app.view.read();
+    let jobs: Vec<Value> = data.jobs.recent_jobs(state, limit).into_iter().map(job_json).collect();
+    Ok(Json(json!({ "jobs": jobs, "total": data.jobs.job_count(), "queue_depth": data.jobs.queue_depth() })))
+}
+
+// ---- Cluster ----
+
+/// The cluster as this node sees it. Health is only known to the leader, so a
+/// follower asks the leader first and falls back to its own view.
+async fn cluster(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    if !app.is_leader() && !q.contains_key("local") {
+        if let Ok(resp) = proxy_to_leader(&app, Method::GET, "/v1/cluster?local=1", &headers, Bytes::new(), 2_000).await {
+            if resp.status() == StatusCode::OK {
+                return resp;
+            }
+        }
+    }
+    Json(membership::cluster_view(&app)).into_response()
+}
+
+async fn healthz() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// Ready when a leader is known and this node is a member of the cluster.
+async fn readyz(State(app): State<Arc<App>>) -> Response {
+    let m = app.raft.server_metrics().borrow().clone();
+    let member = m.membership_config.membership().get_node(&app.id).is_some();
+    match (m.current_leader, member) {
+        (Some(leader), true) => Json(json!({ "ready": true, "leader_id": leader })).into_response(),
+        (leader, member) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "ready": false, "leader_id": leader, "member": member })),
+        )
+            .into_response(),
+    }
+}
+
+async fn join(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    if !secret_ok(&app, &headers) {
+        return Err(ApiError::unauthorized());
+    }
+    let bytes = read_body(body, &headers, app.settings.max_body_bytes).await?;
+    if !app.is_leader() {
+        return proxy_to_leader(&app, Method::POST, "/v1/cluster/nodes", &headers, bytes, MEMBERSHIP_TIMEOUT_MS).await;
+    }
+    let value: Value = serde_json::from_slice(&bytes).map_err(|e| ApiError::field("body", format!("invalid JSON: {e}")))?;
+    let id = value.get("id").and_then(Value::as_u64).ok_or_else(|| ApiError::field("id", "is required (a node id)"))?;
+    let addr = value.get("addr").and_then(Value::as_str).ok_or_else(|| ApiError::field("addr", "is required"))?;
+    if let Some(unknown) = value.as_object().and_then(|o| o.keys().find(|k| *k != "id" && *k != "addr")) {
+        return Err(ApiError::field(unknown, "unknown field; accepted: id, addr"));
+    }
+    Ok(Json(membership::add_node(&app, id, addr).await?).into_response())
+}
+
+async fn leave(State(app): State<Arc<App>>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+    if !secret_ok(&app, &headers) {
+        return Err(ApiError::unauthorized());
+    }
+    let id: NodeId = id.parse().map_err(|_| ApiError::field("id", "must be a node id"))?;
+    if !app.is_leader() {
+        let path = format!("/v1/cluster/nodes/{id}");
+        let timeout = app.settings.drain_timeout_ms + MEMBERSHIP_TIMEOUT_MS;
+        return proxy_to_leader(&app, Method::DELETE, &path, &headers, Bytes::new(), timeout).await;
+    }
+    Ok(Json(membership::remove_node(&app, id).await?).into_response())
+}
+
+/// Sends the same request to the leader, retrying across leader changes until
+/// `timeout_ms`, and returns its answer as is.
+async fn proxy_to_leader(
+    app: &App,
+    method: Method,
+    path: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+    timeout_ms: u64,
+) -> Result<Response, ApiError> {
+    let hops: u32 = headers.get(HOPS_HEADER).and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(0);
+    if hops >= MAX_HOPS {
+        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_leader", "leader unknown").retry_after(1));
+    }
+    let deadline = Instant::now() + Duration::from_millis(timeout_ms);
+    let mut delay = Duration::from_millis(10);
+    loop {
+        if let Some((leader, addr)) = app.leader().filter(|(l, _)| *l != app.id) {
+            let mut req = app
+                .client
+                .request(method.clone(), format!("http://{addr}{path}"))
+                .header(HOPS_HEADER, (hops + 1).to_string())
+                .timeout(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)))
+                .body(body.clone());
+            for h in [raftgen_raft::network::SECRET_HEADER, "content-type"] {
+                if let Some(v) = headers.get(h) {
+                    req = req.header(h, v);
+                }
+            }
+            match req.send().await {
+                Ok(resp) => {
+                    let status = resp.status();
+                    let ctype = resp.headers().get(header::CONTENT_TYPE).cloned();
+                    let bytes = resp.bytes().await.unwrap_or_default();
+                    let mut out = (status, bytes).into_response();
+                    if let Some(c) = ctype {
+                        out.headers_mut().insert(header::CONTENT_TYPE, c);
+                    }
+                    return Ok(out);
+                }
+                Err(e) => tracing::debug!("proxy {path} to leader {leader}: {e}"),
+            }
+        } else if app.is_leader() {
+            return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "retry", "leadership moved here; retry").retry_after(1));
+        }
+        if Instant::now() + delay >= deadline {
+            return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_leader", "no leader answered in time")
+                .retry_after(1));
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(200));
+    }
+}

@@ -1,0 +1,26 @@
+//! The node's one HTTP port: the public JSON API and, under `/raft/`, the
+//! node-to-node RPCs (refused without the cluster secret).
+
+mod api;
+mod error;
+mod internal;
+pub mod views;
+
+use std::sync::Arc;
+
+use axum::Router;
+
+pub use error::ApiError;
+
+use crate::app::App;
+
+pub fn router(app: Arc<App>) -> Router {
+    api::routes().merge(internal::routes()).with_state(app)
+}
+
+/// Constant-time comparison of a presented secret with ours.
+pub fn secret_ok(app: &App, headers: &axum::http::HeaderMap) -> bool {
+    let Some(given) = headers.get(raftgen_raft::network::SECRET_HEADER) else { return false };
+    let (a, b) = (given.as_bytes(), app.secret.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

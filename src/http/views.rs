@@ -1,0 +1,62 @@
+//! JSON shapes of the public API (the replicated types stay wire-agnostic).
+
+use raftgen_raft::job::{Event, EventKind, Job};
+use serde_json::{json, Value};
+
+pub fn job_json(job: &Job) -> Value {
+    let r = &job.request;
+    json!({
+        "id": job.id.to_string(),
+        "state": job.state.as_str(),
+        "request": {
+            "prompt": r.prompt,
+            "negative_prompt": r.negative_prompt,
+            "width": r.width,
+            "height": r.height,
+            "steps": r.steps,
+            "guidance": r.guidance,
+            "seed": r.seed,
+            "model": r.model,
+            "priority": r.priority,
+        },
+        "seed": job.seed,
+        "idempotency_key": job.idempotency_key,
+        "node": job.node,
+        "attempt": job.attempt,
+        "progress": { "step": job.progress.step, "steps": job.progress.steps },
+        "error": job.error,
+        "submitted_at_ms": job.submitted_at_ms,
+        "assigned_at_ms": job.assigned_at_ms,
+        "started_at_ms": job.started_at_ms,
+        "finished_at_ms": job.finished_at_ms,
+        "result": job.result_bytes.map(|bytes| json!({
+            "bytes": bytes,
+            "evicted": job.result_evicted,
+            "url": format!("/v1/jobs/{}/image", job.id),
+        })),
+        "history": job.history.iter().map(event_json).collect::<Vec<_>>(),
+    })
+}
+
+fn event_json(e: &Event) -> Value {
+    let (name, mut v) = match &e.kind {
+        EventKind::Submitted => ("submitted", json!({})),
+        EventKind::Assigned { node, attempt } => ("assigned", json!({ "node": node, "attempt": attempt })),
+        EventKind::Started { node, attempt } => ("started", json!({ "node": node, "attempt": attempt })),
+        EventKind::Requeued { node, attempt, reason } => {
+            ("requeued", json!({ "node": node, "attempt": attempt, "reason": reason }))
+        }
+        EventKind::Succeeded { node, attempt } => ("succeeded", json!({ "node": node, "attempt": attempt })),
+        EventKind::Failed { node, attempt, error } => {
+            ("failed", json!({ "node": node, "attempt": attempt, "error": error }))
+        }
+        EventKind::Cancelled => ("cancelled", json!({})),
+        EventKind::CompletionRejected { node, attempt, reason } => {
+            ("completion_rejected", json!({ "node": node, "attempt": attempt, "reason": reason }))
+        }
+        EventKind::ResultEvicted => ("result_evicted", json!({})),
+    };
+    v["event"] = json!(name);
+    v["at_ms"] = json!(e.at_ms);
+    v
+}

@@ -1,0 +1,142 @@
+//! Joining and leaving, run on the leader, and the cluster view.
+//!
+//! Up to [`MAX_VOTERS`] nodes vote; later nodes join as learners (they execute
+//! jobs, they do not vote), so a large cluster keeps a small quorum. Leaving
+//! drains first: the node takes no new jobs, finishes what it has (bounded by
+//! `drain_timeout_ms`), and only then leaves the membership.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use openraft::{BasicNode, ChangeMembers};
+use raftgen_raft::{Command, NodeId};
+use serde_json::{json, Value};
+
+use crate::app::App;
+use crate::config::MAX_VOTERS;
+use crate::http::ApiError;
+
+fn raft_error(e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(StatusCode::CONFLICT, "membership", e.to_string())
+}
+
+pub async fn add_node(app: &App, id: NodeId, addr: &str) -> Result<Value, ApiError> {
+    if addr.is_empty() || addr.len() > 256 || addr.contains('/') {
+        return Err(ApiError::field("addr", "must be host:port"));
+    }
+    let membership = app.raft.server_metrics().borrow().membership_config.membership().clone();
+    match membership.get_node(&id) {
+        Some(node) if node.addr != addr => {
+            return Err(ApiError::field(
+                "addr",
+                format!("node {id} is already a member at {}; remove it first to change its address", node.addr),
+            ));
+        }
+        Some(_) => {}
+        None => {
+            app.raft.add_learner(id, BasicNode { addr: addr.to_string() }, true).await.map_err(raft_error)?;
+        }
+    }
+    let is_voter = membership.voter_ids().any(|v| v == id);
+    let voters = membership.voter_ids().count();
+    let role = if is_voter {
+        "voter"
+    } else if voters < MAX_VOTERS {
+        app.raft
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+            .await
+            .map_err(raft_error)?;
+        "voter"
+    } else {
+        "learner"
+    };
+    tracing::info!("node {id} at {addr} is a member ({role})");
+    Ok(json!({ "id": id, "addr": addr, "role": role }))
+}
+
+pub async fn remove_node(app: &App, id: NodeId) -> Result<Value, ApiError> {
+    let membership = app.raft.server_metrics().borrow().membership_config.membership().clone();
+    if membership.get_node(&id).is_none() {
+        return Err(ApiError::not_found("node"));
+    }
+    let is_voter = membership.voter_ids().any(|v| v == id);
+    if is_voter && membership.voter_ids().count() == 1 {
+        return Err(ApiError::field("id", "cannot remove the last voter"));
+    }
+    let timeout = app.settings.submit_timeout();
+    // Drain: no new work, wait for the running jobs (bounded).
+    let _ = app.write(Command::SetDraining { node: id, draining: true }, timeout).await;
+    let started = Instant::now();
+    let mut applied = app.view.subscribe();
+    let drained = tokio::time::timeout(
+        Duration::from_millis(app.settings.drain_timeout_ms),
+        applied.wait_for(|_| app.view.read().jobs.active_count(id) == 0),
+    )
+    .await
+    .is_ok();
+    let change = if is_voter {
+        ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+    } else {
+        ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+    };
+    app.raft.change_membership(change, false).await.map_err(raft_error)?;
+    // Keep the voter count up: promote the oldest learner, if any.
+    let membership = app.raft.server_metrics().borrow().membership_config.membership().clone();
+    let voters = membership.voter_ids().count();
+    if voters < MAX_VOTERS {
+        if let Some(learner) = membership.learner_ids().min() {
+            if let Err(e) = app.raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([learner])), false).await
+            {
+                tracing::warn!("promoting learner {learner}: {e}");
+            }
+        }
+    }
+    // Its unfinished jobs (if the drain timed out) go back to the queue.
+    app.write(Command::ForgetNode { node: id }, timeout).await.map_err(|e| raft_error(e))?;
+    tracing::info!("node {id} left the cluster (drained: {drained})");
+    Ok(json!({ "id": id, "removed": true, "drained": drained, "drain_ms": started.elapsed().as_millis() as u64 }))
+}
+
+/// `GET /v1/cluster`: leader, term, members with role, health, slots, running.
+pub fn cluster_view(app: &App) -> Value {
+    let metrics = app.raft.metrics().borrow().clone();
+    let membership = metrics.membership_config.membership();
+    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+    let is_leader = metrics.current_leader == Some(app.id);
+    let node_timeout = Duration::from_millis(app.settings.node_timeout_ms);
+    let data = app.view.read();
+    let nodes: BTreeMap<NodeId, &BasicNode> = membership.nodes().map(|(id, n)| (*id, n)).collect();
+    let members: Vec<Value> = nodes
+        .iter()
+        .map(|(id, node)| {
+            let healthy = if *id == app.id {
+                Some(true)
+            } else if is_leader {
+                Some(app.health.last_ack(*id).is_some_and(|t| t.elapsed() < node_timeout))
+            } else {
+                None
+            };
+            let info = data.jobs.nodes().get(id);
+            json!({
+                "id": id,
+                "addr": node.addr,
+                "role": if voters.contains(id) { "voter" } else { "learner" },
+                "healthy": healthy,
+                "slots": info.map_or(0, |i| i.registration.slots),
+                "running": data.jobs.active_count(*id),
+                "draining": info.is_some_and(|i| i.draining),
+                "executor": info.map(|i| i.registration.executor.clone()),
+                "models": info.map(|i| i.registration.models.clone()).unwrap_or_default(),
+            })
+        })
+        .collect();
+    json!({
+        "leader_id": metrics.current_leader,
+        "term": metrics.current_term,
+        "members": members,
+        "queue_depth": data.jobs.queue_depth(),
+        "answered_by": app.id,
+        "commit_index": metrics.last_applied.map(|l| l.index),
+    })
+}

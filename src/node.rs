@@ -1,0 +1,182 @@
+//! Starting and stopping one node: storage, Raft, the HTTP port, and the
+//! background tasks (scheduler, executor host, registration, join, snapshots).
+//! Shutdown is handled here and only here: SIGINT/SIGTERM stop the HTTP server,
+//! flip the shared shutdown flag, then shut Raft down.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use openraft::BasicNode;
+use raftgen_raft::network::{NetworkFactory, PeerHealth, SECRET_HEADER};
+use raftgen_raft::{NodeId, Raft};
+use tokio::sync::watch;
+
+use crate::app::App;
+use crate::config::NodeSettings;
+use crate::executor::Executor;
+
+pub struct NodeOptions {
+    pub id: NodeId,
+    pub listen: SocketAddr,
+    /// Address others reach us at (defaults to `listen`).
+    pub advertise: Option<String>,
+    pub data: PathBuf,
+    pub init: bool,
+    pub join: Option<String>,
+    pub secret: String,
+    pub settings: NodeSettings,
+    pub executor: Arc<dyn Executor>,
+}
+
+/// Refuses to open another node's data directory under a different id.
+fn check_node_id(opts: &NodeOptions) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&opts.data).with_context(|| format!("creating {}", opts.data.display()))?;
+    let path = opts.data.join("node-id");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if s.trim() == opts.id.to_string() => Ok(()),
+        Ok(s) => bail!("{} belongs to node {}, not node {}", opts.data.display(), s.trim(), opts.id),
+        Err(_) => Ok(std::fs::write(&path, format!("{}\n", opts.id))?),
+    }
+}
+
+pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
+    if opts.id == 0 {
+        bail!("--id must be at least 1");
+    }
+    check_node_id(&opts)?;
+    let addr = opts.advertise.clone().unwrap_or_else(|| opts.listen.to_string());
+    let (log, sm) = raftgen_storage::open(&opts.data).with_context(|| format!("opening {}", opts.data.display()))?;
+    let view = sm.view();
+    let health = PeerHealth::default();
+    let network = NetworkFactory::new(&opts.secret, health.clone());
+    let config = Arc::new(opts.settings.raft_config().validate().context("raft settings")?);
+    let raft = Raft::new(opts.id, config, network, log, sm).await.context("starting raft")?;
+    let listener = tokio::net::TcpListener::bind(opts.listen).await.with_context(|| format!("binding {}", opts.listen))?;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let client = reqwest::Client::builder()
+        .connect_timeout(Duration::from_millis(500))
+        .tcp_nodelay(true)
+        .build()
+        .context("http client")?;
+    let app = Arc::new(App {
+        id: opts.id,
+        addr: addr.clone(),
+        raft: raft.clone(),
+        view,
+        settings: opts.settings.clone(),
+        health,
+        executor: opts.executor.clone(),
+        client,
+        secret: opts.secret.clone().into(),
+        shutdown: shutdown_rx,
+    });
+
+    let initialized = raft.is_initialized().await?;
+    if opts.init && !initialized {
+        let members = BTreeMap::from([(opts.id, BasicNode { addr: addr.clone() })]);
+        raft.initialize(members).await.context("initializing the cluster")?;
+        tracing::info!("initialized a new cluster with node {} at {addr}", opts.id);
+    } else if initialized {
+        tracing::info!("resuming node {} from {}", opts.id, opts.data.display());
+    }
+    if let Some(url) = opts.join.clone() {
+        tokio::spawn(join_loop(app.clone(), url));
+    }
+    tokio::spawn(crate::scheduler::run(app.clone()));
+    tokio::spawn(crate::host::run(app.clone()));
+    tokio::spawn(crate::host::register(app.clone()));
+    tokio::spawn(snapshot_by_size(app.clone()));
+
+    tracing::info!(
+        "node {} listening on {} (executor: {}, slots: {})",
+        opts.id,
+        opts.listen,
+        app.executor.name(),
+        app.settings.slots
+    );
+    axum::serve(listener, crate::http::router(app.clone()))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("http server")?;
+    tracing::info!("shutting down");
+    let _ = shutdown_tx.send(true);
+    raft.shutdown().await.ok();
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn is_member(app: &App) -> bool {
+    app.raft.server_metrics().borrow().membership_config.membership().get_node(&app.id).is_some()
+}
+
+/// Asks the cluster at `url` (any node) to add us, until we are a member.
+/// A node restarted with its original `--join` finds itself a member already
+/// (membership is in its own log) and does nothing, even if `url` is down.
+async fn join_loop(app: Arc<App>, url: String) {
+    let url = format!("{}/v1/cluster/nodes", url.trim_end_matches('/'));
+    let mut delay = Duration::from_millis(200);
+    let mut shutdown = app.shutdown.clone();
+    // Give the restored membership a moment to show in the metrics.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    loop {
+        if is_member(&app) {
+            return;
+        }
+        let body = serde_json::json!({ "id": app.id, "addr": app.addr });
+        let resp = app
+            .client
+            .post(&url)
+            .header(SECRET_HEADER, &*app.secret)
+            .timeout(Duration::from_millis(crate::config::MEMBERSHIP_TIMEOUT_MS))
+            .json(&body)
+            .send()
+            .await;
+        match resp {
+            Ok(r) if r.status().is_success() => {
+                tracing::info!("joined the cluster through {url}");
+                return;
+            }
+            Ok(r) => {
+                let status = r.status();
+                let text = r.text().await.unwrap_or_default();
+                tracing::warn!("join through {url} refused: {status} {text}");
+            }
+            Err(e) => tracing::warn!("join through {url}: {e}"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.changed() => return,
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Result images make entries large: snapshot by applied bytes as well as by
+/// entry count, so the log (and the disk) stays bounded.
+async fn snapshot_by_size(app: Arc<App>) {
+    let mut shutdown = app.shutdown.clone();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.changed() => return,
+        }
+        if app.view.bytes_since_snapshot() > app.settings.snapshot_max_bytes {
+            if let Err(e) = app.raft.trigger().snapshot().await {
+                tracing::warn!("snapshot: {e}");
+            }
+        }
+    }
+}
