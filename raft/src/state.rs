@@ -219,8 +219,16 @@ impl JobStateMachine {
         let Some(job) = self.jobs.get_mut(&id) else { return Response::Rejected(Rejection::UnknownJob) };
         let current = job.node == Some(node) && job.attempt == attempt;
         if !(current && job.state.is_active()) {
-            if current && matches!(job.state, JobState::Succeeded | JobState::Failed) {
-                // The same completion, retried after its first commit.
+            // The same completion, retried after its first commit. Only a
+            // completion that was accepted (not a job that gave up while this
+            // node was judged lost) is acknowledged.
+            let accepted = job.history.iter().any(|e| match e.kind {
+                EventKind::Succeeded { node: n, attempt: a } | EventKind::Failed { node: Some(n), attempt: a, .. } => {
+                    n == node && a == attempt
+                }
+                _ => false,
+            });
+            if current && accepted {
                 return Response::Ok;
             }
             let rejection = Rejection::StaleAttempt { current_attempt: job.attempt, state: job.state };

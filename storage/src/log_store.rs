@@ -41,6 +41,8 @@ impl LogStore {
         Ok(LogStore { db, logs, meta })
     }
 
+    // openraft's own error type; boxing it here would only be unboxed again.
+    #[allow(clippy::result_large_err)]
     fn get_meta<T: serde::de::DeserializeOwned>(&self, k: &[u8]) -> Result<Option<T>, StorageError<NodeId>> {
         match self.meta.get(k).map_err(|e| read_err(ErrorSubject::Store, e))? {
             Some(v) => codec::decode(&v).map(Some).map_err(|e| read_err(ErrorSubject::Store, e)),
@@ -48,6 +50,8 @@ impl LogStore {
         }
     }
 
+    // openraft's own error type; boxing it here would only be unboxed again.
+    #[allow(clippy::result_large_err)]
     fn put_meta<T: serde::Serialize>(&self, k: &[u8], v: &T) -> Result<(), StorageError<NodeId>> {
         let bytes = codec::encode(v).map_err(|e| write_err(ErrorSubject::Store, e))?;
         self.meta.insert(k, bytes).map_err(|e| write_err(ErrorSubject::Store, e))?;
@@ -96,7 +100,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let last_purged_log_id: Option<LogId> = self.get_meta(KEY_LAST_PURGED)?;
         let last = match self.logs.last().map_err(|e| read_err(ErrorSubject::Logs, e))? {
             Some((_, v)) => Some(codec::decode::<Entry>(&v).map_err(|e| read_err(ErrorSubject::Logs, e))?.log_id),
-            None => last_purged_log_id,
+            None => None,
+        };
+        // A crash between the purge marker and the removal can leave entries at
+        // or below the marker (all of them, when a snapshot purged past the
+        // log's end): for Raft they are gone, and the log ends at the marker.
+        let last = match (last, last_purged_log_id) {
+            (Some(l), Some(p)) if l.index <= p.index => Some(p),
+            (l, p) => l.or(p),
         };
         Ok(LogState { last_purged_log_id, last_log_id: last })
     }

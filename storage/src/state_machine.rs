@@ -11,7 +11,7 @@
 
 use std::io::Cursor;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
 use openraft::{EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder, StorageError, StorageIOError};
@@ -48,6 +48,10 @@ struct Shared {
     /// Bytes of entries applied since the last snapshot (snapshot-by-size).
     bytes_since_snapshot: AtomicU64,
     snapshot_counter: AtomicU64,
+    /// The last log id of the snapshot stored in sled. openraft builds snapshots
+    /// in a task of their own, so a build that read the state before an install
+    /// can finish after it: it must not replace the newer snapshot on disk.
+    persisted: Mutex<Option<LogId>>,
 }
 
 /// openraft's handle on the state machine.
@@ -69,14 +73,14 @@ fn sm_err(verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError<NodeId> {
 impl StateMachineStore {
     pub(crate) fn new(db: sled::Db) -> Result<Self, std::io::Error> {
         let snapshots = db.open_tree("snapshot").map_err(crate::io_err)?;
-        let data = match snapshots.get(KEY_SNAPSHOT).map_err(crate::io_err)? {
+        let (data, persisted) = match snapshots.get(KEY_SNAPSHOT).map_err(crate::io_err)? {
             Some(bytes) => {
                 let stored: StoredSnapshot = codec::decode(&bytes).map_err(crate::io_err)?;
                 let data: SmData = codec::decode(&stored.data).map_err(crate::io_err)?;
                 data.jobs.check_invariants().map_err(crate::io_err)?;
-                data
+                (data, stored.meta.last_log_id)
             }
-            None => SmData::default(),
+            None => (SmData::default(), None),
         };
         let (applied, _) = watch::channel(data.last_applied.map_or(0, |l| l.index));
         Ok(StateMachineStore {
@@ -87,6 +91,7 @@ impl StateMachineStore {
                 applied,
                 bytes_since_snapshot: AtomicU64::new(0),
                 snapshot_counter: AtomicU64::new(0),
+                persisted: Mutex::new(persisted),
             }),
         })
     }
@@ -95,9 +100,18 @@ impl StateMachineStore {
         StateView { shared: self.shared.clone() }
     }
 
-    async fn persist(&self, stored: &StoredSnapshot) -> Result<(), StorageError<NodeId>> {
+    /// Stores the snapshot and flushes. A built snapshot (`replace_newer` false)
+    /// older than the stored one is not written: an install overtook the build.
+    async fn persist(&self, stored: &StoredSnapshot, replace_newer: bool) -> Result<(), StorageError<NodeId>> {
         let bytes = codec::encode(stored).map_err(|e| sm_err(ErrorVerb::Write, e))?;
-        self.shared.snapshots.insert(KEY_SNAPSHOT, bytes).map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        {
+            let mut persisted = self.shared.persisted.lock().expect("snapshot lock poisoned");
+            if !replace_newer && *persisted > stored.meta.last_log_id {
+                return Ok(());
+            }
+            self.shared.snapshots.insert(KEY_SNAPSHOT, bytes).map_err(|e| sm_err(ErrorVerb::Write, e))?;
+            *persisted = stored.meta.last_log_id;
+        }
         self.shared.db.flush_async().await.map_err(|e| sm_err(ErrorVerb::Write, e))?;
         Ok(())
     }
@@ -138,7 +152,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         };
         self.shared.bytes_since_snapshot.store(0, Ordering::Relaxed);
         let stored = StoredSnapshot { meta: meta.clone(), data };
-        self.persist(&stored).await?;
+        self.persist(&stored, false).await?;
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(stored.data)) })
     }
 }
@@ -194,7 +208,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let new: SmData = codec::decode(&bytes).map_err(|e| sm_err(ErrorVerb::Read, e))?;
         new.jobs.check_invariants().map_err(|e| sm_err(ErrorVerb::Read, e))?;
         // Durable first, then visible: a crash in between replays to the same state.
-        self.persist(&StoredSnapshot { meta: meta.clone(), data: bytes }).await?;
+        self.persist(&StoredSnapshot { meta: meta.clone(), data: bytes }, true).await?;
         let last = new.last_applied.map_or(0, |l| l.index);
         *self.shared.data.write().expect("state lock poisoned") = new;
         self.shared.bytes_since_snapshot.store(0, Ordering::Relaxed);
