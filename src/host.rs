@@ -8,7 +8,7 @@
 //! is rejected by the state machine's fencing. After a restart, attempts still
 //! assigned to this node are simply run again under the same attempt number.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,6 +32,9 @@ pub async fn run(app: Arc<App>) {
     let mut applied = app.view.subscribe();
     let mut shutdown = app.shutdown.clone();
     let mut running: HashMap<JobId, Running> = HashMap::new();
+    // Attempts this host already ran to the end, until the applied state (which
+    // may lag the leader's) stops listing them: never run an attempt twice.
+    let mut finished: HashSet<(JobId, u32)> = HashSet::new();
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(JobId, u32)>();
     loop {
         // Attempts currently assigned to us, from the applied state.
@@ -47,8 +50,12 @@ pub async fn run(app: Arc<App>) {
                 r.cancel.store(true, Ordering::Relaxed);
             }
         }
+        finished.retain(|(id, attempt)| mine.iter().any(|s| s.id == *id && s.attempt == *attempt));
         for spec in mine {
-            if running.contains_key(&spec.id) || running.len() >= app.settings.slots as usize {
+            if running.contains_key(&spec.id)
+                || finished.contains(&(spec.id, spec.attempt))
+                || running.len() >= app.settings.slots as usize
+            {
                 continue;
             }
             let cancel = Arc::new(AtomicBool::new(false));
@@ -66,6 +73,7 @@ pub async fn run(app: Arc<App>) {
                 if running.get(&id).is_some_and(|r| r.attempt == attempt) {
                     running.remove(&id);
                 }
+                finished.insert((id, attempt));
             }
             _ = shutdown.changed() => {
                 for r in running.values() {

@@ -15,6 +15,7 @@ pub mod demo;
 pub mod executor;
 pub mod host;
 pub mod http;
+pub mod local;
 pub mod membership;
 pub mod node;
 pub mod scheduler;

@@ -42,13 +42,10 @@ pub async fn add_node(app: &App, id: NodeId, addr: &str) -> Result<Value, ApiErr
     let voters = membership.voter_ids().count();
     let role = if is_voter {
         "voter"
-    } else if voters < MAX_VOTERS {
-        app.raft
-            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
-            .await
-            .map_err(raft_error)?;
+    } else if voters < MAX_VOTERS && promote(app, id).await {
         "voter"
     } else {
+        // Promoted later by the leader's voter keeper, if a voter seat is free.
         "learner"
     };
     tracing::info!("node {id} at {addr} is a member ({role})");
@@ -81,21 +78,54 @@ pub async fn remove_node(app: &App, id: NodeId) -> Result<Value, ApiError> {
         ChangeMembers::RemoveNodes(BTreeSet::from([id]))
     };
     app.raft.change_membership(change, false).await.map_err(raft_error)?;
-    // Keep the voter count up: promote the oldest learner, if any.
-    let membership = app.raft.server_metrics().borrow().membership_config.membership().clone();
-    let voters = membership.voter_ids().count();
-    if voters < MAX_VOTERS {
-        if let Some(learner) = membership.learner_ids().min() {
-            if let Err(e) = app.raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([learner])), false).await
-            {
-                tracing::warn!("promoting learner {learner}: {e}");
-            }
-        }
-    }
     // Its unfinished jobs (if the drain timed out) go back to the queue.
     app.write(Command::ForgetNode { node: id }, timeout).await.map_err(|e| raft_error(e))?;
     tracing::info!("node {id} left the cluster (drained: {drained})");
     Ok(json!({ "id": id, "removed": true, "drained": drained, "drain_ms": started.elapsed().as_millis() as u64 }))
+}
+
+/// Makes `id` a voter, retrying for a while if another membership change is in
+/// flight (two nodes joining at once). Returns whether it is a voter now.
+async fn promote(app: &App, id: NodeId) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match app.raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false).await {
+            Ok(_) => return true,
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!("promoting node {id}: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => {
+                tracing::warn!("promoting node {id}: {e}");
+                return false;
+            }
+        }
+    }
+}
+
+/// Leader duty, run by the scheduler loop: while fewer than [`MAX_VOTERS`]
+/// vote, promote the lowest-id learner that is healthy and caught up. This
+/// repairs every path that can leave a voter seat empty: concurrent joins, a
+/// leave, a leader that crashed between adding a learner and promoting it.
+pub async fn keep_voters(app: &App, healthy: impl Fn(NodeId) -> bool) {
+    let (membership, replication, last_log) = {
+        let m = app.raft.metrics();
+        let m = m.borrow();
+        (m.membership_config.membership().clone(), m.replication.clone(), m.last_log_index.unwrap_or(0))
+    };
+    if membership.get_joint_config().len() > 1 || membership.voter_ids().count() >= MAX_VOTERS {
+        return;
+    }
+    let caught_up = |id: &NodeId| {
+        let matched = replication.as_ref().and_then(|r| r.get(id).cloned().flatten()).map_or(0, |l| l.index);
+        matched + 100 >= last_log
+    };
+    if let Some(learner) = membership.learner_ids().filter(|id| healthy(*id) && caught_up(id)).min() {
+        match app.raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([learner])), false).await {
+            Ok(_) => tracing::info!("promoted learner {learner} to voter"),
+            Err(e) => tracing::debug!("promoting learner {learner}: {e}"),
+        }
+    }
 }
 
 /// `GET /v1/cluster`: leader, term, members with role, health, slots, running.

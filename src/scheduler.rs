@@ -20,6 +20,7 @@ pub async fn run(app: Arc<App>) {
     let mut applied = app.view.subscribe();
     let mut shutdown = app.shutdown.clone();
     let mut led_term: Option<u64> = None;
+    let mut last_membership_check = std::time::Instant::now();
     let node_timeout = Duration::from_millis(app.settings.node_timeout_ms);
     loop {
         tokio::select! {
@@ -48,10 +49,14 @@ pub async fn run(app: Arc<App>) {
                 }
             }
         }
-        let healthy = |node: u64| {
+        let healthy = |node: u64| -> bool {
             node == app.id
                 || (members.contains(&node) && app.health.last_ack(node).is_some_and(|t| t.elapsed() < node_timeout))
         };
+        if last_membership_check.elapsed() >= Duration::from_millis(TICK_MS) {
+            last_membership_check = std::time::Instant::now();
+            crate::membership::keep_voters(&app, &healthy).await;
+        }
         let decision = plan(&app.view.read().jobs, healthy, MAX_ASSIGN_PER_ENTRY);
         if !decision.requeue.is_empty() {
             tracing::warn!("re-queueing {} job(s) from lost nodes", decision.requeue.len());

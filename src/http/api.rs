@@ -41,8 +41,13 @@ pub fn routes() -> Router<Arc<App>> {
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
 }
 
+/// Most bytes of an oversized body read and discarded before answering 413,
+/// so the client sees the answer instead of a connection reset mid-upload.
+const MAX_DRAIN_BYTES: usize = 64 << 20;
+
 /// Reads a body up to `max` bytes; larger bodies get 413 naming `body`.
 async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<Bytes, ApiError> {
+    use http_body_util::BodyExt;
     let too_large = || {
         let mut e = ApiError::field("body", format!("larger than {max} bytes"));
         e.status = StatusCode::PAYLOAD_TOO_LARGE;
@@ -50,10 +55,28 @@ async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<Bytes,
         e
     };
     let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max as u64) {
+    let mut oversized = declared.is_some_and(|n| n > max as u64);
+    let mut body = body;
+    let mut buf = Vec::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ApiError::field("body", format!("unreadable: {e}")))?;
+        let Some(data) = frame.data_ref() else { continue };
+        seen += data.len();
+        if seen > max {
+            oversized = true;
+        }
+        if seen > MAX_DRAIN_BYTES {
+            break;
+        }
+        if !oversized {
+            buf.extend_from_slice(data);
+        }
+    }
+    if oversized {
         return Err(too_large());
     }
-    axum::body::to_bytes(body, max).await.map_err(|_| too_large())
+    Ok(Bytes::from(buf))
 }
 
 // ---- Jobs ----

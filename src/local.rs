@@ -1,0 +1,182 @@
+//! A cluster of real `raftgen node` processes on 127.0.0.1, for the demo, the
+//! cluster tests, the benchmark and the chaos runner: start, SIGKILL, SIGSTOP,
+//! SIGCONT and restart nodes with their exact original command lines.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::cli::Client;
+
+pub struct NodeProc {
+    pub id: u64,
+    pub port: u16,
+    pub args: Vec<String>,
+    pub child: Option<Child>,
+}
+
+pub struct LocalCluster {
+    pub exe: PathBuf,
+    pub dir: PathBuf,
+    pub secret: String,
+    pub nodes: Vec<NodeProc>,
+}
+
+/// A port the OS considers free right now.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn signal(pid: u32, sig: &str) -> anyhow::Result<()> {
+    let status = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status()?;
+    if !status.success() {
+        bail!("kill -{sig} {pid} failed");
+    }
+    Ok(())
+}
+
+impl LocalCluster {
+    /// Starts `n` nodes: node 1 with `--init`, the others `--join` node 1.
+    /// `extra` is added to every node's command line. Ports are given by
+    /// `ports` (or chosen free ones when empty).
+    pub fn start(exe: &Path, dir: &Path, n: u64, ports: &[u16], extra: &[&str]) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let mut cluster = LocalCluster {
+            exe: exe.to_path_buf(),
+            dir: dir.to_path_buf(),
+            secret: "raftgen-local-cluster".into(),
+            nodes: Vec::new(),
+        };
+        let ports: Vec<u16> = match ports {
+            [] => (0..n).map(|_| free_port()).collect::<Result<_, _>>()?,
+            p => p.to_vec(),
+        };
+        let first = format!("http://127.0.0.1:{}", ports[0]);
+        for (i, port) in (1..=n).zip(ports) {
+            let mut args: Vec<String> = vec![
+                "node".into(),
+                "--id".into(),
+                i.to_string(),
+                "--listen".into(),
+                format!("127.0.0.1:{port}"),
+                "--data".into(),
+                dir.join(format!("n{i}")).display().to_string(),
+            ];
+            if i == 1 {
+                args.push("--init".into());
+            } else {
+                args.extend(["--join".into(), first.clone()]);
+            }
+            args.extend(extra.iter().map(|s| s.to_string()));
+            cluster.nodes.push(NodeProc { id: i, port, args, child: None });
+            cluster.spawn(i)?;
+        }
+        Ok(cluster)
+    }
+
+    fn node(&mut self, id: u64) -> &mut NodeProc {
+        self.nodes.iter_mut().find(|n| n.id == id).expect("known node id")
+    }
+
+    /// Starts (or restarts) node `id` with its original command line.
+    pub fn spawn(&mut self, id: u64) -> anyhow::Result<()> {
+        let (exe, secret) = (self.exe.clone(), self.secret.clone());
+        let log_path = self.dir.join(format!("n{id}.log"));
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+        let node = self.node(id);
+        let child = Command::new(exe)
+            .args(&node.args)
+            .env("RAFTGEN_CLUSTER_SECRET", secret)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("spawning a node")?;
+        node.child = Some(child);
+        Ok(())
+    }
+
+    pub fn url(&self, id: u64) -> String {
+        let node = self.nodes.iter().find(|n| n.id == id).expect("known node id");
+        format!("http://127.0.0.1:{}", node.port)
+    }
+
+    pub fn client(&self, id: u64) -> Client {
+        Client::new(&self.url(id))
+    }
+
+    pub fn pid(&self, id: u64) -> Option<u32> {
+        self.nodes.iter().find(|n| n.id == id)?.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL: no shutdown, no flush beyond what was acknowledged.
+    pub fn kill(&mut self, id: u64) -> anyhow::Result<()> {
+        if let Some(mut child) = self.node(id).child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    pub fn pause(&self, id: u64) -> anyhow::Result<()> {
+        signal(self.pid(id).context("node not running")?, "STOP")
+    }
+
+    pub fn resume(&self, id: u64) -> anyhow::Result<()> {
+        signal(self.pid(id).context("node not running")?, "CONT")
+    }
+
+    /// SIGTERM and wait: a clean shutdown.
+    pub fn stop(&mut self, id: u64) -> anyhow::Result<()> {
+        if let Some(mut child) = self.node(id).child.take() {
+            let _ = signal(child.id(), "CONT");
+            if signal(child.id(), "TERM").is_err() {
+                child.kill()?;
+            }
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    pub fn running_ids(&self) -> Vec<u64> {
+        self.nodes.iter().filter(|n| n.child.is_some()).map(|n| n.id).collect()
+    }
+
+    /// Waits until `via` reports `expect` members, a leader, and every member
+    /// registered with at least `min_slots` slots.
+    pub async fn wait_ready(&self, via: u64, expect: usize, min_slots: u64, timeout: Duration) -> anyhow::Result<u64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(c) = self.client(via).get("/v1/cluster").await {
+                let members = c["members"].as_array().cloned().unwrap_or_default();
+                let registered = members.iter().all(|m| m["slots"].as_u64().unwrap_or(0) >= min_slots);
+                if let (Some(leader), true, true) = (c["leader_id"].as_u64(), members.len() == expect, registered) {
+                    return Ok(leader);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("cluster not ready after {} ms; logs in {}", timeout.as_millis(), self.dir.display());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The leader as seen by node `via`.
+    pub async fn leader(&self, via: u64) -> anyhow::Result<u64> {
+        let c = self.client(via).get("/v1/cluster?local=1").await?;
+        c["leader_id"].as_u64().context("no leader")
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
