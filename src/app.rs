@@ -11,9 +11,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use openraft::error::{ClientWriteError, RaftError};
 use raftgen_raft::network::{PeerHealth, SECRET_HEADER};
-use raftgen_raft::{codec, Command, NodeId, Raft, Request, Response};
+use raftgen_raft::{codec, Command, NodeId, Raft, Response};
 use raftgen_storage::StateView;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -37,6 +36,8 @@ pub struct App {
     /// Pool for forwarded writes and proxied reads (separate from Raft's).
     pub client: reqwest::Client,
     pub secret: Arc<str>,
+    /// Leader-side group commit of proposals.
+    pub proposer: crate::proposer::Proposer,
     /// Becomes true once, when the node starts shutting down.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -140,20 +141,17 @@ impl App {
 
     /// Proposes on this node (it must lead). The leader's clock and random
     /// choices enter the log here, never inside `apply`.
-    pub async fn propose_local(&self, cmd: Command) -> Result<Response, ForwardReject> {
-        let mut req = Request { at_ms: now_ms(), cmd };
-        if let Command::Submit { seed, request, .. } = &mut req.cmd {
+    pub async fn propose_local(&self, mut cmd: Command) -> Result<Response, ForwardReject> {
+        if !self.is_leader() {
+            return Err(ForwardReject::NotLeader { leader: self.raft.server_metrics().borrow().current_leader });
+        }
+        if let Command::Submit { seed, request, .. } = &mut cmd {
             if seed.is_none() {
                 *seed = Some(request.seed.unwrap_or_else(rand::random));
             }
         }
-        match self.raft.client_write(req).await {
-            Ok(r) => Ok(r.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(ForwardReject::NotLeader { leader: f.leader_id })
-            }
-            Err(e) => Err(ForwardReject::Fatal(e.to_string())),
-        }
+        // The proposer stamps the leader's clock on the entry (`Request::at_ms`).
+        self.proposer.propose(cmd).await
     }
 
     async fn forward(

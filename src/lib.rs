@@ -18,4 +18,5 @@ pub mod http;
 pub mod local;
 pub mod membership;
 pub mod node;
+pub mod proposer;
 pub mod scheduler;

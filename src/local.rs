@@ -29,10 +29,10 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn signal(pid: u32, sig: &str) -> anyhow::Result<()> {
-    let status = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status()?;
-    if !status.success() {
-        bail!("kill -{sig} {pid} failed");
+fn signal(pid: u32, sig: libc::c_int) -> anyhow::Result<()> {
+    // SAFETY: kill(2) has no memory-safety preconditions; pid is our own child.
+    if unsafe { libc::kill(pid as libc::pid_t, sig) } != 0 {
+        bail!("kill({pid}, {sig}): {}", std::io::Error::last_os_error());
     }
     Ok(())
 }
@@ -121,18 +121,18 @@ impl LocalCluster {
     }
 
     pub fn pause(&self, id: u64) -> anyhow::Result<()> {
-        signal(self.pid(id).context("node not running")?, "STOP")
+        signal(self.pid(id).context("node not running")?, libc::SIGSTOP)
     }
 
     pub fn resume(&self, id: u64) -> anyhow::Result<()> {
-        signal(self.pid(id).context("node not running")?, "CONT")
+        signal(self.pid(id).context("node not running")?, libc::SIGCONT)
     }
 
     /// SIGTERM and wait: a clean shutdown.
     pub fn stop(&mut self, id: u64) -> anyhow::Result<()> {
         if let Some(mut child) = self.node(id).child.take() {
-            let _ = signal(child.id(), "CONT");
-            if signal(child.id(), "TERM").is_err() {
+            let _ = signal(child.id(), libc::SIGCONT);
+            if signal(child.id(), libc::SIGTERM).is_err() {
                 child.kill()?;
             }
             child.wait()?;
@@ -151,7 +151,9 @@ impl LocalCluster {
         loop {
             if let Ok(c) = self.client(via).get("/v1/cluster").await {
                 let members = c["members"].as_array().cloned().unwrap_or_default();
-                let registered = members.iter().all(|m| m["slots"].as_u64().unwrap_or(0) >= min_slots);
+                let registered = members
+                    .iter()
+                    .all(|m| !m["executor"].is_null() && m["slots"].as_u64().unwrap_or(0) >= min_slots);
                 if let (Some(leader), true, true) = (c["leader_id"].as_u64(), members.len() == expect, registered) {
                     return Ok(leader);
                 }

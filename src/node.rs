@@ -73,6 +73,7 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
         executor: opts.executor.clone(),
         client,
         secret: opts.secret.clone().into(),
+        proposer: crate::proposer::Proposer::start(raft.clone()),
         shutdown: shutdown_rx,
     });
 

@@ -41,6 +41,25 @@ pub enum Command {
     ForgetNode { node: NodeId },
     /// Cluster-wide limits, written by the leader.
     Configure(ClusterConfig),
+    /// Several commands in one log entry, applied in order (the leader's group
+    /// commit). At most [`MAX_BATCH_COMMANDS`]; batches do not nest.
+    Batch(Vec<Command>),
+}
+
+/// Most commands in one [`Command::Batch`]. A job's submission order is
+/// `log index * MAX_BATCH_COMMANDS + position in the batch`.
+pub const MAX_BATCH_COMMANDS: usize = 1024;
+
+impl Command {
+    /// Rough encoded size, for batching and snapshot-by-size: result images
+    /// dominate, everything else is small.
+    pub fn approx_bytes(&self) -> u64 {
+        match self {
+            Command::Complete { outcome: Outcome::Succeeded { png }, .. } => png.len() as u64 + 64,
+            Command::Batch(cmds) => cmds.iter().map(Command::approx_bytes).sum(),
+            _ => 256,
+        }
+    }
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,6 +128,8 @@ pub enum Response {
     Applied { count: u32 },
     /// Accepted (or an idempotent repeat of an accepted command).
     Ok,
+    /// One response per command of a [`Command::Batch`], in order.
+    Batch(Vec<Response>),
     Rejected(Rejection),
 }
 

@@ -241,7 +241,8 @@ pub struct Job {
     pub attempt: u32,
     pub progress: Progress,
     pub error: Option<String>,
-    /// Log index of the submission: FIFO order within a priority.
+    /// Submission order: log index * MAX_BATCH_COMMANDS + position in its
+    /// batch. FIFO order within a priority.
     pub seq: u64,
     pub submitted_at_ms: u64,
     pub assigned_at_ms: Option<u64>,

@@ -10,7 +10,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
-use crate::command::{Assignment, ClusterConfig, Command, NodeRegistration, Outcome, Rejection, Request, Response};
+use crate::command::{
+    Assignment, ClusterConfig, Command, NodeRegistration, Outcome, Rejection, Request, Response, MAX_BATCH_COMMANDS,
+};
 use crate::job::{
     bounded_message, EventKind, FieldError, Job, JobId, JobRequest, JobState, NodeId, Progress,
     MAX_IDEMPOTENCY_KEY_BYTES, MAX_IMAGE_BYTES,
@@ -53,13 +55,25 @@ impl JobStateMachine {
         &self.config
     }
 
-    /// Applies one committed request. `index` is the entry's log index; it orders
-    /// jobs FIFO within a priority.
+    /// Applies one committed request. `index` is the entry's log index; with the
+    /// position inside a batch it orders jobs FIFO within a priority.
     pub fn apply(&mut self, index: u64, req: &Request) -> Response {
-        let at = req.at_ms;
         match &req.cmd {
+            Command::Batch(cmds) if cmds.len() <= MAX_BATCH_COMMANDS => Response::Batch(
+                cmds.iter().enumerate().map(|(pos, cmd)| self.apply_one(index, pos as u64, req.at_ms, cmd)).collect(),
+            ),
+            cmd => self.apply_one(index, 0, req.at_ms, cmd),
+        }
+    }
+
+    fn apply_one(&mut self, index: u64, pos: u64, at: u64, cmd: &Command) -> Response {
+        match cmd {
+            Command::Batch(_) => {
+                Response::Rejected(Rejection::Invalid(FieldError::new("batch", "batches do not nest or exceed the limit")))
+            }
             Command::Submit { id, request, seed, idempotency_key } => {
-                self.submit(index, at, *id, request, *seed, idempotency_key.as_deref())
+                let seq = index * MAX_BATCH_COMMANDS as u64 + pos;
+                self.submit(seq, at, *id, request, *seed, idempotency_key.as_deref())
             }
             Command::Assign { assignments } => {
                 let count = assignments.iter().filter(|a| self.assign(at, a)).count();
@@ -115,7 +129,7 @@ impl JobStateMachine {
 
     fn submit(
         &mut self,
-        index: u64,
+        seq: u64,
         at: u64,
         id: JobId,
         request: &JobRequest,
@@ -159,7 +173,7 @@ impl JobStateMachine {
             attempt: 0,
             progress: Progress { step: 0, steps: request.steps },
             error: None,
-            seq: index,
+            seq,
             submitted_at_ms: at,
             assigned_at_ms: None,
             started_at_ms: None,
@@ -170,7 +184,7 @@ impl JobStateMachine {
         };
         job.push_event(at, EventKind::Submitted);
         self.queue.insert(queue_key(&job), id);
-        self.by_seq.insert(index, id);
+        self.by_seq.insert(seq, id);
         if let Some(key) = key {
             self.idempotency.insert(key.to_string(), id);
         }

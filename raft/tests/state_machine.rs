@@ -717,7 +717,7 @@ impl Observer {
                 if !created || job.state != JobState::Queued || job.attempt != 0 || job.history.len() != 1 {
                     return Err(format!("{id} appeared: {:?} after {resp:?}", job.state));
                 }
-                if job.seq != index {
+                if job.seq != index * raftgen_raft::command::MAX_BATCH_COMMANDS as u64 {
                     return Err(format!("{id}: seq {} for index {index}", job.seq));
                 }
                 *self.generation.entry(*id).or_default() += 1;

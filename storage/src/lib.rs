@@ -3,8 +3,9 @@
 //! snapshots (and rebuilt by replaying the log after the last one).
 //!
 //! Durability contract (see README, "Durability"):
-//! - `append` calls the `LogFlushed` callback only after `flush_async()` of the
-//!   whole batch (group commit: one flush per batch, not per entry);
+//! - `append` calls the `LogFlushed` callback only after a sled `flush()` of the
+//!   whole batch (group commit: one flush per batch, not per entry, and one
+//!   flush for all batches and votes that wait at the same time: see `flusher`);
 //! - `save_vote`, `truncate` and `purge` return only after a flush;
 //! - `last_purged_log_id` is persisted before the entries are removed;
 //! - the state machine and its applied log id live in one in-memory value that
@@ -13,6 +14,7 @@
 //! One sled database holds everything, so one flush covers log, vote and
 //! snapshot alike.
 
+mod flusher;
 mod log_store;
 mod state_machine;
 
@@ -30,8 +32,9 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), std::io::Error>
         .flush_every_ms(Some(500))
         .open()
         .map_err(std::io::Error::other)?;
-    let log = LogStore::new(db.clone())?;
-    let sm = StateMachineStore::new(db)?;
+    let flusher = flusher::Flusher::start(db.clone())?;
+    let log = LogStore::new(db.clone(), flusher.clone())?;
+    let sm = StateMachineStore::new(db, flusher)?;
     Ok((log, sm))
 }
 

@@ -18,6 +18,7 @@ const KEY_LAST_PURGED: &[u8] = b"last_purged";
 #[derive(Clone)]
 pub struct LogStore {
     db: sled::Db,
+    flusher: crate::flusher::Flusher,
     logs: sled::Tree,
     meta: sled::Tree,
 }
@@ -35,10 +36,10 @@ fn write_err(subject: ErrorSubject<NodeId>, e: impl std::fmt::Display) -> Storag
 }
 
 impl LogStore {
-    pub(crate) fn new(db: sled::Db) -> Result<Self, std::io::Error> {
+    pub(crate) fn new(db: sled::Db, flusher: crate::flusher::Flusher) -> Result<Self, std::io::Error> {
         let logs = db.open_tree("logs").map_err(crate::io_err)?;
         let meta = db.open_tree("meta").map_err(crate::io_err)?;
-        Ok(LogStore { db, logs, meta })
+        Ok(LogStore { db, flusher, logs, meta })
     }
 
     // openraft's own error type; boxing it here would only be unboxed again.
@@ -59,7 +60,7 @@ impl LogStore {
     }
 
     async fn flush(&self) -> Result<(), StorageError<NodeId>> {
-        self.db.flush_async().await.map_err(|e| write_err(ErrorSubject::Logs, e))?;
+        self.flusher.flush().await.map_err(|e| write_err(ErrorSubject::Logs, e))?;
         Ok(())
     }
 
@@ -141,13 +142,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let mut batch = sled::Batch::default();
+        let mut n = 0;
         for entry in entries {
+            n += 1;
             let bytes = codec::encode(&entry).map_err(|e| write_err(ErrorSubject::Logs, e))?;
             batch.insert(&key(entry.log_id.index), bytes);
         }
         self.logs.apply_batch(batch).map_err(|e| write_err(ErrorSubject::Logs, e))?;
+        tracing::trace!(entries = n, "append");
         // Group commit: one flush for the whole batch, then acknowledge.
-        let flushed = self.db.flush_async().await.map(|_| ()).map_err(crate::io_err);
+        let flushed = self.flusher.flush().await;
         let failed = flushed.as_ref().err().map(|e| write_err(ErrorSubject::Logs, e));
         callback.log_io_completed(flushed);
         failed.map_or(Ok(()), Err)

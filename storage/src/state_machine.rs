@@ -41,6 +41,7 @@ struct StoredSnapshot {
 
 struct Shared {
     db: sled::Db,
+    flusher: crate::flusher::Flusher,
     snapshots: sled::Tree,
     data: RwLock<SmData>,
     /// The last applied log index, for anyone waiting on a change.
@@ -71,7 +72,7 @@ fn sm_err(verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError<NodeId> {
 }
 
 impl StateMachineStore {
-    pub(crate) fn new(db: sled::Db) -> Result<Self, std::io::Error> {
+    pub(crate) fn new(db: sled::Db, flusher: crate::flusher::Flusher) -> Result<Self, std::io::Error> {
         let snapshots = db.open_tree("snapshot").map_err(crate::io_err)?;
         let (data, persisted) = match snapshots.get(KEY_SNAPSHOT).map_err(crate::io_err)? {
             Some(bytes) => {
@@ -86,6 +87,7 @@ impl StateMachineStore {
         Ok(StateMachineStore {
             shared: Arc::new(Shared {
                 db,
+                flusher,
                 snapshots,
                 data: RwLock::new(data),
                 applied,
@@ -112,7 +114,7 @@ impl StateMachineStore {
             self.shared.snapshots.insert(KEY_SNAPSHOT, bytes).map_err(|e| sm_err(ErrorVerb::Write, e))?;
             *persisted = stored.meta.last_log_id;
         }
-        self.shared.db.flush_async().await.map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        self.shared.flusher.flush().await.map_err(|e| sm_err(ErrorVerb::Write, e))?;
         Ok(())
     }
 }
@@ -179,7 +181,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 out.push(match entry.payload {
                     EntryPayload::Blank => Response::Ok,
                     EntryPayload::Normal(ref req) => {
-                        bytes += approx_size(req);
+                        bytes += req.cmd.approx_bytes();
                         data.jobs.apply(entry.log_id.index, req)
                     }
                     EntryPayload::Membership(ref m) => {
@@ -222,15 +224,5 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         };
         let stored: StoredSnapshot = codec::decode(&bytes).map_err(|e| sm_err(ErrorVerb::Read, e))?;
         Ok(Some(Snapshot { meta: stored.meta, snapshot: Box::new(Cursor::new(stored.data)) }))
-    }
-}
-
-/// The size that matters for snapshot-by-size: result images dominate.
-fn approx_size(req: &raftgen_raft::Request) -> u64 {
-    match &req.cmd {
-        raftgen_raft::Command::Complete { outcome: raftgen_raft::command::Outcome::Succeeded { png }, .. } => {
-            png.len() as u64 + 64
-        }
-        _ => 256,
     }
 }

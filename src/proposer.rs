@@ -1,0 +1,97 @@
+//! Leader-side group commit: concurrent commands share log entries.
+//!
+//! openraft 0.9 appends one entry per `client_write` and waits for that
+//! append's flush before taking the next, so a leader proposing commands one by
+//! one commits at most one command per disk flush. The proposer collects the
+//! commands that arrive while earlier entries are in flight and proposes them
+//! as one [`Command::Batch`], keeping at most [`MAX_IN_FLIGHT`] entries in
+//! flight. Each caller still gets its own response, only after the entry is
+//! committed by a quorum and applied.
+
+use raftgen_raft::command::MAX_BATCH_COMMANDS;
+use raftgen_raft::{Command, Raft, Request, Response};
+use openraft::error::{ClientWriteError, RaftError};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+
+use crate::app::{now_ms, ForwardReject};
+
+/// Log entries proposed but not yet committed, at most.
+const MAX_IN_FLIGHT: usize = 4;
+/// A batch stops growing past this many bytes (result images are large).
+const MAX_BATCH_BYTES: u64 = 8 << 20;
+/// Commands waiting for a batch, at most; callers wait for room beyond it.
+const MAX_QUEUED_COMMANDS: usize = 65_536;
+
+type Reply = oneshot::Sender<Result<Response, ForwardReject>>;
+
+#[derive(Clone)]
+pub struct Proposer {
+    tx: mpsc::Sender<(Command, Reply)>,
+}
+
+impl Proposer {
+    pub fn start(raft: Raft) -> Self {
+        let (tx, rx) = mpsc::channel(MAX_QUEUED_COMMANDS);
+        tokio::spawn(run(raft, rx));
+        Proposer { tx }
+    }
+
+    /// Proposes `cmd` (already stamped) and waits for its own response.
+    pub async fn propose(&self, cmd: Command) -> Result<Response, ForwardReject> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send((cmd, reply)).await.map_err(|_| ForwardReject::Fatal("proposer stopped".into()))?;
+        rx.await.map_err(|_| ForwardReject::Fatal("proposer stopped".into()))?
+    }
+}
+
+async fn run(raft: Raft, mut rx: mpsc::Receiver<(Command, Reply)>) {
+    let mut in_flight = JoinSet::new();
+    loop {
+        while in_flight.len() >= MAX_IN_FLIGHT {
+            in_flight.join_next().await;
+        }
+        let first = tokio::select! {
+            next = rx.recv() => match next { Some(p) => p, None => break },
+            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => continue,
+        };
+        let mut bytes = first.0.approx_bytes();
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH_COMMANDS && bytes < MAX_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(p) => {
+                    bytes += p.0.approx_bytes();
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        in_flight.spawn(commit(raft.clone(), batch));
+    }
+}
+
+async fn commit(raft: Raft, batch: Vec<(Command, Reply)>) {
+    let (mut cmds, replies): (Vec<Command>, Vec<Reply>) = batch.into_iter().unzip();
+    let single = cmds.len() == 1;
+    let cmd = if single { cmds.pop().expect("one command") } else { Command::Batch(cmds) };
+    let result = raft.client_write(Request { at_ms: now_ms(), cmd }).await;
+    let answers: Vec<Result<Response, ForwardReject>> = match result {
+        Ok(r) => match r.data {
+            Response::Batch(responses) if !single && responses.len() == replies.len() => {
+                responses.into_iter().map(Ok).collect()
+            }
+            response if single => vec![Ok(response)],
+            other => {
+                let msg = format!("batch answered with {other:?}");
+                replies.iter().map(|_| Err(ForwardReject::Fatal(msg.clone()))).collect()
+            }
+        },
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+            replies.iter().map(|_| Err(ForwardReject::NotLeader { leader: f.leader_id })).collect()
+        }
+        Err(e) => replies.iter().map(|_| Err(ForwardReject::Fatal(e.to_string()))).collect(),
+    };
+    for (reply, answer) in replies.into_iter().zip(answers) {
+        let _ = reply.send(answer);
+    }
+}
