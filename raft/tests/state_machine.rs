@@ -796,6 +796,9 @@ impl Observer {
             }
         };
         match cmd {
+            Command::Batch(_) => {
+                return Err("the random driver applies commands one by one; batches have their own test".into())
+            }
             Command::Submit {
                 id,
                 request,
@@ -2014,4 +2017,72 @@ fn queue_is_highest_priority_first_then_fifo() {
     );
     h.requeue(JobId(2), 1);
     assert_eq!(h.sm.queued().map(|j| j.id.0).collect::<Vec<_>>(), order);
+}
+
+/// A batch (the leader's group commit) acts exactly like its commands applied
+/// one after another: the same responses, the same jobs (apart from `seq`, the
+/// submission order, which keeps the same relative order), the same images.
+#[test]
+fn batches_apply_like_their_commands_in_sequence() {
+    for seed in 0..60 {
+        let mut gen = Gen::new(10_000 + seed);
+        let mut one_by_one = JobStateMachine::default();
+        let mut batched = JobStateMachine::default();
+        let config = Command::Configure(gen.small_config());
+        one_by_one.apply(1, &Request { at_ms: 1, cmd: config.clone() });
+        batched.apply(1, &Request { at_ms: 1, cmd: config });
+        let mut single_index = 1;
+        for entry in 2..80u64 {
+            let size = 1 + (entry as usize * 7 + seed as usize) % 9;
+            let at_ms = 1_000 + entry;
+            let mut cmds = Vec::new();
+            let mut expected = Vec::new();
+            for _ in 0..size {
+                let cmd = gen.command(&one_by_one);
+                single_index += 1;
+                expected.push(one_by_one.apply(single_index, &Request { at_ms, cmd: cmd.clone() }));
+                cmds.push(cmd);
+            }
+            let resp = batched.apply(entry, &Request { at_ms, cmd: Command::Batch(cmds) });
+            let no_seq = |r: Response| match r {
+                Response::Submitted { mut job, created } => {
+                    job.seq = 0;
+                    Response::Submitted { job, created }
+                }
+                other => other,
+            };
+            let Response::Batch(got) = resp else { panic!("seed {seed}: a batch answered {resp:?}") };
+            let got: Vec<Response> = got.into_iter().map(no_seq).collect();
+            let expected: Vec<Response> = expected.into_iter().map(no_seq).collect();
+            assert_eq!(got, expected, "seed {seed} entry {entry}");
+            batched.check_invariants().unwrap_or_else(|e| panic!("seed {seed} entry {entry}: {e}"));
+            let strip = |sm: &JobStateMachine| -> Vec<(Job, Option<Vec<u8>>)> {
+                let mut jobs: Vec<Job> = all_jobs(sm).into_values().collect();
+                jobs.sort_by_key(|j| j.seq);
+                jobs.into_iter()
+                    .map(|mut j| {
+                        let image = sm.image(&j.id).map(<[u8]>::to_vec);
+                        j.seq = 0;
+                        (j, image)
+                    })
+                    .collect()
+            };
+            assert_eq!(strip(&batched), strip(&one_by_one), "seed {seed} entry {entry}");
+            let order = |sm: &JobStateMachine| sm.queued().map(|j| j.id).collect::<Vec<_>>();
+            assert_eq!(order(&batched), order(&one_by_one), "seed {seed}: queue order differs");
+        }
+    }
+}
+
+#[test]
+fn nested_or_oversized_batches_are_rejected_without_effect() {
+    let mut sm = JobStateMachine::default();
+    let nested = Command::Batch(vec![Command::Batch(vec![])]);
+    let resp = sm.apply(1, &Request { at_ms: 1, cmd: nested });
+    assert!(matches!(&resp, Response::Batch(r) if matches!(r[0], Response::Rejected(Rejection::Invalid(_)))));
+    let cancel = Command::Cancel { job: JobId(7) };
+    let big = Command::Batch(vec![cancel; raftgen_raft::command::MAX_BATCH_COMMANDS + 1]);
+    let resp = sm.apply(2, &Request { at_ms: 1, cmd: big });
+    assert!(matches!(resp, Response::Rejected(Rejection::Invalid(_))), "{resp:?}");
+    assert_eq!(sm, JobStateMachine::default());
 }
