@@ -13,10 +13,13 @@ use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
-type Waiter = oneshot::Sender<Result<(), Arc<sled::Error>>>;
+/// A flush request carries the database handle, so the thread holds none while
+/// idle and a closed store releases sled's directory lock at once.
+type Waiter = (sled::Db, oneshot::Sender<Result<(), Arc<sled::Error>>>);
 
 #[derive(Clone)]
 pub(crate) struct Flusher {
+    db: sled::Db,
     tx: mpsc::Sender<Waiter>,
 }
 
@@ -24,22 +27,23 @@ impl Flusher {
     pub(crate) fn start(db: sled::Db) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Waiter>();
         std::thread::Builder::new().name("raftgen-flush".into()).spawn(move || {
-            while let Ok(first) = rx.recv() {
+            while let Ok((db, first)) = rx.recv() {
                 let mut waiters = vec![first];
-                waiters.extend(rx.try_iter());
+                waiters.extend(rx.try_iter().map(|(_, w)| w));
                 let result = db.flush().map(|_| ()).map_err(Arc::new);
+                drop(db);
                 for w in waiters {
                     let _ = w.send(result.clone());
                 }
             }
         })?;
-        Ok(Flusher { tx })
+        Ok(Flusher { db, tx })
     }
 
     /// Resolves once every write made before this call is on disk.
     pub(crate) async fn flush(&self) -> Result<(), std::io::Error> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(tx).map_err(|_| std::io::Error::other("flusher stopped"))?;
+        self.tx.send((self.db.clone(), tx)).map_err(|_| std::io::Error::other("flusher stopped"))?;
         match rx.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(std::io::Error::other(e.to_string())),
