@@ -126,6 +126,12 @@ pub struct NodeArgs {
     pub max_attempts: u32,
     #[arg(long, default_value_t = 64 << 20)]
     pub snapshot_max_bytes: u64,
+    /// Snapshot once this many log entries were applied since the last one.
+    #[arg(long, default_value_t = 20_000)]
+    pub snapshot_logs: u64,
+    /// Log entries kept behind a snapshot (for followers that lag a little).
+    #[arg(long, default_value_t = 1_000)]
+    pub snapshot_keep_logs: u64,
     #[arg(long, default_value_t = 25)]
     pub heartbeat_interval_ms: u64,
     #[arg(long, default_value_t = 50)]
@@ -208,6 +214,8 @@ impl NodeArgs {
                 drain_timeout_ms: self.drain_timeout_ms,
                 max_body_bytes: self.max_body_bytes,
                 snapshot_max_bytes: self.snapshot_max_bytes,
+                snapshot_logs: self.snapshot_logs,
+                snapshot_keep_logs: self.snapshot_keep_logs,
                 cluster: ClusterConfig {
                     max_queue_depth: self.max_queue_depth,
                     max_results: self.max_results,

@@ -22,6 +22,11 @@ pub struct NodeSettings {
     pub max_body_bytes: usize,
     /// Snapshot once this many bytes of commands were applied since the last one.
     pub snapshot_max_bytes: u64,
+    /// Snapshot once this many log entries were applied since the last one.
+    pub snapshot_logs: u64,
+    /// Log entries kept behind a snapshot, so a follower that lags a little
+    /// catches up from the log instead of a snapshot.
+    pub snapshot_keep_logs: u64,
     /// Cluster-wide limits this node writes to the log when it leads.
     pub cluster: ClusterConfig,
     pub heartbeat_interval_ms: u64,
@@ -46,8 +51,8 @@ impl NodeSettings {
             election_timeout_max: self.election_timeout_max_ms,
             install_snapshot_timeout: 5_000,
             max_payload_entries: 256,
-            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(20_000),
-            max_in_snapshot_log_to_keep: 1_000,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_logs),
+            max_in_snapshot_log_to_keep: self.snapshot_keep_logs,
             ..Default::default()
         }
     }

@@ -55,25 +55,43 @@ impl LocalCluster {
         };
         let first = format!("http://127.0.0.1:{}", ports[0]);
         for (i, port) in (1..=n).zip(ports) {
-            let mut args: Vec<String> = vec![
-                "node".into(),
-                "--id".into(),
-                i.to_string(),
-                "--listen".into(),
-                format!("127.0.0.1:{port}"),
-                "--data".into(),
-                dir.join(format!("n{i}")).display().to_string(),
-            ];
-            if i == 1 {
-                args.push("--init".into());
-            } else {
-                args.extend(["--join".into(), first.clone()]);
-            }
-            args.extend(extra.iter().map(|s| s.to_string()));
-            cluster.nodes.push(NodeProc { id: i, port, args, child: None });
-            cluster.spawn(i)?;
+            let join = (i != 1).then_some(first.as_str());
+            cluster.push_node(i, port, join, extra)?;
         }
         Ok(cluster)
+    }
+
+    /// Adds node `id` to the running cluster: started on a free port with
+    /// `--join` node `join_via` (and `extra` on its command line).
+    pub fn add_node(&mut self, id: u64, join_via: u64, extra: &[&str]) -> anyhow::Result<()> {
+        if self.nodes.iter().any(|n| n.id == id) {
+            bail!("node {id} already exists");
+        }
+        if !self.nodes.iter().any(|n| n.id == join_via) {
+            bail!("no node {join_via} to join through");
+        }
+        let join = self.url(join_via);
+        self.push_node(id, free_port()?, Some(&join), extra)
+    }
+
+    /// Records node `id` with its command line (`--init` without `join`) and starts it.
+    fn push_node(&mut self, id: u64, port: u16, join: Option<&str>, extra: &[&str]) -> anyhow::Result<()> {
+        let mut args: Vec<String> = vec![
+            "node".into(),
+            "--id".into(),
+            id.to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--data".into(),
+            self.dir.join(format!("n{id}")).display().to_string(),
+        ];
+        match join {
+            None => args.push("--init".into()),
+            Some(url) => args.extend(["--join".into(), url.to_string()]),
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        self.nodes.push(NodeProc { id, port, args, child: None });
+        self.spawn(id)
     }
 
     fn node(&mut self, id: u64) -> &mut NodeProc {
