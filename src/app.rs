@@ -11,8 +11,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use raftgen_raft::network::{PeerHealth, SECRET_HEADER};
-use raftgen_raft::{codec, Command, NodeId, Raft, Response};
+use raftgen_raft::network::PeerHealth;
+use raftgen_raft::{Command, NodeId, Raft, Response};
 use raftgen_storage::StateView;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -20,7 +20,8 @@ use tokio::sync::watch;
 use crate::config::NodeSettings;
 use crate::executor::Executor;
 
-/// Internal endpoint where followers forward commands to the leader.
+/// Internal endpoint where followers forward commands to the leader: a list
+/// of commands in, a list of `Result<Response, ForwardReject>` out (bincode).
 pub const PATH_FORWARD: &str = "/raft/write";
 
 /// The node's shared context.
@@ -38,6 +39,8 @@ pub struct App {
     pub secret: Arc<str>,
     /// Leader-side group commit of proposals.
     pub proposer: crate::proposer::Proposer,
+    /// Follower-side batching of forwarded commands.
+    pub forwarder: crate::forwarder::Forwarder,
     /// Becomes true once, when the node starts shutting down.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -90,7 +93,7 @@ impl App {
         loop {
             let leader = self.leader();
             let attempt = tokio::select! {
-                a = self.try_once(leader.clone(), &cmd, deadline) => a,
+                a = self.try_once(leader.clone(), &cmd) => a,
                 _ = leader_changed(&mut server, leader.as_ref().map(|l| l.0)) => Attempt::Retry,
                 _ = tokio::time::sleep_until(deadline.into()) => Attempt::Retry,
             };
@@ -114,7 +117,7 @@ impl App {
         }
     }
 
-    async fn try_once(&self, leader: Option<(NodeId, String)>, cmd: &Command, deadline: Instant) -> Attempt {
+    async fn try_once(&self, leader: Option<(NodeId, String)>, cmd: &Command) -> Attempt {
         match leader {
             None => Attempt::Retry,
             Some((id, _)) if id == self.id => match self.propose_local(cmd.clone()).await {
@@ -125,7 +128,7 @@ impl App {
                     Attempt::Retry
                 }
             },
-            Some((id, addr)) => match self.forward(&addr, cmd, deadline).await {
+            Some((id, addr)) => match self.forwarder.forward(&addr, cmd.clone()).await {
                 Ok(Ok(resp)) => Attempt::Done(resp),
                 Ok(Err(reject)) => {
                     tracing::debug!("leader {id} did not take the write: {reject:?}");
@@ -152,30 +155,6 @@ impl App {
         }
         // The proposer stamps the leader's clock on the entry (`Request::at_ms`).
         self.proposer.propose(cmd).await
-    }
-
-    async fn forward(
-        &self,
-        addr: &str,
-        cmd: &Command,
-        deadline: Instant,
-    ) -> Result<Result<Response, ForwardReject>, String> {
-        let body = codec::encode(cmd).map_err(|e| e.to_string())?;
-        let timeout = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-        let resp = self
-            .client
-            .post(format!("http://{addr}{PATH_FORWARD}"))
-            .header(SECRET_HEADER, &*self.secret)
-            .timeout(timeout)
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
-        if !resp.status().is_success() {
-            return Err(format!("HTTP {}", resp.status()));
-        }
-        let bytes = resp.bytes().await.map_err(|e| e.to_string())?;
-        codec::decode(&bytes).map_err(|e| e.to_string())
     }
 }
 

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod executor;
+pub mod forwarder;
 pub mod host;
 pub mod http;
 pub mod local;

@@ -71,9 +71,10 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
         settings: opts.settings.clone(),
         health,
         executor: opts.executor.clone(),
-        client,
+        client: client.clone(),
         secret: opts.secret.clone().into(),
         proposer: crate::proposer::Proposer::start(raft.clone()),
+        forwarder: crate::forwarder::Forwarder::start(client.clone(), opts.secret.clone().into()),
         shutdown: shutdown_rx,
     });
 

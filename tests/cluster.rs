@@ -158,15 +158,22 @@ async fn leader_sigkill_loses_nothing_and_duplicates_nothing() {
     }
 }
 
-/// Posts a command to a node's internal write endpoint, as an executor would.
+/// Posts a command to a node's internal write endpoint, as a forwarding
+/// follower would (a batch of one).
 async fn internal_write(url: &str, secret: &str, cmd: &Command) -> reqwest::Response {
     reqwest::Client::new()
         .post(format!("{url}/raft/write"))
         .header(SECRET_HEADER, secret)
-        .body(codec::encode(cmd).unwrap())
+        .body(codec::encode(&vec![cmd]).unwrap())
         .send()
         .await
         .unwrap()
+}
+
+fn one_answer(bytes: &[u8]) -> Result<Response, raftgen::app::ForwardReject> {
+    let mut answers: Vec<Result<Response, raftgen::app::ForwardReject>> = codec::decode(bytes).unwrap();
+    assert_eq!(answers.len(), 1);
+    answers.pop().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -206,19 +213,19 @@ async fn idempotency_key_stale_completion_and_bad_input() {
     };
     let resp = internal_write(&cluster.url(leader), &cluster.secret, &stale).await;
     assert!(resp.status().is_success());
-    let answer: Result<Response, raftgen::app::ForwardReject> = codec::decode(&resp.bytes().await.unwrap()).unwrap();
+    let answer = one_answer(&resp.bytes().await.unwrap());
     match answer {
         Ok(Response::Rejected(Rejection::StaleAttempt { .. })) => {}
         other => panic!("a stale completion was not rejected: {other:?}"),
     }
     // A follower does not propose; it names the leader (the forwarding node retries there).
     let resp = internal_write(&cluster.url(follower), &cluster.secret, &stale).await;
-    let answer: Result<Response, raftgen::app::ForwardReject> = codec::decode(&resp.bytes().await.unwrap()).unwrap();
+    let answer = one_answer(&resp.bytes().await.unwrap());
     assert!(matches!(answer, Err(raftgen::app::ForwardReject::NotLeader { leader: Some(l) }) if l == leader));
     // An older attempt number is rejected too.
     let older = Command::Complete { job: job_id, node, attempt: attempt - 1, outcome: Outcome::Failed { error: "x".into() } };
     let resp = internal_write(&cluster.url(leader), &cluster.secret, &older).await;
-    let answer: Result<Response, raftgen::app::ForwardReject> = codec::decode(&resp.bytes().await.unwrap()).unwrap();
+    let answer = one_answer(&resp.bytes().await.unwrap());
     assert!(matches!(answer, Ok(Response::Rejected(Rejection::StaleAttempt { .. }))), "{answer:?}");
     // The rejections are on record and the result is untouched.
     let job = cluster.client(leader).get(&format!("/v1/jobs/{id}")).await.unwrap();

@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
 use raftgen_raft::network::{PATH_APPEND, PATH_SNAPSHOT, PATH_VOTE};
+use raftgen_raft::command::MAX_BATCH_COMMANDS;
 use raftgen_raft::{codec, Command};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -58,8 +59,12 @@ async fn snapshot(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) 
     Ok(encoded(&app.raft.install_snapshot(req).await))
 }
 
-/// A follower forwards a command; we propose it if we lead, or say who does.
+/// A follower forwards commands; we propose them if we lead, or say who does.
 async fn forward(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
-    let cmd: Command = decode_req(&app, &headers, &body)?;
-    Ok(encoded(&app.propose_local(cmd).await))
+    let cmds: Vec<Command> = decode_req(&app, &headers, &body)?;
+    if cmds.len() > MAX_BATCH_COMMANDS {
+        return Err(ApiError::field("body", format!("more than {MAX_BATCH_COMMANDS} commands")));
+    }
+    let answers = futures_util::future::join_all(cmds.into_iter().map(|cmd| app.propose_local(cmd))).await;
+    Ok(encoded(&answers))
 }

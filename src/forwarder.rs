@@ -1,0 +1,118 @@
+//! Follower-side batching of forwarded writes.
+//!
+//! Every client request a follower receives becomes a command for the leader.
+//! Sending each in its own HTTP request would cost the leader one request per
+//! command; instead the forwarder groups the commands waiting at the same time
+//! into one `POST /raft/write` (a list of commands in, a list of answers out),
+//! with a few batches in flight per leader. Commands are idempotent under
+//! retry, so a batch that fails as a whole is simply retried by each caller.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use raftgen_raft::command::MAX_BATCH_COMMANDS;
+use raftgen_raft::network::SECRET_HEADER;
+use raftgen_raft::{codec, Command, Response};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+
+use crate::app::{ForwardReject, PATH_FORWARD};
+
+/// Batches in flight, at most, from this node.
+const MAX_IN_FLIGHT: usize = 8;
+/// A batch stops growing past this many bytes (result images are large).
+const MAX_BATCH_BYTES: u64 = 8 << 20;
+/// Longest one forwarded batch may take; callers have their own deadlines.
+const FORWARD_TIMEOUT_MS: u64 = 10_000;
+/// Commands waiting for a batch, at most; callers wait for room beyond it.
+const MAX_QUEUED_COMMANDS: usize = 65_536;
+
+/// The leader's answer to one forwarded command, or why there is none.
+pub type Forwarded = Result<Result<Response, ForwardReject>, String>;
+type Reply = oneshot::Sender<Forwarded>;
+
+#[derive(Clone)]
+pub struct Forwarder {
+    tx: mpsc::Sender<(String, Command, Reply)>,
+}
+
+impl Forwarder {
+    pub fn start(client: reqwest::Client, secret: Arc<str>) -> Self {
+        let (tx, rx) = mpsc::channel(MAX_QUEUED_COMMANDS);
+        tokio::spawn(run(client, secret, rx));
+        Forwarder { tx }
+    }
+
+    /// Sends `cmd` to the leader at `addr` and waits for its answer.
+    pub async fn forward(&self, addr: &str, cmd: Command) -> Forwarded {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send((addr.to_string(), cmd, reply)).await.map_err(|_| "forwarder stopped".to_string())?;
+        rx.await.map_err(|_| "forwarder stopped".to_string())?
+    }
+}
+
+async fn run(client: reqwest::Client, secret: Arc<str>, mut rx: mpsc::Receiver<(String, Command, Reply)>) {
+    let mut in_flight = JoinSet::new();
+    loop {
+        while in_flight.len() >= MAX_IN_FLIGHT {
+            in_flight.join_next().await;
+        }
+        let first = tokio::select! {
+            next = rx.recv() => match next { Some(p) => p, None => break },
+            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => continue,
+        };
+        let mut bytes = first.1.approx_bytes();
+        let mut by_leader: HashMap<String, Vec<(Command, Reply)>> = HashMap::new();
+        by_leader.entry(first.0).or_default().push((first.1, first.2));
+        let mut count = 1;
+        while count < MAX_BATCH_COMMANDS && bytes < MAX_BATCH_BYTES {
+            let Ok((addr, cmd, reply)) = rx.try_recv() else { break };
+            bytes += cmd.approx_bytes();
+            count += 1;
+            by_leader.entry(addr).or_default().push((cmd, reply));
+        }
+        for (addr, batch) in by_leader {
+            in_flight.spawn(send(client.clone(), secret.clone(), addr, batch));
+        }
+    }
+}
+
+async fn send(client: reqwest::Client, secret: Arc<str>, addr: String, batch: Vec<(Command, Reply)>) {
+    let (cmds, replies): (Vec<Command>, Vec<Reply>) = batch.into_iter().unzip();
+    let answers = post(&client, &secret, &addr, &cmds).await;
+    match answers {
+        Ok(answers) if answers.len() == replies.len() => {
+            for (reply, answer) in replies.into_iter().zip(answers) {
+                let _ = reply.send(Ok(answer));
+            }
+        }
+        Ok(answers) => {
+            let e = format!("leader answered {} of {} commands", answers.len(), replies.len());
+            replies.into_iter().for_each(|r| drop(r.send(Err(e.clone()))));
+        }
+        Err(e) => replies.into_iter().for_each(|r| drop(r.send(Err(e.clone())))),
+    }
+}
+
+async fn post(
+    client: &reqwest::Client,
+    secret: &str,
+    addr: &str,
+    cmds: &[Command],
+) -> Result<Vec<Result<Response, ForwardReject>>, String> {
+    let body = codec::encode(cmds).map_err(|e| e.to_string())?;
+    let resp = client
+        .post(format!("http://{addr}{PATH_FORWARD}"))
+        .header(SECRET_HEADER, secret)
+        .timeout(Duration::from_millis(FORWARD_TIMEOUT_MS))
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if !resp.status().is_success() {
+        return Err(format!("HTTP {}", resp.status()));
+    }
+    let bytes = resp.bytes().await.map_err(|e| e.to_string())?;
+    codec::decode(&bytes).map_err(|e| e.to_string())
+}
