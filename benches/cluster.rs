@@ -57,10 +57,15 @@ async fn load(urls: &[String], clients: usize, secs: u64, name: String) -> Phase
         tasks.push(tokio::spawn(async move {
             let (mut lat, mut errors, mut n) = (Vec::new(), 0usize, 0u64);
             while !stop.load(Ordering::Relaxed) {
-                let body = json!({ "prompt": format!("bench {c} {n}"), "width": 64, "height": 64, "steps": 1 });
+                let body = format!(r#"{{"prompt":"bench {c} {n}","width":64,"height":64,"steps":1}}"#);
                 n += 1;
                 let t = Instant::now();
-                match http.post(&url).header("idempotency-key", format!("b-{c}-{n}")).json(&body).send().await {
+                let req = http
+                    .post(&url)
+                    .header("idempotency-key", format!("b-{c}-{n}"))
+                    .header("content-type", "application/json")
+                    .body(body);
+                match req.send().await {
                     Ok(r) if r.status() == 202 => lat.push(t.elapsed()),
                     _ => errors += 1,
                 }
@@ -82,10 +87,29 @@ async fn load(urls: &[String], clients: usize, secs: u64, name: String) -> Phase
     phase
 }
 
+/// The leader, once all three nodes agree on it and it says so itself.
+async fn settled_leader(cluster: &LocalCluster) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut views = Vec::new();
+        for i in 1..=3 {
+            views.push(cluster.leader(i).await.ok());
+        }
+        if let Some(Some(l)) = views.first() {
+            if views.iter().all(|v| *v == Some(*l)) {
+                return *l;
+            }
+        }
+        assert!(Instant::now() < deadline, "no settled leader: {views:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn failover_trial(cluster: &mut LocalCluster) -> Duration {
-    let leader = cluster.wait_ready(1, 3, 0, Duration::from_secs(30)).await.unwrap();
-    // Let every follower be fully caught up and healthy before the kill.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.wait_ready(1, 3, 0, Duration::from_secs(30)).await.unwrap();
+    // Let the restarted node catch up and the leadership settle before the kill.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let leader = settled_leader(cluster).await;
     let follower = (1..=3).find(|i| *i != leader).unwrap();
     let client = cluster.client(follower);
     client.submit(&json!({ "prompt": "warm-up" }), None).await.unwrap();
@@ -101,7 +125,8 @@ async fn failover_trial(cluster: &mut LocalCluster) -> Duration {
     took
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+// One client thread: the clients share the 2 cores with the three nodes.
+#[tokio::main(flavor = "current_thread")]
 async fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo test --benches` lists benchmarks; this one has no unit tests.
