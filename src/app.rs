@@ -41,6 +41,8 @@ pub struct App {
     pub proposer: crate::proposer::Proposer,
     /// Follower-side batching of forwarded commands.
     pub forwarder: crate::forwarder::Forwarder,
+    /// Keeps this node from standing for election while it receives a snapshot.
+    pub snapshot_guard: crate::snapshot_guard::SnapshotGuard,
     /// Becomes true once, when the node starts shutting down.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -159,7 +161,10 @@ impl App {
 }
 
 /// Resolves when the known leader is no longer `leader`.
-async fn leader_changed(server: &mut watch::Receiver<openraft::metrics::RaftServerMetrics<NodeId, openraft::BasicNode>>, leader: Option<NodeId>) {
+async fn leader_changed(
+    server: &mut watch::Receiver<openraft::metrics::RaftServerMetrics<NodeId, openraft::BasicNode>>,
+    leader: Option<NodeId>,
+) {
     loop {
         if server.borrow_and_update().current_leader != leader {
             return;

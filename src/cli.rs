@@ -261,12 +261,14 @@ impl Client {
     }
 
     pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
-        let resp = self.http.get(self.url(path)).send().await.with_context(|| format!("cannot reach {}", self.server))?;
+        let resp =
+            self.http.get(self.url(path)).send().await.with_context(|| format!("cannot reach {}", self.server))?;
         Ok(Self::check(resp).await?.json().await?)
     }
 
     pub async fn get_bytes(&self, path: &str) -> anyhow::Result<Vec<u8>> {
-        let resp = self.http.get(self.url(path)).send().await.with_context(|| format!("cannot reach {}", self.server))?;
+        let resp =
+            self.http.get(self.url(path)).send().await.with_context(|| format!("cannot reach {}", self.server))?;
         Ok(Self::check(resp).await?.bytes().await?.to_vec())
     }
 
@@ -289,7 +291,12 @@ impl Client {
     }
 
     /// Polls a job until it is terminal, calling `on_update` on each change.
-    pub async fn wait_job(&self, id: &str, timeout: Duration, mut on_update: impl FnMut(&Value)) -> anyhow::Result<Value> {
+    pub async fn wait_job(
+        &self,
+        id: &str,
+        timeout: Duration,
+        mut on_update: impl FnMut(&Value),
+    ) -> anyhow::Result<Value> {
         let deadline = Instant::now() + timeout;
         let mut last = Value::Null;
         loop {

@@ -50,7 +50,10 @@ impl NodeSettings {
             election_timeout_min: self.election_timeout_min_ms,
             election_timeout_max: self.election_timeout_max_ms,
             install_snapshot_timeout: 5_000,
-            max_payload_entries: 256,
+            // Each entry is already a batch of up to 1,024 commands (see
+            // `proposer`); keeping RPCs small keeps them inside openraft's
+            // AppendEntries deadline of one heartbeat interval.
+            max_payload_entries: 16,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_logs),
             max_in_snapshot_log_to_keep: self.snapshot_keep_logs,
             ..Default::default()

@@ -22,7 +22,7 @@ use crate::app::{ForwardReject, PATH_FORWARD};
 /// Batches in flight, at most, from this node.
 const MAX_IN_FLIGHT: usize = 8;
 /// A batch stops growing past this many bytes (result images are large).
-const MAX_BATCH_BYTES: u64 = 8 << 20;
+const MAX_BATCH_BYTES: u64 = 1 << 20;
 /// Longest one forwarded batch may take; callers have their own deadlines.
 const FORWARD_TIMEOUT_MS: u64 = 10_000;
 /// Commands waiting for a batch, at most; callers wait for room beyond it.

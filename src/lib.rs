@@ -21,3 +21,4 @@ pub mod membership;
 pub mod node;
 pub mod proposer;
 pub mod scheduler;
+pub mod snapshot_guard;

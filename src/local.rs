@@ -169,9 +169,8 @@ impl LocalCluster {
         loop {
             if let Ok(c) = self.client(via).get("/v1/cluster").await {
                 let members = c["members"].as_array().cloned().unwrap_or_default();
-                let registered = members
-                    .iter()
-                    .all(|m| !m["executor"].is_null() && m["slots"].as_u64().unwrap_or(0) >= min_slots);
+                let registered =
+                    members.iter().all(|m| !m["executor"].is_null() && m["slots"].as_u64().unwrap_or(0) >= min_slots);
                 if let (Some(leader), true, true) = (c["leader_id"].as_u64(), members.len() == expect, registered) {
                     return Ok(leader);
                 }

@@ -40,14 +40,10 @@ pub async fn add_node(app: &App, id: NodeId, addr: &str) -> Result<Value, ApiErr
     }
     let is_voter = membership.voter_ids().any(|v| v == id);
     let voters = membership.voter_ids().count();
-    let role = if is_voter {
-        "voter"
-    } else if voters < MAX_VOTERS && promote(app, id).await {
-        "voter"
-    } else {
-        // Promoted later by the leader's voter keeper, if a voter seat is free.
-        "learner"
-    };
+    // A learner that finds no free voter seat now is promoted later by the
+    // leader's voter keeper, when one frees up.
+    let voter = is_voter || (voters < MAX_VOTERS && promote(app, id).await);
+    let role = if voter { "voter" } else { "learner" };
     tracing::info!("node {id} at {addr} is a member ({role})");
     Ok(json!({ "id": id, "addr": addr, "role": role }))
 }
@@ -79,7 +75,7 @@ pub async fn remove_node(app: &App, id: NodeId) -> Result<Value, ApiError> {
     };
     app.raft.change_membership(change, false).await.map_err(raft_error)?;
     // Its unfinished jobs (if the drain timed out) go back to the queue.
-    app.write(Command::ForgetNode { node: id }, timeout).await.map_err(|e| raft_error(e))?;
+    app.write(Command::ForgetNode { node: id }, timeout).await.map_err(raft_error)?;
     tracing::info!("node {id} left the cluster (drained: {drained})");
     Ok(json!({ "id": id, "removed": true, "drained": drained, "drain_ms": started.elapsed().as_millis() as u64 }))
 }

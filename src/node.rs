@@ -52,10 +52,11 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
     let (log, sm) = raftgen_storage::open(&opts.data).with_context(|| format!("opening {}", opts.data.display()))?;
     let view = sm.view();
     let health = PeerHealth::default();
-    let network = NetworkFactory::new(&opts.secret, health.clone());
+    let network = NetworkFactory::new(opts.id, &opts.secret, health.clone());
     let config = Arc::new(opts.settings.raft_config().validate().context("raft settings")?);
     let raft = Raft::new(opts.id, config, network, log, sm).await.context("starting raft")?;
-    let listener = tokio::net::TcpListener::bind(opts.listen).await.with_context(|| format!("binding {}", opts.listen))?;
+    let listener =
+        tokio::net::TcpListener::bind(opts.listen).await.with_context(|| format!("binding {}", opts.listen))?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let client = reqwest::Client::builder()
@@ -75,6 +76,10 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
         secret: opts.secret.clone().into(),
         proposer: crate::proposer::Proposer::start(raft.clone()),
         forwarder: crate::forwarder::Forwarder::start(client.clone(), opts.secret.clone().into()),
+        snapshot_guard: crate::snapshot_guard::SnapshotGuard::new(
+            raft.clone(),
+            Duration::from_millis(2 * opts.settings.election_timeout_max_ms),
+        ),
         shutdown: shutdown_rx,
     });
 

@@ -8,9 +8,9 @@
 //! flight. Each caller still gets its own response, only after the entry is
 //! committed by a quorum and applied.
 
+use openraft::error::{ClientWriteError, RaftError};
 use raftgen_raft::command::MAX_BATCH_COMMANDS;
 use raftgen_raft::{Command, Raft, Request, Response};
-use openraft::error::{ClientWriteError, RaftError};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
@@ -19,7 +19,7 @@ use crate::app::{now_ms, ForwardReject};
 /// Log entries proposed but not yet committed, at most.
 const MAX_IN_FLIGHT: usize = 4;
 /// A batch stops growing past this many bytes (result images are large).
-const MAX_BATCH_BYTES: u64 = 8 << 20;
+const MAX_BATCH_BYTES: u64 = 1 << 20;
 /// Commands waiting for a batch, at most; callers wait for room beyond it.
 const MAX_QUEUED_COMMANDS: usize = 65_536;
 

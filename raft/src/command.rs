@@ -20,25 +20,60 @@ pub struct Request {
 pub enum Command {
     /// A new job. `id` is chosen by the receiving node and makes retries of the
     /// same forwarded submission idempotent; `seed` is filled by the leader.
-    Submit { id: JobId, request: JobRequest, seed: Option<u64>, idempotency_key: Option<String> },
+    Submit {
+        id: JobId,
+        request: JobRequest,
+        seed: Option<u64>,
+        idempotency_key: Option<String>,
+    },
     /// Scheduler decision: queued jobs to nodes; `attempt` must be the job's
     /// current attempt + 1, so a decision made on stale state is rejected.
-    Assign { assignments: Vec<Assignment> },
+    Assign {
+        assignments: Vec<Assignment>,
+    },
     /// The executing node began the attempt.
-    Start { job: JobId, node: NodeId, attempt: u32 },
+    Start {
+        job: JobId,
+        node: NodeId,
+        attempt: u32,
+    },
     /// The executing node reports progress of the attempt.
-    Progress { job: JobId, node: NodeId, attempt: u32, step: u32, steps: u32 },
+    Progress {
+        job: JobId,
+        node: NodeId,
+        attempt: u32,
+        step: u32,
+        steps: u32,
+    },
     /// The executing node finished the attempt. Fenced by `attempt`.
-    Complete { job: JobId, node: NodeId, attempt: u32, outcome: Outcome },
+    Complete {
+        job: JobId,
+        node: NodeId,
+        attempt: u32,
+        outcome: Outcome,
+    },
     /// Scheduler decision: the node of these attempts is considered lost.
-    Requeue { jobs: Vec<(JobId, u32)>, reason: String },
-    Cancel { job: JobId },
+    Requeue {
+        jobs: Vec<(JobId, u32)>,
+        reason: String,
+    },
+    Cancel {
+        job: JobId,
+    },
     /// A node announces its executor: slots and the models it serves.
-    RegisterNode { node: NodeId, info: NodeRegistration },
+    RegisterNode {
+        node: NodeId,
+        info: NodeRegistration,
+    },
     /// A draining node takes no new jobs (it finishes the ones it has).
-    SetDraining { node: NodeId, draining: bool },
+    SetDraining {
+        node: NodeId,
+        draining: bool,
+    },
     /// The node left the membership; forget its executor.
-    ForgetNode { node: NodeId },
+    ForgetNode {
+        node: NodeId,
+    },
     /// Cluster-wide limits, written by the leader.
     Configure(ClusterConfig),
     /// Several commands in one log entry, applied in order (the leader's group
@@ -76,7 +111,9 @@ pub enum Outcome {
         #[serde(with = "serde_bytes")]
         png: Vec<u8>,
     },
-    Failed { error: String },
+    Failed {
+        error: String,
+    },
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,9 +160,14 @@ impl Default for ClusterConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Response {
     /// `created` is false when an idempotent retry found the existing job.
-    Submitted { job: Box<Job>, created: bool },
+    Submitted {
+        job: Box<Job>,
+        created: bool,
+    },
     /// Per-decision results for `Assign`/`Requeue`: how many took effect.
-    Applied { count: u32 },
+    Applied {
+        count: u32,
+    },
     /// Accepted (or an idempotent repeat of an accepted command).
     Ok,
     /// One response per command of a [`Command::Batch`], in order.
@@ -136,14 +178,23 @@ pub enum Response {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Rejection {
     Invalid(FieldError),
-    QueueFull { max_queue_depth: u64 },
+    QueueFull {
+        max_queue_depth: u64,
+    },
     /// The idempotency key was used before for a different request.
-    IdempotencyKeyReused { job: JobId },
+    IdempotencyKeyReused {
+        job: JobId,
+    },
     UnknownJob,
     /// The attempt is not the current one, or the job is not active on that node.
-    StaleAttempt { current_attempt: u32, state: JobState },
+    StaleAttempt {
+        current_attempt: u32,
+        state: JobState,
+    },
     /// The job is already terminal.
-    NotCancellable { state: JobState },
+    NotCancellable {
+        state: JobState,
+    },
     UnknownNode,
 }
 

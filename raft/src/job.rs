@@ -60,9 +60,7 @@ impl FromStr for JobId {
         if s.len() != 32 {
             return Err("a job id is 32 hexadecimal characters".into());
         }
-        u128::from_str_radix(s, 16)
-            .map(JobId)
-            .map_err(|_| "a job id is 32 hexadecimal characters".into())
+        u128::from_str_radix(s, 16).map(JobId).map_err(|_| "a job id is 32 hexadecimal characters".into())
     }
 }
 
@@ -112,10 +110,7 @@ impl JobRequest {
             return Err(FieldError::new("prompt", format!("longer than {MAX_PROMPT_CHARS} characters")));
         }
         if self.negative_prompt.chars().count() > MAX_PROMPT_CHARS {
-            return Err(FieldError::new(
-                "negative_prompt",
-                format!("longer than {MAX_PROMPT_CHARS} characters"),
-            ));
+            return Err(FieldError::new("negative_prompt", format!("longer than {MAX_PROMPT_CHARS} characters")));
         }
         for (field, side) in [("width", self.width), ("height", self.height)] {
             if !(MIN_IMAGE_SIDE_PX..=MAX_IMAGE_SIDE_PX).contains(&side) || side % 8 != 0 {
@@ -207,14 +202,35 @@ pub struct Event {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EventKind {
     Submitted,
-    Assigned { node: NodeId, attempt: u32 },
-    Started { node: NodeId, attempt: u32 },
-    Requeued { node: NodeId, attempt: u32, reason: String },
-    Succeeded { node: NodeId, attempt: u32 },
-    Failed { node: Option<NodeId>, attempt: u32, error: String },
+    Assigned {
+        node: NodeId,
+        attempt: u32,
+    },
+    Started {
+        node: NodeId,
+        attempt: u32,
+    },
+    Requeued {
+        node: NodeId,
+        attempt: u32,
+        reason: String,
+    },
+    Succeeded {
+        node: NodeId,
+        attempt: u32,
+    },
+    Failed {
+        node: Option<NodeId>,
+        attempt: u32,
+        error: String,
+    },
     Cancelled,
     /// A completion arrived for an attempt that is no longer current (fencing).
-    CompletionRejected { node: NodeId, attempt: u32, reason: String },
+    CompletionRejected {
+        node: NodeId,
+        attempt: u32,
+        reason: String,
+    },
     /// The result image was dropped by the retention limit.
     ResultEvicted,
 }

@@ -1,9 +1,13 @@
 //! Node-to-node Raft RPCs over HTTP/1.1 (bincode bodies, `/raft/*` on each
 //! node's one port), authenticated by the cluster secret.
 //!
-//! Any failure to get an answer (refused, reset, timed out, wrong status) is
-//! reported to openraft as `Unreachable`, so it backs off (see [`backoff()`])
-//! instead of retrying hot. Every successful answer from a peer is recorded in
+//! A peer that cannot be reached (connection refused or reset, a wrong
+//! status) is reported to openraft as `Unreachable`, so it backs off (see
+//! [`backoff()`]) instead of retrying hot. A peer that is reachable but slow
+//! (the RPC outlived openraft's deadline, which for AppendEntries is one
+//! heartbeat interval) is reported as `Timeout`: openraft retries without
+//! backing off, because backing off would stop the heartbeats to a live but
+//! busy follower and make it stand for election. Every successful answer from a peer is recorded in
 //! [`PeerHealth`]: the leader's scheduler judges a node lost when it has not
 //! answered for `node_timeout_ms`, by this clock and no other.
 
@@ -11,7 +15,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable};
+use openraft::network::RPCTypes;
 use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
@@ -57,20 +62,21 @@ impl PeerHealth {
 /// Builds one [`PeerClient`] per target; connections are pooled by `reqwest`.
 #[derive(Clone)]
 pub struct NetworkFactory {
+    id: NodeId,
     client: reqwest::Client,
     secret: Arc<str>,
     health: PeerHealth,
 }
 
 impl NetworkFactory {
-    pub fn new(secret: &str, health: PeerHealth) -> Self {
+    pub fn new(id: NodeId, secret: &str, health: PeerHealth) -> Self {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(500))
             .pool_idle_timeout(Duration::from_secs(30))
             .tcp_nodelay(true)
             .build()
             .expect("building an HTTP client with static settings");
-        NetworkFactory { client, secret: secret.into(), health }
+        NetworkFactory { id, client, secret: secret.into(), health }
     }
 }
 
@@ -79,6 +85,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
         PeerClient {
+            id: self.id,
             target,
             base: format!("http://{}", node.addr),
             client: self.client.clone(),
@@ -89,6 +96,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
 }
 
 pub struct PeerClient {
+    id: NodeId,
     target: NodeId,
     base: String,
     client: reqwest::Client,
@@ -101,13 +109,26 @@ type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, BasicNode, RaftE
 impl PeerClient {
     /// Sends one RPC and decodes the remote `Result`. Transport failures become
     /// `Unreachable`; a remote Raft error is passed on as `RemoteError`.
-    async fn call<Req, Resp, E>(&self, path: &str, req: &Req, timeout: Duration) -> Result<Resp, RpcErr<E>>
+    async fn call<Req, Resp, E>(
+        &self,
+        action: RPCTypes,
+        path: &str,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, RpcErr<E>>
     where
         Req: Serialize,
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
         let unreachable = |msg: String| RPCError::Unreachable(Unreachable::new(&std::io::Error::other(msg)));
+        let failed = |e: reqwest::Error| {
+            if e.is_timeout() {
+                RPCError::Timeout(Timeout { action, id: self.id, target: self.target, timeout })
+            } else {
+                unreachable(format!("{path} to node {}: {e}", self.target))
+            }
+        };
         let body = codec::encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let resp = self
             .client
@@ -117,11 +138,11 @@ impl PeerClient {
             .body(body)
             .send()
             .await
-            .map_err(|e| unreachable(format!("{path} to node {}: {e}", self.target)))?;
+            .map_err(failed)?;
         if !resp.status().is_success() {
             return Err(unreachable(format!("{path} to node {}: HTTP {}", self.target, resp.status())));
         }
-        let bytes = resp.bytes().await.map_err(|e| unreachable(format!("{path}: reading body: {e}")))?;
+        let bytes = resp.bytes().await.map_err(failed)?;
         let result: Result<Resp, RaftError<NodeId, E>> =
             codec::decode(&bytes).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         self.health.record_ack(self.target);
@@ -135,7 +156,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
-        self.call(PATH_APPEND, &rpc, option.hard_ttl()).await
+        self.call(RPCTypes::AppendEntries, PATH_APPEND, &rpc, option.hard_ttl()).await
     }
 
     async fn install_snapshot(
@@ -143,11 +164,11 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<InstallSnapshotError>> {
-        self.call(PATH_SNAPSHOT, &rpc, option.hard_ttl()).await
+        self.call(RPCTypes::InstallSnapshot, PATH_SNAPSHOT, &rpc, option.hard_ttl()).await
     }
 
     async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> Result<VoteResponse<NodeId>, RpcErr> {
-        self.call(PATH_VOTE, &rpc, option.hard_ttl()).await
+        self.call(RPCTypes::Vote, PATH_VOTE, &rpc, option.hard_ttl()).await
     }
 
     fn backoff(&self) -> Backoff {

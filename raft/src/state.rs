@@ -68,9 +68,10 @@ impl JobStateMachine {
 
     fn apply_one(&mut self, index: u64, pos: u64, at: u64, cmd: &Command) -> Response {
         match cmd {
-            Command::Batch(_) => {
-                Response::Rejected(Rejection::Invalid(FieldError::new("batch", "batches do not nest or exceed the limit")))
-            }
+            Command::Batch(_) => Response::Rejected(Rejection::Invalid(FieldError::new(
+                "batch",
+                "batches do not nest or exceed the limit",
+            ))),
             Command::Submit { id, request, seed, idempotency_key } => {
                 let seq = index * MAX_BATCH_COMMANDS as u64 + pos;
                 self.submit(seq, at, *id, request, *seed, idempotency_key.as_deref())
@@ -106,13 +107,8 @@ impl JobStateMachine {
                 None => Response::Rejected(Rejection::UnknownNode),
             },
             Command::ForgetNode { node } => {
-                let stranded: Vec<(JobId, u32)> = self
-                    .active
-                    .get(node)
-                    .into_iter()
-                    .flatten()
-                    .map(|id| (*id, self.jobs[id].attempt))
-                    .collect();
+                let stranded: Vec<(JobId, u32)> =
+                    self.active.get(node).into_iter().flatten().map(|id| (*id, self.jobs[id].attempt)).collect();
                 for (job, attempt) in stranded {
                     self.requeue(at, job, attempt, "node left the cluster");
                 }

@@ -18,10 +18,7 @@ struct Cluster {
 
 impl Cluster {
     fn new() -> Self {
-        Cluster {
-            sm: JobStateMachine::new(ClusterConfig::default()),
-            index: 0,
-        }
+        Cluster { sm: JobStateMachine::new(ClusterConfig::default()), index: 0 }
     }
 
     fn apply(&mut self, cmd: Command) -> Response {
@@ -53,12 +50,7 @@ impl Cluster {
             model: model.to_string(),
             priority,
         };
-        let resp = self.apply(Command::Submit {
-            id: JobId(id),
-            request,
-            seed: Some(1),
-            idempotency_key: None,
-        });
+        let resp = self.apply(Command::Submit { id: JobId(id), request, seed: Some(1), idempotency_key: None });
         assert!(matches!(resp, Response::Submitted { created: true, .. }), "{resp:?}");
         JobId(id)
     }
@@ -66,36 +58,18 @@ impl Cluster {
     /// Applies the plan's assignments; all of them must take effect.
     fn apply_plan(&mut self, p: &Plan) {
         if !p.requeue.is_empty() {
-            let resp = self.apply(Command::Requeue {
-                jobs: p.requeue.clone(),
-                reason: "lost".into(),
-            });
-            assert_eq!(
-                resp,
-                Response::Applied {
-                    count: p.requeue.len() as u32
-                }
-            );
+            let resp = self.apply(Command::Requeue { jobs: p.requeue.clone(), reason: "lost".into() });
+            assert_eq!(resp, Response::Applied { count: p.requeue.len() as u32 });
         }
         if !p.assign.is_empty() {
-            let resp = self.apply(Command::Assign {
-                assignments: p.assign.clone(),
-            });
-            assert_eq!(
-                resp,
-                Response::Applied {
-                    count: p.assign.len() as u32
-                },
-                "{p:?}"
-            );
+            let resp = self.apply(Command::Assign { assignments: p.assign.clone() });
+            assert_eq!(resp, Response::Applied { count: p.assign.len() as u32 }, "{p:?}");
         }
     }
 
     fn assign(&mut self, job: JobId, node: NodeId) {
         let attempt = self.sm.job(&job).unwrap().attempt + 1;
-        let resp = self.apply(Command::Assign {
-            assignments: vec![Assignment { job, node, attempt }],
-        });
+        let resp = self.apply(Command::Assign { assignments: vec![Assignment { job, node, attempt }] });
         assert_eq!(resp, Response::Applied { count: 1 });
     }
 }
@@ -125,11 +99,7 @@ fn highest_priority_first_then_fifo() {
         c.job(id, "m", prio);
     }
     let p = plan(&c.sm, all_healthy, 10);
-    assert_eq!(
-        assigned(&p),
-        vec![(4, 1), (2, 1), (5, 1)],
-        "three slots: the three most urgent"
-    );
+    assert_eq!(assigned(&p), vec![(4, 1), (2, 1), (5, 1)], "three slots: the three most urgent");
     assert!(p.assign.iter().all(|a| a.attempt == 1));
     c.apply_plan(&p);
     assert_eq!(plan(&c.sm, all_healthy, 10), Plan::default(), "node full");
@@ -168,28 +138,12 @@ fn draining_and_unhealthy_nodes_get_nothing() {
     for id in 1..=5 {
         c.job(id, "m", 0);
     }
-    assert_eq!(
-        c.apply(Command::SetDraining {
-            node: 1,
-            draining: true
-        }),
-        Response::Ok
-    );
+    assert_eq!(c.apply(Command::SetDraining { node: 1, draining: true }), Response::Ok);
     let p = plan(&c.sm, |n| n != 2, 10);
     assert_eq!(assigned(&p), vec![(1, 3)], "only node 3 is healthy and not draining");
     assert!(p.requeue.is_empty());
-    assert_eq!(
-        plan(&c.sm, |n| n == 1, 10),
-        Plan::default(),
-        "the only healthy node is draining"
-    );
-    assert_eq!(
-        c.apply(Command::SetDraining {
-            node: 1,
-            draining: false
-        }),
-        Response::Ok
-    );
+    assert_eq!(plan(&c.sm, |n| n == 1, 10), Plan::default(), "the only healthy node is draining");
+    assert_eq!(c.apply(Command::SetDraining { node: 1, draining: false }), Response::Ok);
     assert!(plan(&c.sm, all_healthy, 10).assign.iter().any(|a| a.node == 1));
 }
 
@@ -204,19 +158,9 @@ fn active_jobs_of_unhealthy_nodes_are_requeued_with_their_current_attempt() {
     c.assign(a, 1);
     // b runs its second attempt on node 1.
     c.assign(b, 2);
-    assert_eq!(
-        c.apply(Command::Requeue {
-            jobs: vec![(b, 1)],
-            reason: "x".into()
-        }),
-        Response::Applied { count: 1 }
-    );
+    assert_eq!(c.apply(Command::Requeue { jobs: vec![(b, 1)], reason: "x".into() }), Response::Applied { count: 1 });
     c.assign(b, 1);
-    c.apply(Command::Start {
-        job: b,
-        node: 1,
-        attempt: 2,
-    });
+    c.apply(Command::Start { job: b, node: 1, attempt: 2 });
     c.assign(d, 2);
 
     let p = plan(&c.sm, |n| n != 1, 10);
@@ -226,22 +170,11 @@ fn active_jobs_of_unhealthy_nodes_are_requeued_with_their_current_attempt() {
     c.apply_plan(&p);
     assert_eq!(c.sm.job(&a).unwrap().state, JobState::Queued);
     assert_eq!(c.sm.job(&b).unwrap().state, JobState::Queued);
-    assert_eq!(
-        c.sm.job(&d).unwrap().state,
-        JobState::Assigned,
-        "healthy node keeps its job"
-    );
+    assert_eq!(c.sm.job(&d).unwrap().state, JobState::Assigned, "healthy node keeps its job");
     // Next tick: the re-queued jobs go to the healthy node, with the next attempt.
     let p = plan(&c.sm, |n| n != 1, 10);
     assert!(p.requeue.is_empty());
-    assert_eq!(
-        p.assign,
-        vec![Assignment {
-            job: a,
-            node: 2,
-            attempt: 2
-        }]
-    );
+    assert_eq!(p.assign, vec![Assignment { job: a, node: 2, attempt: 2 }]);
     // All healthy: nothing is re-queued.
     assert!(plan(&c.sm, all_healthy, 10).requeue.is_empty());
 }
@@ -264,11 +197,7 @@ fn model_affinity_loaded_then_most_free_slots_then_lowest_id() {
     let second = c.job(2, "m", 0);
     c.assign(second, 1);
     c.job(3, "m", 0);
-    assert_eq!(
-        assigned(&plan(&c.sm, all_healthy, 10)),
-        vec![(3, 2)],
-        "node 2 has 2 free, node 1 has 1"
-    );
+    assert_eq!(assigned(&plan(&c.sm, all_healthy, 10)), vec![(3, 2)], "node 2 has 2 free, node 1 has 1");
 
     // Ties: lowest id; and free slots are counted down within one plan.
     let mut c = Cluster::new();
@@ -277,10 +206,7 @@ fn model_affinity_loaded_then_most_free_slots_then_lowest_id() {
     for id in 1..=4 {
         c.job(id, "m", 0);
     }
-    assert_eq!(
-        assigned(&plan(&c.sm, all_healthy, 10)),
-        vec![(1, 3), (2, 5), (3, 3), (4, 5)]
-    );
+    assert_eq!(assigned(&plan(&c.sm, all_healthy, 10)), vec![(1, 3), (2, 5), (3, 3), (4, 5)]);
 
     // Loaded model is per job: the node with the job's model loaded wins.
     let mut c = Cluster::new();
@@ -347,28 +273,15 @@ fn scan_is_bounded_to_max_queue_scan() {
             request.model = "m".into();
         }
         c.index += 1;
-        let cmd = Command::Submit {
-            id: JobId(id),
-            request: request.clone(),
-            seed: Some(1),
-            idempotency_key: None,
-        };
+        let cmd = Command::Submit { id: JobId(id), request: request.clone(), seed: Some(1), idempotency_key: None };
         c.sm.apply(c.index, &Request { at_ms: 0, cmd });
     }
     c.sm.check_invariants().unwrap();
-    assert!(
-        plan(&c.sm, all_healthy, 10).assign.is_empty(),
-        "the runnable job is beyond the scan window"
-    );
+    assert!(plan(&c.sm, all_healthy, 10).assign.is_empty(), "the runnable job is beyond the scan window");
     // Once it is within the window (higher priority), it is found.
     request.priority = 1;
     c.index += 1;
-    let cmd = Command::Submit {
-        id: JobId(u128::MAX),
-        request,
-        seed: Some(1),
-        idempotency_key: None,
-    };
+    let cmd = Command::Submit { id: JobId(u128::MAX), request, seed: Some(1), idempotency_key: None };
     c.sm.apply(c.index, &Request { at_ms: 0, cmd });
     assert_eq!(assigned(&plan(&c.sm, all_healthy, 10)), vec![(u128::MAX, 1)]);
 }
@@ -393,10 +306,7 @@ fn random_cluster(rng: &mut StdRng) -> Cluster {
                 // A partial plan with random health, as a previous tick would.
                 let down: NodeId = rng.gen_range(0..=6);
                 let p = plan(&c.sm, |n| n != down, rng.gen_range(0..=3));
-                let p = Plan {
-                    requeue: if rng.gen_bool(0.3) { p.requeue } else { Vec::new() },
-                    assign: p.assign,
-                };
+                let p = Plan { requeue: if rng.gen_bool(0.3) { p.requeue } else { Vec::new() }, assign: p.assign };
                 c.apply_plan(&p);
             }
             7 => {
@@ -410,23 +320,12 @@ fn random_cluster(rng: &mut StdRng) -> Cluster {
                     } else {
                         Outcome::Failed { error: "x".into() }
                     };
-                    assert_eq!(
-                        c.apply(Command::Complete {
-                            job,
-                            node,
-                            attempt,
-                            outcome
-                        }),
-                        Response::Ok
-                    );
+                    assert_eq!(c.apply(Command::Complete { job, node, attempt, outcome }), Response::Ok);
                 }
             }
             8 => {
                 let node = rng.gen_range(1..=5);
-                c.apply(Command::SetDraining {
-                    node,
-                    draining: rng.gen_bool(0.5),
-                });
+                c.apply(Command::SetDraining { node, draining: rng.gen_bool(0.5) });
             }
             _ => {
                 let node = rng.gen_range(1..=5);
@@ -462,55 +361,25 @@ fn randomized_plans_are_always_accepted_by_apply() {
             assert_eq!(job.state, JobState::Queued, "seed {seed}");
             assert_eq!(a.attempt, job.attempt + 1, "seed {seed}");
             assert!(healthy.contains(&a.node) && !node.draining, "seed {seed}: {a:?}");
-            assert!(
-                node.registration.models.contains(&job.request.model),
-                "seed {seed}: {a:?}"
-            );
+            assert!(node.registration.models.contains(&job.request.model), "seed {seed}: {a:?}");
         }
         for (job, attempt) in &p.requeue {
             let j = before.job(job).unwrap();
             assert!(j.state.is_active() && j.attempt == *attempt, "seed {seed}");
-            assert!(
-                !healthy.contains(&j.node.unwrap()),
-                "seed {seed}: requeue from a healthy node"
-            );
+            assert!(!healthy.contains(&j.node.unwrap()), "seed {seed}: requeue from a healthy node");
         }
-        let expected_requeue: usize = before
-            .nodes_with_active_jobs()
-            .filter(|n| !healthy.contains(n))
-            .map(|n| before.active_count(n))
-            .sum();
-        assert_eq!(
-            p.requeue.len(),
-            expected_requeue,
-            "seed {seed}: every lost attempt is re-queued"
-        );
+        let expected_requeue: usize =
+            before.nodes_with_active_jobs().filter(|n| !healthy.contains(n)).map(|n| before.active_count(n)).sum();
+        assert_eq!(p.requeue.len(), expected_requeue, "seed {seed}: every lost attempt is re-queued");
 
         // apply accepts the whole plan (assignments first: they do not depend on the re-queues).
         if !p.assign.is_empty() {
-            let resp = c.apply(Command::Assign {
-                assignments: p.assign.clone(),
-            });
-            assert_eq!(
-                resp,
-                Response::Applied {
-                    count: p.assign.len() as u32
-                },
-                "seed {seed}: {p:?}"
-            );
+            let resp = c.apply(Command::Assign { assignments: p.assign.clone() });
+            assert_eq!(resp, Response::Applied { count: p.assign.len() as u32 }, "seed {seed}: {p:?}");
         }
         if !p.requeue.is_empty() {
-            let resp = c.apply(Command::Requeue {
-                jobs: p.requeue.clone(),
-                reason: "lost".into(),
-            });
-            assert_eq!(
-                resp,
-                Response::Applied {
-                    count: p.requeue.len() as u32
-                },
-                "seed {seed}"
-            );
+            let resp = c.apply(Command::Requeue { jobs: p.requeue.clone(), reason: "lost".into() });
+            assert_eq!(resp, Response::Applied { count: p.requeue.len() as u32 }, "seed {seed}");
         }
         assignments += p.assign.len();
         requeues += p.requeue.len();
@@ -519,27 +388,17 @@ fn randomized_plans_are_always_accepted_by_apply() {
         // that a healthy, non-draining node serving its model has room for.
         // (Jobs re-queued by this very plan wait for the next tick.)
         if p.assign.len() < max_assign {
-            for job in
-                c.sm.queued()
-                    .filter(|j| before.job(&j.id).unwrap().state == JobState::Queued)
-            {
+            for job in c.sm.queued().filter(|j| before.job(&j.id).unwrap().state == JobState::Queued) {
                 for (id, info) in c.sm.nodes() {
                     let room = (info.registration.slots as usize).saturating_sub(c.sm.active_count(*id));
                     let eligible = healthy.contains(id)
                         && !info.draining
                         && info.registration.models.contains(&job.request.model)
                         && room > 0;
-                    assert!(
-                        !eligible,
-                        "seed {seed}: job {} left queued while node {id} has room",
-                        job.id
-                    );
+                    assert!(!eligible, "seed {seed}: job {} left queued while node {id} has room", job.id);
                 }
             }
         }
     }
-    assert!(
-        assignments > 200 && requeues > 50,
-        "{assignments} assignments, {requeues} re-queues"
-    );
+    assert!(assignments > 200 && requeues > 50, "{assignments} assignments, {requeues} re-queues");
 }

@@ -46,10 +46,7 @@ fn registration(slots: u32, models: &[&str]) -> NodeRegistration {
 }
 
 fn all_jobs(sm: &JobStateMachine) -> BTreeMap<JobId, Job> {
-    sm.recent_jobs(None, usize::MAX)
-        .into_iter()
-        .map(|j| (j.id, j.clone()))
-        .collect()
+    sm.recent_jobs(None, usize::MAX).into_iter().map(|j| (j.id, j.clone())).collect()
 }
 
 /// A state machine plus the log index, checking the invariants after each apply.
@@ -60,21 +57,12 @@ struct Harness {
 
 impl Harness {
     fn new(config: ClusterConfig) -> Self {
-        Harness {
-            sm: JobStateMachine::new(config),
-            index: 0,
-        }
+        Harness { sm: JobStateMachine::new(config), index: 0 }
     }
 
     fn apply(&mut self, cmd: Command) -> Response {
         self.index += 1;
-        let resp = self.sm.apply(
-            self.index,
-            &Request {
-                at_ms: 1_000 + self.index,
-                cmd,
-            },
-        );
+        let resp = self.sm.apply(self.index, &Request { at_ms: 1_000 + self.index, cmd });
         if let Err(e) = self.sm.check_invariants() {
             panic!("invariants broken after index {}: {e}", self.index);
         }
@@ -98,38 +86,22 @@ impl Harness {
     }
 
     fn register(&mut self, node: NodeId, slots: u32, models: &[&str]) {
-        assert_eq!(
-            self.apply(Command::RegisterNode {
-                node,
-                info: registration(slots, models)
-            }),
-            Response::Ok
-        );
+        assert_eq!(self.apply(Command::RegisterNode { node, info: registration(slots, models) }), Response::Ok);
     }
 
     fn assign(&mut self, job: JobId, node: NodeId, attempt: u32) -> u32 {
-        match self.apply(Command::Assign {
-            assignments: vec![Assignment { job, node, attempt }],
-        }) {
+        match self.apply(Command::Assign { assignments: vec![Assignment { job, node, attempt }] }) {
             Response::Applied { count } => count,
             other => panic!("assign: {other:?}"),
         }
     }
 
     fn complete(&mut self, job: JobId, node: NodeId, attempt: u32, outcome: Outcome) -> Response {
-        self.apply(Command::Complete {
-            job,
-            node,
-            attempt,
-            outcome,
-        })
+        self.apply(Command::Complete { job, node, attempt, outcome })
     }
 
     fn requeue(&mut self, job: JobId, attempt: u32) -> u32 {
-        match self.apply(Command::Requeue {
-            jobs: vec![(job, attempt)],
-            reason: "node lost".into(),
-        }) {
+        match self.apply(Command::Requeue { jobs: vec![(job, attempt)], reason: "node lost".into() }) {
             Response::Applied { count } => count,
             other => panic!("requeue: {other:?}"),
         }
@@ -175,12 +147,7 @@ struct Gen {
 
 impl Gen {
     fn new(seed: u64) -> Self {
-        Gen {
-            rng: StdRng::seed_from_u64(seed),
-            ids: Vec::new(),
-            slots: BTreeMap::new(),
-            planned: None,
-        }
+        Gen { rng: StdRng::seed_from_u64(seed), ids: Vec::new(), slots: BTreeMap::new(), planned: None }
     }
 
     fn small_config(&mut self) -> ClusterConfig {
@@ -250,9 +217,7 @@ impl Gen {
     }
 
     fn active(&self, sm: &JobStateMachine) -> Vec<(JobId, NodeId, u32)> {
-        sm.nodes_with_active_jobs()
-            .flat_map(|n| sm.active_on(n).map(move |j| (j.id, n, j.attempt)))
-            .collect()
+        sm.nodes_with_active_jobs().flat_map(|n| sm.active_on(n).map(move |j| (j.id, n, j.attempt))).collect()
     }
 
     fn outcome(&mut self) -> Outcome {
@@ -300,20 +265,12 @@ impl Gen {
                 let min = self.slots.get(&node).copied().unwrap_or(1);
                 let slots = self.rng.gen_range(min..=3.max(min));
                 self.slots.insert(node, slots);
-                let models: Vec<String> = MODELS
-                    .iter()
-                    .filter(|_| self.rng.gen_bool(0.6))
-                    .map(|m| m.to_string())
-                    .collect();
+                let models: Vec<String> =
+                    MODELS.iter().filter(|_| self.rng.gen_bool(0.6)).map(|m| m.to_string()).collect();
                 let loaded = models.iter().filter(|_| self.rng.gen_bool(0.5)).cloned().collect();
                 Command::RegisterNode {
                     node,
-                    info: NodeRegistration {
-                        slots,
-                        models,
-                        loaded_models: loaded,
-                        executor: "test".into(),
-                    },
+                    info: NodeRegistration { slots, models, loaded_models: loaded, executor: "test".into() },
                 }
             }
             30..=44 => {
@@ -323,9 +280,7 @@ impl Gen {
                     let plan = schedule::plan(sm, |n| n != down, max);
                     if !plan.assign.is_empty() {
                         self.planned = Some(plan.assign.len());
-                        return Command::Assign {
-                            assignments: plan.assign,
-                        };
+                        return Command::Assign { assignments: plan.assign };
                     }
                 }
                 let n = self.rng.gen_range(1..=3);
@@ -334,11 +289,7 @@ impl Gen {
                         let job = self.job_id(sm);
                         let base = sm.job(&job).map_or(0, |j| j.attempt);
                         let attempt = base + self.rng.gen_range(0..=2);
-                        Assignment {
-                            job,
-                            node: self.node(),
-                            attempt,
-                        }
+                        Assignment { job, node: self.node(), attempt }
                     })
                     .collect();
                 Command::Assign { assignments }
@@ -351,33 +302,19 @@ impl Gen {
                 let (job, node, attempt) = self.target(sm);
                 let steps = self.rng.gen_range(1..=30);
                 let step = self.rng.gen_range(0..=40);
-                Command::Progress {
-                    job,
-                    node,
-                    attempt,
-                    step,
-                    steps,
-                }
+                Command::Progress { job, node, attempt, step, steps }
             }
             57..=71 => {
                 let (job, node, attempt) = self.target(sm);
                 let outcome = self.outcome();
-                Command::Complete {
-                    job,
-                    node,
-                    attempt,
-                    outcome,
-                }
+                Command::Complete { job, node, attempt, outcome }
             }
             72..=78 => {
                 if self.rng.gen_bool(0.3) {
                     let down = *NODES.choose(&mut self.rng).unwrap();
                     let plan = schedule::plan(sm, |n| n != down, 0);
                     if !plan.requeue.is_empty() {
-                        return Command::Requeue {
-                            jobs: plan.requeue,
-                            reason: format!("node {down} lost"),
-                        };
+                        return Command::Requeue { jobs: plan.requeue, reason: format!("node {down} lost") };
                     }
                 }
                 let n = self.rng.gen_range(1..=3);
@@ -387,16 +324,10 @@ impl Gen {
                         (job, attempt)
                     })
                     .collect();
-                Command::Requeue {
-                    jobs,
-                    reason: "node lost".into(),
-                }
+                Command::Requeue { jobs, reason: "node lost".into() }
             }
             79..=84 => Command::Cancel { job: self.job_id(sm) },
-            85..=89 => Command::SetDraining {
-                node: self.node(),
-                draining: self.rng.gen_bool(0.4),
-            },
+            85..=89 => Command::SetDraining { node: self.node(), draining: self.rng.gen_bool(0.4) },
             90..=91 => {
                 let node = self.node();
                 self.slots.remove(&node);
@@ -409,18 +340,12 @@ impl Gen {
     fn submit(&mut self, sm: &JobStateMachine) -> Command {
         let key = match self.rng.gen_range(0..10) {
             0..=4 => None,
-            5 => Some(if self.rng.gen_bool(0.5) {
-                String::new()
-            } else {
-                "k".repeat(MAX_IDEMPOTENCY_KEY_BYTES + 1)
-            }),
+            5 => Some(if self.rng.gen_bool(0.5) { String::new() } else { "k".repeat(MAX_IDEMPOTENCY_KEY_BYTES + 1) }),
             _ => Some(KEYS.choose(&mut self.rng).unwrap().to_string()),
         };
-        let existing = key.as_ref().and_then(|k| {
-            sm.recent_jobs(None, usize::MAX)
-                .into_iter()
-                .find(|j| j.idempotency_key.as_ref() == Some(k))
-        });
+        let existing = key
+            .as_ref()
+            .and_then(|k| sm.recent_jobs(None, usize::MAX).into_iter().find(|j| j.idempotency_key.as_ref() == Some(k)));
         let request = match existing {
             // A retry with the same key and request (the common client retry).
             Some(j) if self.rng.gen_bool(0.5) => j.request.clone(),
@@ -434,17 +359,8 @@ impl Gen {
             self.ids.push(id);
             id
         };
-        let seed = if self.rng.gen_bool(0.8) {
-            Some(self.rng.gen())
-        } else {
-            None
-        };
-        Command::Submit {
-            id,
-            request,
-            seed,
-            idempotency_key: key,
-        }
+        let seed = if self.rng.gen_bool(0.8) { Some(self.rng.gen()) } else { None };
+        Command::Submit { id, request, seed, idempotency_key: key }
     }
 }
 
@@ -464,8 +380,7 @@ struct Observer {
 }
 
 fn key_ok(key: &Option<String>) -> bool {
-    key.as_ref()
-        .is_none_or(|k| !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY_BYTES)
+    key.as_ref().is_none_or(|k| !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY_BYTES)
 }
 
 fn allowed_transition(from: JobState, to: JobState) -> bool {
@@ -487,8 +402,7 @@ fn only_retention_changed(before: &Job, after: &Job) -> bool {
     }
     let mut b = before.clone();
     b.result_evicted = true;
-    b.history
-        .push(after.history.last().cloned().unwrap_or_else(|| panic!("empty history")));
+    b.history.push(after.history.last().cloned().unwrap_or_else(|| panic!("empty history")));
     !before.result_evicted && after.history.last().map(|e| &e.kind) == Some(&EventKind::ResultEvicted) && b == *after
 }
 
@@ -524,10 +438,7 @@ impl Observer {
         {
             return Err(format!("queue lists {} jobs, {n_queued} are queued", queued.len()));
         }
-        if queued
-            .windows(2)
-            .any(|w| (-w[0].request.priority, w[0].seq) >= (-w[1].request.priority, w[1].seq))
-        {
+        if queued.windows(2).any(|w| (-w[0].request.priority, w[0].seq) >= (-w[1].request.priority, w[1].seq)) {
             return Err("queue is not in priority/FIFO order".into());
         }
         // At most one current attempt: an active job is on exactly one node's list, its own.
@@ -546,10 +457,7 @@ impl Observer {
             // The generator never shrinks a node's slots while it holds jobs.
             let slots = sm.nodes()[&node].registration.slots as usize;
             if sm.active_count(node) > slots {
-                return Err(format!(
-                    "node {node}: {} active jobs on {slots} slots",
-                    sm.active_count(node)
-                ));
+                return Err(format!("node {node}: {} active jobs on {slots} slots", sm.active_count(node)));
             }
         }
         let mut image_bytes = 0;
@@ -559,10 +467,7 @@ impl Observer {
             let nodes = on_nodes.get(&j.id).cloned().unwrap_or_default();
             if j.state.is_active() {
                 if j.node.is_none() || nodes != vec![j.node.unwrap()] {
-                    return Err(format!(
-                        "{}: active with node {:?} but listed on {nodes:?}",
-                        j.id, j.node
-                    ));
+                    return Err(format!("{}: active with node {:?} but listed on {nodes:?}", j.id, j.node));
                 }
             } else if !nodes.is_empty() {
                 return Err(format!("{}: {:?} but listed active on {nodes:?}", j.id, j.state));
@@ -588,10 +493,7 @@ impl Observer {
                 return Err(format!("{}: attempt {} but assignments {assigned:?}", j.id, j.attempt));
             }
             if j.state.is_active() && assigned.last().map(|a| a.0) != j.node {
-                return Err(format!(
-                    "{}: active on {:?} but last assigned to {assigned:?}",
-                    j.id, j.node
-                ));
+                return Err(format!("{}: active on {:?} but last assigned to {assigned:?}", j.id, j.node));
             }
             let successes = count_events(j, |k| matches!(k, EventKind::Succeeded { .. }));
             let failures = count_events(j, |k| matches!(k, EventKind::Failed { .. }));
@@ -601,10 +503,7 @@ impl Observer {
                 || failures != expect(JobState::Failed)
                 || cancels != expect(JobState::Cancelled)
             {
-                return Err(format!(
-                    "{}: {:?} with {successes}/{failures}/{cancels} terminal events",
-                    j.id, j.state
-                ));
+                return Err(format!("{}: {:?} with {successes}/{failures}/{cancels} terminal events", j.id, j.state));
             }
             let image = sm.image(&j.id);
             if j.state == JobState::Succeeded {
@@ -625,10 +524,7 @@ impl Observer {
                 }
                 let evictions = count_events(j, |k| *k == EventKind::ResultEvicted);
                 if evictions != usize::from(j.result_evicted) {
-                    return Err(format!(
-                        "{}: {evictions} eviction events, evicted={}",
-                        j.id, j.result_evicted
-                    ));
+                    return Err(format!("{}: {evictions} eviction events, evicted={}", j.id, j.result_evicted));
                 }
             } else if image.is_some() || j.result_evicted || j.result_bytes.is_some() {
                 return Err(format!("{}: {:?} with a result", j.id, j.state));
@@ -649,15 +545,10 @@ impl Observer {
         }
         let cfg = sm.config();
         if image_bytes != sm.result_bytes() {
-            return Err(format!(
-                "images hold {image_bytes} bytes, result_bytes says {}",
-                sm.result_bytes()
-            ));
+            return Err(format!("images hold {image_bytes} bytes, result_bytes says {}", sm.result_bytes()));
         }
         if images > cfg.max_results || image_bytes > cfg.max_result_bytes || terminal > cfg.max_finished_jobs {
-            return Err(format!(
-                "retention exceeded: {images} images, {image_bytes} bytes, {terminal} finished"
-            ));
+            return Err(format!("retention exceeded: {images} images, {image_bytes} bytes, {terminal} finished"));
         }
         Ok(())
     }
@@ -742,10 +633,7 @@ impl Observer {
                 }
                 (from, to) if from == to => {}
                 (JobState::Queued, JobState::Assigned) => {
-                    let ev = EventKind::Assigned {
-                        node: job.node.unwrap(),
-                        attempt: prev.attempt + 1,
-                    };
+                    let ev = EventKind::Assigned { node: job.node.unwrap(), attempt: prev.attempt + 1 };
                     if job.attempt != prev.attempt + 1 || new.iter().map(|e| &e.kind).collect::<Vec<_>>() != [&ev] {
                         return Err(format!("{id}: assigned with events {new:?}"));
                     }
@@ -769,13 +657,9 @@ impl Observer {
                     }
                     finished_now.push(*id);
                     if to == JobState::Succeeded
-                        && !new.iter().any(|e| {
-                            e.kind
-                                == EventKind::Succeeded {
-                                    node: prev.node.unwrap(),
-                                    attempt: prev.attempt,
-                                }
-                        })
+                        && !new
+                            .iter()
+                            .any(|e| e.kind == EventKind::Succeeded { node: prev.node.unwrap(), attempt: prev.attempt })
                     {
                         return Err(format!("{id}: succeeded with events {new:?}"));
                     }
@@ -799,15 +683,9 @@ impl Observer {
             Command::Batch(_) => {
                 return Err("the random driver applies commands one by one; batches have their own test".into())
             }
-            Command::Submit {
-                id,
-                request,
-                seed,
-                idempotency_key,
-            } => {
-                let by_key = idempotency_key
-                    .as_ref()
-                    .and_then(|k| b.values().find(|j| j.idempotency_key.as_ref() == Some(k)));
+            Command::Submit { id, request, seed, idempotency_key } => {
+                let by_key =
+                    idempotency_key.as_ref().and_then(|k| b.values().find(|j| j.idempotency_key.as_ref() == Some(k)));
                 let expect_invalid = request
                     .validate()
                     .err()
@@ -871,18 +749,11 @@ impl Observer {
                     return Err(format!("assign: {resp:?}"));
                 };
                 if *count as usize != assigned_now.len() {
-                    return Err(format!(
-                        "assign counted {count}, {} jobs were assigned",
-                        assigned_now.len()
-                    ));
+                    return Err(format!("assign counted {count}, {} jobs were assigned", assigned_now.len()));
                 }
                 for id in &assigned_now {
                     let j = &a[id];
-                    let asg = Assignment {
-                        job: *id,
-                        node: j.node.unwrap(),
-                        attempt: j.attempt,
-                    };
+                    let asg = Assignment { job: *id, node: j.node.unwrap(), attempt: j.attempt };
                     if !assignments.contains(&asg) {
                         return Err(format!("{id} assigned as {asg:?}, not asked"));
                     }
@@ -915,21 +786,10 @@ impl Observer {
                         }
                         unchanged()?;
                     }
-                    _ => {
-                        return Err(format!(
-                            "start: {resp:?} for {:?}",
-                            prev.map(|p| (p.state, p.node, p.attempt))
-                        ))
-                    }
+                    _ => return Err(format!("start: {resp:?} for {:?}", prev.map(|p| (p.state, p.node, p.attempt)))),
                 }
             }
-            Command::Progress {
-                job,
-                node,
-                attempt,
-                step,
-                steps,
-            } => {
+            Command::Progress { job, node, attempt, step, steps } => {
                 let prev = b.get(job);
                 let current = prev
                     .is_some_and(|p| p.state == JobState::Running && p.node == Some(*node) && p.attempt == *attempt);
@@ -955,9 +815,7 @@ impl Observer {
                 match (resp, prev) {
                     (Response::Rejected(Rejection::UnknownJob), None) => unchanged()?,
                     (Response::Ok, Some(_)) if current => {
-                        if a.get(job)
-                            .is_some_and(|j| !matches!(j.state, JobState::Succeeded | JobState::Failed))
-                        {
+                        if a.get(job).is_some_and(|j| !matches!(j.state, JobState::Succeeded | JobState::Failed)) {
                             return Err("accepted completion did not finish the job".into());
                         }
                         if !a.contains_key(job) {
@@ -1004,10 +862,7 @@ impl Observer {
                         }
                     }
                     _ => {
-                        return Err(format!(
-                            "complete: {resp:?} for {:?}",
-                            prev.map(|p| (p.state, p.node, p.attempt))
-                        ))
+                        return Err(format!("complete: {resp:?} for {:?}", prev.map(|p| (p.state, p.node, p.attempt))))
                     }
                 }
             }
@@ -1018,11 +873,7 @@ impl Observer {
                         expected.insert(*job);
                     }
                 }
-                if *resp
-                    != (Response::Applied {
-                        count: expected.len() as u32,
-                    })
-                {
+                if *resp != (Response::Applied { count: expected.len() as u32 }) {
                     return Err(format!("requeue of {expected:?}: {resp:?}"));
                 }
                 for id in &expected {
@@ -1064,9 +915,7 @@ impl Observer {
                     return Err(format!("forget: {resp:?}"));
                 }
                 for id in &named {
-                    if a.get(id)
-                        .is_some_and(|j| !matches!(j.state, JobState::Queued | JobState::Failed))
-                    {
+                    if a.get(id).is_some_and(|j| !matches!(j.state, JobState::Queued | JobState::Failed)) {
                         return Err(format!("{id} stranded on the forgotten node"));
                     }
                 }
@@ -1089,23 +938,13 @@ fn run_seed(seed: u64, steps: u64) -> (Vec<Request>, Vec<Response>, JobStateMach
     let mut log = Vec::new();
     let mut responses = Vec::new();
     for index in 1..=steps {
-        let cmd = if index == 1 {
-            Command::Configure(gen.small_config())
-        } else {
-            gen.command(&sm)
-        };
+        let cmd = if index == 1 { Command::Configure(gen.small_config()) } else { gen.command(&sm) };
         let from_plan = if index == 1 { None } else { gen.planned };
-        let req = Request {
-            at_ms: 1_000 + index * 3,
-            cmd,
-        };
+        let req = Request { at_ms: 1_000 + index * 3, cmd };
         let before = sm.clone();
         let resp = sm.apply(index, &req);
         let fail = |e: String| -> ! {
-            panic!(
-                "seed {seed} index {index}: {e}\ncommand: {:?}\nresponse: {resp:?}",
-                req.cmd
-            );
+            panic!("seed {seed} index {index}: {e}\ncommand: {:?}\nresponse: {resp:?}", req.cmd);
         };
         if let Err(e) = sm.check_invariants() {
             fail(format!("check_invariants: {e}"));
@@ -1200,17 +1039,10 @@ fn randomized_runs_also_evict_forget_and_give_up() {
         }
         forgotten_keys += keyed
             .iter()
-            .filter(|k| {
-                sm.recent_jobs(None, usize::MAX)
-                    .iter()
-                    .all(|j| j.idempotency_key.as_ref() != Some(k))
-            })
+            .filter(|k| sm.recent_jobs(None, usize::MAX).iter().all(|j| j.idempotency_key.as_ref() != Some(k)))
             .count();
     }
-    assert!(
-        evicted > 0 && forgotten_keys > 0 && gave_up > 0,
-        "{evicted} {forgotten_keys} {gave_up}"
-    );
+    assert!(evicted > 0 && forgotten_keys > 0 && gave_up > 0, "{evicted} {forgotten_keys} {gave_up}");
 }
 
 // ---------------------------------------------------------------------------
@@ -1224,12 +1056,7 @@ fn replaying_the_same_log_gives_identical_states_and_bytes() {
         let mut replica = JobStateMachine::default();
         for (i, req) in log.iter().enumerate() {
             let resp = replica.apply(i as u64 + 1, req);
-            assert_eq!(
-                resp,
-                responses[i],
-                "seed {seed} index {}: response differs on replay",
-                i + 1
-            );
+            assert_eq!(resp, responses[i], "seed {seed} index {}: response differs on replay", i + 1);
         }
         assert_eq!(replica, sm, "seed {seed}");
         let bytes = codec::encode(&sm).unwrap();
@@ -1251,10 +1078,7 @@ fn replaying_the_same_log_gives_identical_states_and_bytes() {
         let mut restored: JobStateMachine = codec::decode(&codec::encode(&first).unwrap()).unwrap();
         for (i, req) in log.iter().enumerate().skip(cut) {
             let resp = restored.apply(i as u64 + 1, req);
-            assert_eq!(
-                resp, responses[i],
-                "seed {seed}: response differs after restoring a snapshot"
-            );
+            assert_eq!(resp, responses[i], "seed {seed}: response differs after restoring a snapshot");
         }
         assert_eq!(restored, sm);
     }
@@ -1278,11 +1102,7 @@ fn decode_rejects_truncated_or_trailing_bytes() {
 fn idempotency_key_with_same_request_returns_the_same_job() {
     let mut h = Harness::new(ClusterConfig::default());
     let req = request("a cat", "m1", 0);
-    let Response::Submitted {
-        job: first,
-        created: true,
-    } = h.submit(1, req.clone(), Some("key"))
-    else {
+    let Response::Submitted { job: first, created: true } = h.submit(1, req.clone(), Some("key")) else {
         panic!("first submission not created")
     };
     // A retry through another node: a new job id, same key, same request.
@@ -1302,17 +1122,11 @@ fn idempotency_key_with_a_different_request_is_rejected() {
     h.submit(1, request("a cat", "m1", 0), Some("key"));
     let state = h.sm.clone();
     let resp = h.submit(2, request("a dog", "m1", 0), Some("key"));
-    assert_eq!(
-        resp,
-        Response::Rejected(Rejection::IdempotencyKeyReused { job: JobId(1) })
-    );
+    assert_eq!(resp, Response::Rejected(Rejection::IdempotencyKeyReused { job: JobId(1) }));
     assert_eq!(h.sm, state);
     // Even with the same job id: the key check comes first.
     let resp = h.submit(1, request("a cat", "m1", 1), Some("key"));
-    assert_eq!(
-        resp,
-        Response::Rejected(Rejection::IdempotencyKeyReused { job: JobId(1) })
-    );
+    assert_eq!(resp, Response::Rejected(Rejection::IdempotencyKeyReused { job: JobId(1) }));
 }
 
 #[test]
@@ -1337,28 +1151,15 @@ fn seed_is_the_leaders_then_the_requests() {
     let mut h = Harness::new(ClusterConfig::default());
     let mut req = request("a cat", "m1", 0);
     req.seed = Some(5);
-    h.apply(Command::Submit {
-        id: JobId(1),
-        request: req.clone(),
-        seed: Some(9),
-        idempotency_key: None,
-    });
+    h.apply(Command::Submit { id: JobId(1), request: req.clone(), seed: Some(9), idempotency_key: None });
     assert_eq!(h.job(JobId(1)).seed, 9);
-    h.apply(Command::Submit {
-        id: JobId(2),
-        request: req,
-        seed: None,
-        idempotency_key: None,
-    });
+    h.apply(Command::Submit { id: JobId(2), request: req, seed: None, idempotency_key: None });
     assert_eq!(h.job(JobId(2)).seed, 5);
 }
 
 #[test]
 fn queue_full_is_rejected_until_room_is_made() {
-    let mut h = Harness::new(ClusterConfig {
-        max_queue_depth: 2,
-        ..Default::default()
-    });
+    let mut h = Harness::new(ClusterConfig { max_queue_depth: 2, ..Default::default() });
     let a = h.submit_ok(1, request("a", "m1", 0));
     h.submit_ok(2, request("b", "m1", 0));
     let state = h.sm.clone();
@@ -1368,10 +1169,7 @@ fn queue_full_is_rejected_until_room_is_made() {
     );
     assert_eq!(h.sm, state);
     // A retry of an existing job is still answered when the queue is full.
-    assert!(matches!(
-        h.submit(1, request("a", "m1", 0), None),
-        Response::Submitted { created: false, .. }
-    ));
+    assert!(matches!(h.submit(1, request("a", "m1", 0), None), Response::Submitted { created: false, .. }));
     // Assigning a job frees a queue place.
     h.register(1, 1, &["m1"]);
     assert_eq!(h.assign(a, 1, 1), 1);
@@ -1388,9 +1186,7 @@ fn invalid_requests_are_rejected_naming_the_field() {
         ("prompt", |r| r.prompt = String::new()),
         ("prompt", |r| r.prompt = " \t ".into()),
         ("prompt", |r| r.prompt = "p".repeat(MAX_PROMPT_CHARS + 1)),
-        ("negative_prompt", |r| {
-            r.negative_prompt = "n".repeat(MAX_PROMPT_CHARS + 1)
-        }),
+        ("negative_prompt", |r| r.negative_prompt = "n".repeat(MAX_PROMPT_CHARS + 1)),
         ("width", |r| r.width = 0),
         ("width", |r| r.width = 12),
         ("width", |r| r.width = 4096),
@@ -1423,10 +1219,7 @@ fn invalid_requests_are_rejected_naming_the_field() {
     req.steps = 150;
     req.guidance = 50.0;
     req.priority = -100;
-    assert!(matches!(
-        h.submit(2, req, None),
-        Response::Submitted { created: true, .. }
-    ));
+    assert!(matches!(h.submit(2, req, None), Response::Submitted { created: true, .. }));
     for key in [String::new(), "k".repeat(MAX_IDEMPOTENCY_KEY_BYTES + 1)] {
         match h.submit(3, base.clone(), Some(&key)) {
             Response::Rejected(Rejection::Invalid(e)) => assert_eq!(e.field, "Idempotency-Key"),
@@ -1447,34 +1240,10 @@ fn a_job_runs_to_success_with_its_image() {
     let id = h.submit_ok(1, request("a cat", "m1", 0));
     assert_eq!(h.assign(id, 1, 1), 1);
     assert_eq!(h.job(id).state, JobState::Assigned);
-    assert_eq!(
-        h.apply(Command::Start {
-            job: id,
-            node: 1,
-            attempt: 1
-        }),
-        Response::Ok
-    );
+    assert_eq!(h.apply(Command::Start { job: id, node: 1, attempt: 1 }), Response::Ok);
     assert_eq!(h.job(id).state, JobState::Running);
-    assert_eq!(
-        h.apply(Command::Start {
-            job: id,
-            node: 1,
-            attempt: 1
-        }),
-        Response::Ok,
-        "start is idempotent"
-    );
-    assert_eq!(
-        h.apply(Command::Progress {
-            job: id,
-            node: 1,
-            attempt: 1,
-            step: 30,
-            steps: 20
-        }),
-        Response::Ok
-    );
+    assert_eq!(h.apply(Command::Start { job: id, node: 1, attempt: 1 }), Response::Ok, "start is idempotent");
+    assert_eq!(h.apply(Command::Progress { job: id, node: 1, attempt: 1, step: 30, steps: 20 }), Response::Ok);
     assert_eq!(h.job(id).progress.step, 20, "step is clamped to steps");
     assert_eq!(h.complete(id, 1, 1, png(10, 7)), Response::Ok);
     let job = h.job(id);
@@ -1494,20 +1263,12 @@ fn a_job_runs_to_success_with_its_image() {
         ]
     );
     assert!(matches!(
-        h.apply(Command::Progress {
-            job: id,
-            node: 1,
-            attempt: 1,
-            step: 1,
-            steps: 20
-        }),
+        h.apply(Command::Progress { job: id, node: 1, attempt: 1, step: 1, steps: 20 }),
         Response::Rejected(Rejection::StaleAttempt { .. })
     ));
     assert_eq!(
         h.apply(Command::Cancel { job: id }),
-        Response::Rejected(Rejection::NotCancellable {
-            state: JobState::Succeeded
-        })
+        Response::Rejected(Rejection::NotCancellable { state: JobState::Succeeded })
     );
 }
 
@@ -1532,11 +1293,7 @@ fn stale_completions_are_rejected_and_recorded() {
     h.register(2, 1, &["m1"]);
     let id = h.submit_ok(1, request("a cat", "m1", 0));
     h.assign(id, 1, 1);
-    h.apply(Command::Start {
-        job: id,
-        node: 1,
-        attempt: 1,
-    });
+    h.apply(Command::Start { job: id, node: 1, attempt: 1 });
     // Node 1 is lost; the job is re-queued and runs again on node 2.
     assert_eq!(h.requeue(id, 1), 1);
     assert_eq!(h.job(id).state, JobState::Queued);
@@ -1547,10 +1304,7 @@ fn stale_completions_are_rejected_and_recorded() {
         let resp = h.complete(id, node, attempt, png(3, 1));
         assert_eq!(
             resp,
-            Response::Rejected(Rejection::StaleAttempt {
-                current_attempt: before.attempt,
-                state: before.state
-            }),
+            Response::Rejected(Rejection::StaleAttempt { current_attempt: before.attempt, state: before.state }),
             "completion from node {node} attempt {attempt}"
         );
         let after = h.job(id);
@@ -1574,11 +1328,7 @@ fn stale_completions_are_rejected_and_recorded() {
     assert_eq!(h.sm.active_count(2), 0, "cancel frees the slot");
     expect_rejected(&mut h, 2, 2);
     assert_eq!(h.job(id).state, JobState::Cancelled);
-    assert_eq!(
-        h.apply(Command::Cancel { job: id }),
-        Response::Ok,
-        "cancel is idempotent"
-    );
+    assert_eq!(h.apply(Command::Cancel { job: id }), Response::Ok, "cancel is idempotent");
 
     assert_eq!(
         h.complete(JobId(404), 1, 1, png(1, 1)),
@@ -1592,30 +1342,17 @@ fn completion_after_giving_up_is_rejected_not_acknowledged() {
     // The node was judged lost on its last allowed attempt, so the job failed;
     // when that node's completion finally arrives it was never accepted and
     // must not be answered as if it had been.
-    let mut h = Harness::new(ClusterConfig {
-        max_attempts: 1,
-        ..Default::default()
-    });
+    let mut h = Harness::new(ClusterConfig { max_attempts: 1, ..Default::default() });
     h.register(1, 1, &["m1"]);
     let id = h.submit_ok(1, request("a cat", "m1", 0));
     h.assign(id, 1, 1);
     assert_eq!(h.requeue(id, 1), 1);
     assert_eq!(h.job(id).state, JobState::Failed);
     let resp = h.complete(id, 1, 1, png(3, 1));
-    assert_eq!(
-        resp,
-        Response::Rejected(Rejection::StaleAttempt {
-            current_attempt: 1,
-            state: JobState::Failed
-        })
-    );
+    assert_eq!(resp, Response::Rejected(Rejection::StaleAttempt { current_attempt: 1, state: JobState::Failed }));
     assert!(matches!(
         h.job(id).history.last().unwrap().kind,
-        EventKind::CompletionRejected {
-            node: 1,
-            attempt: 1,
-            ..
-        }
+        EventKind::CompletionRejected { node: 1, attempt: 1, .. }
     ));
     assert!(h.sm.image(&id).is_none());
 }
@@ -1625,10 +1362,7 @@ fn repeated_stale_completions_are_capped_in_history() {
     let mut h = Harness::new(ClusterConfig::default());
     let id = h.submit_ok(1, request("a cat", "m1", 0));
     for _ in 0..(MAX_EVENTS_PER_JOB * 2) {
-        assert!(matches!(
-            h.complete(id, 1, 7, failed("x")),
-            Response::Rejected(Rejection::StaleAttempt { .. })
-        ));
+        assert!(matches!(h.complete(id, 1, 7, failed("x")), Response::Rejected(Rejection::StaleAttempt { .. })));
     }
     assert_eq!(h.job(id).history.len(), MAX_EVENTS_PER_JOB);
     // Transitions are still recorded after the cap.
@@ -1645,10 +1379,7 @@ fn failures_keep_a_bounded_error_and_oversized_images_fail() {
     let b = h.submit_ok(2, request("b", "m1", 0));
     h.assign(a, 1, 1);
     h.assign(b, 1, 1);
-    assert_eq!(
-        h.complete(a, 1, 1, failed(&"e".repeat(MAX_ERROR_CHARS * 3))),
-        Response::Ok
-    );
+    assert_eq!(h.complete(a, 1, 1, failed(&"e".repeat(MAX_ERROR_CHARS * 3))), Response::Ok);
     assert_eq!(h.job(a).state, JobState::Failed);
     assert_eq!(h.job(a).error.as_ref().unwrap().chars().count(), MAX_ERROR_CHARS);
     assert_eq!(h.complete(b, 1, 1, png(MAX_IMAGE_BYTES + 1, 0)), Response::Ok);
@@ -1664,73 +1395,26 @@ fn start_and_progress_are_fenced() {
     h.register(1, 1, &["m1"]);
     let id = h.submit_ok(1, request("a cat", "m1", 0));
     assert_eq!(
-        h.apply(Command::Start {
-            job: id,
-            node: 1,
-            attempt: 1
-        }),
-        Response::Rejected(Rejection::StaleAttempt {
-            current_attempt: 0,
-            state: JobState::Queued
-        })
+        h.apply(Command::Start { job: id, node: 1, attempt: 1 }),
+        Response::Rejected(Rejection::StaleAttempt { current_attempt: 0, state: JobState::Queued })
     );
     h.assign(id, 1, 1);
     assert!(
         matches!(
-            h.apply(Command::Progress {
-                job: id,
-                node: 1,
-                attempt: 1,
-                step: 1,
-                steps: 20
-            }),
+            h.apply(Command::Progress { job: id, node: 1, attempt: 1, step: 1, steps: 20 }),
             Response::Rejected(Rejection::StaleAttempt { .. })
         ),
         "progress before start"
     );
+    assert!(matches!(h.apply(Command::Start { job: id, node: 2, attempt: 1 }), Response::Rejected(_)));
+    assert!(matches!(h.apply(Command::Start { job: id, node: 1, attempt: 2 }), Response::Rejected(_)));
+    assert_eq!(h.apply(Command::Start { job: id, node: 1, attempt: 1 }), Response::Ok);
     assert!(matches!(
-        h.apply(Command::Start {
-            job: id,
-            node: 2,
-            attempt: 1
-        }),
-        Response::Rejected(_)
-    ));
-    assert!(matches!(
-        h.apply(Command::Start {
-            job: id,
-            node: 1,
-            attempt: 2
-        }),
-        Response::Rejected(_)
+        h.apply(Command::Progress { job: id, node: 1, attempt: 0, step: 1, steps: 20 }),
+        Response::Rejected(Rejection::StaleAttempt { current_attempt: 1, state: JobState::Running })
     ));
     assert_eq!(
-        h.apply(Command::Start {
-            job: id,
-            node: 1,
-            attempt: 1
-        }),
-        Response::Ok
-    );
-    assert!(matches!(
-        h.apply(Command::Progress {
-            job: id,
-            node: 1,
-            attempt: 0,
-            step: 1,
-            steps: 20
-        }),
-        Response::Rejected(Rejection::StaleAttempt {
-            current_attempt: 1,
-            state: JobState::Running
-        })
-    ));
-    assert_eq!(
-        h.apply(Command::Start {
-            job: JobId(5),
-            node: 1,
-            attempt: 1
-        }),
+        h.apply(Command::Start { job: JobId(5), node: 1, attempt: 1 }),
         Response::Rejected(Rejection::UnknownJob)
     );
 }
@@ -1746,47 +1430,17 @@ fn assign_checks_node_slots_model_draining_and_attempt() {
     assert_eq!(h.assign(a, 2, 1), 0, "model not served");
     assert_eq!(h.assign(a, 1, 2), 0, "attempt must be current + 1");
     assert_eq!(h.assign(a, 1, 0), 0, "attempt must be current + 1");
-    assert_eq!(
-        h.apply(Command::SetDraining {
-            node: 1,
-            draining: true
-        }),
-        Response::Ok
-    );
+    assert_eq!(h.apply(Command::SetDraining { node: 1, draining: true }), Response::Ok);
     assert_eq!(h.assign(a, 1, 1), 0, "draining");
-    assert_eq!(
-        h.apply(Command::SetDraining {
-            node: 1,
-            draining: false
-        }),
-        Response::Ok
-    );
-    assert_eq!(
-        h.apply(Command::SetDraining {
-            node: 7,
-            draining: true
-        }),
-        Response::Rejected(Rejection::UnknownNode)
-    );
+    assert_eq!(h.apply(Command::SetDraining { node: 1, draining: false }), Response::Ok);
+    assert_eq!(h.apply(Command::SetDraining { node: 7, draining: true }), Response::Rejected(Rejection::UnknownNode));
     // Two assignments in one command, one slot: only the first takes effect;
     // and the same job twice counts once.
     let resp = h.apply(Command::Assign {
         assignments: vec![
-            Assignment {
-                job: a,
-                node: 1,
-                attempt: 1,
-            },
-            Assignment {
-                job: a,
-                node: 1,
-                attempt: 1,
-            },
-            Assignment {
-                job: b,
-                node: 1,
-                attempt: 1,
-            },
+            Assignment { job: a, node: 1, attempt: 1 },
+            Assignment { job: a, node: 1, attempt: 1 },
+            Assignment { job: b, node: 1, attempt: 1 },
         ],
     });
     assert_eq!(resp, Response::Applied { count: 1 });
@@ -1806,11 +1460,7 @@ fn forgetting_a_node_requeues_its_jobs() {
     let b = h.submit_ok(2, request("b", "m1", 0));
     h.assign(a, 1, 1);
     h.assign(b, 1, 1);
-    h.apply(Command::Start {
-        job: b,
-        node: 1,
-        attempt: 1,
-    });
+    h.apply(Command::Start { job: b, node: 1, attempt: 1 });
     assert_eq!(h.apply(Command::ForgetNode { node: 1 }), Response::Ok);
     assert!(h.sm.nodes().is_empty());
     assert_eq!(h.sm.active_count(1), 0);
@@ -1818,47 +1468,25 @@ fn forgetting_a_node_requeues_its_jobs() {
         let job = h.job(id);
         assert_eq!(job.state, JobState::Queued);
         assert_eq!(job.node, None);
-        assert!(matches!(
-            &job.history.last().unwrap().kind,
-            EventKind::Requeued {
-                node: 1,
-                attempt: 1,
-                ..
-            }
-        ));
+        assert!(matches!(&job.history.last().unwrap().kind, EventKind::Requeued { node: 1, attempt: 1, .. }));
     }
-    assert_eq!(
-        h.apply(Command::ForgetNode { node: 1 }),
-        Response::Ok,
-        "forgetting twice is harmless"
-    );
+    assert_eq!(h.apply(Command::ForgetNode { node: 1 }), Response::Ok, "forgetting twice is harmless");
 }
 
 #[test]
 fn requeue_beyond_max_attempts_fails_the_job() {
-    let mut h = Harness::new(ClusterConfig {
-        max_attempts: 3,
-        ..Default::default()
-    });
+    let mut h = Harness::new(ClusterConfig { max_attempts: 3, ..Default::default() });
     h.register(1, 1, &["m1"]);
     let id = h.submit_ok(1, request("a cat", "m1", 0));
     for attempt in 1..=3 {
         assert_eq!(h.assign(id, 1, attempt), 1);
         assert_eq!(h.requeue(id, attempt - 1), 0, "stale requeue is ignored");
         assert_eq!(h.requeue(id, attempt), 1);
-        let expected = if attempt < 3 {
-            JobState::Queued
-        } else {
-            JobState::Failed
-        };
+        let expected = if attempt < 3 { JobState::Queued } else { JobState::Failed };
         assert_eq!(h.job(id).state, expected, "after attempt {attempt}");
     }
     let job = h.job(id);
-    assert!(
-        job.error.as_ref().unwrap().contains("gave up after 3 attempts"),
-        "{:?}",
-        job.error
-    );
+    assert!(job.error.as_ref().unwrap().contains("gave up after 3 attempts"), "{:?}", job.error);
     assert_eq!(h.sm.active_count(1), 0);
     assert_eq!(h.sm.queue_depth(), 0);
     assert_eq!(h.requeue(id, 3), 0, "a failed job is not re-queued again");
@@ -1873,21 +1501,14 @@ fn cancel_from_each_state() {
     let running = h.submit_ok(3, request("c", "m1", 0));
     h.assign(assigned, 1, 1);
     h.assign(running, 1, 1);
-    h.apply(Command::Start {
-        job: running,
-        node: 1,
-        attempt: 1,
-    });
+    h.apply(Command::Start { job: running, node: 1, attempt: 1 });
     for id in [queued, assigned, running] {
         assert_eq!(h.apply(Command::Cancel { job: id }), Response::Ok);
         assert_eq!(h.job(id).state, JobState::Cancelled);
     }
     assert_eq!(h.sm.queue_depth(), 0);
     assert_eq!(h.sm.active_count(1), 0);
-    assert_eq!(
-        h.apply(Command::Cancel { job: JobId(99) }),
-        Response::Rejected(Rejection::UnknownJob)
-    );
+    assert_eq!(h.apply(Command::Cancel { job: JobId(99) }), Response::Rejected(Rejection::UnknownJob));
     // A cancelled job is never assigned again.
     assert_eq!(h.assign(queued, 1, 1), 0);
 }
@@ -1908,10 +1529,7 @@ fn succeed(h: &mut Harness, id: u128, len: usize, key: Option<&str>) -> JobId {
 
 #[test]
 fn max_results_evicts_the_oldest_images() {
-    let mut h = Harness::new(ClusterConfig {
-        max_results: 2,
-        ..Default::default()
-    });
+    let mut h = Harness::new(ClusterConfig { max_results: 2, ..Default::default() });
     h.register(1, 1, &["m1"]);
     let ids: Vec<JobId> = (1..=4).map(|i| succeed(&mut h, i, 10, None)).collect();
     for (i, id) in ids.iter().enumerate() {
@@ -1924,22 +1542,14 @@ fn max_results_evicts_the_oldest_images() {
     }
     assert_eq!(h.sm.result_bytes(), 20);
     // Lowering the limit evicts at once.
-    h.apply(Command::Configure(ClusterConfig {
-        max_results: 0,
-        ..Default::default()
-    }));
+    h.apply(Command::Configure(ClusterConfig { max_results: 0, ..Default::default() }));
     assert_eq!(h.sm.result_bytes(), 0);
-    assert!(ids
-        .iter()
-        .all(|id| h.job(*id).result_evicted && h.sm.image(id).is_none()));
+    assert!(ids.iter().all(|id| h.job(*id).result_evicted && h.sm.image(id).is_none()));
 }
 
 #[test]
 fn max_result_bytes_evicts_the_oldest_images() {
-    let mut h = Harness::new(ClusterConfig {
-        max_result_bytes: 25,
-        ..Default::default()
-    });
+    let mut h = Harness::new(ClusterConfig { max_result_bytes: 25, ..Default::default() });
     h.register(1, 1, &["m1"]);
     let a = succeed(&mut h, 1, 10, None);
     let b = succeed(&mut h, 2, 10, None);
@@ -1951,18 +1561,13 @@ fn max_result_bytes_evicts_the_oldest_images() {
     // An image larger than the whole budget: oldest first, so the older images
     // go before it does (the documented order), leaving nothing.
     let d = succeed(&mut h, 4, 30, None);
-    assert!([b, c, d]
-        .iter()
-        .all(|id| h.job(*id).result_evicted && h.sm.image(id).is_none()));
+    assert!([b, c, d].iter().all(|id| h.job(*id).result_evicted && h.sm.image(id).is_none()));
     assert_eq!(h.sm.result_bytes(), 0);
 }
 
 #[test]
 fn max_finished_jobs_forgets_old_jobs_and_their_keys() {
-    let mut h = Harness::new(ClusterConfig {
-        max_finished_jobs: 2,
-        ..Default::default()
-    });
+    let mut h = Harness::new(ClusterConfig { max_finished_jobs: 2, ..Default::default() });
     h.register(1, 1, &["m1"]);
     let a = succeed(&mut h, 1, 10, Some("ka"));
     let b = succeed(&mut h, 2, 10, Some("kb"));
@@ -1981,15 +1586,9 @@ fn max_finished_jobs_forgets_old_jobs_and_their_keys() {
         other => panic!("{other:?}"),
     }
     // The kept job's key still answers.
-    assert!(matches!(
-        h.submit(101, request("p2", "m1", 0), Some("kb")),
-        Response::Submitted { created: false, .. }
-    ));
+    assert!(matches!(h.submit(101, request("p2", "m1", 0), Some("kb")), Response::Submitted { created: false, .. }));
     // Lowering the limit forgets at once; queued jobs are never forgotten.
-    h.apply(Command::Configure(ClusterConfig {
-        max_finished_jobs: 0,
-        ..Default::default()
-    }));
+    h.apply(Command::Configure(ClusterConfig { max_finished_jobs: 0, ..Default::default() }));
     assert!(h.sm.job(&b).is_none() && h.sm.job(&c).is_none());
     assert!(h.sm.job(&queued).is_some());
     assert_eq!(h.sm.result_bytes(), 0);
@@ -2011,10 +1610,7 @@ fn queue_is_highest_priority_first_then_fifo() {
     // A re-queued job keeps its place (its original submission order).
     h.register(1, 1, &["m1"]);
     h.assign(JobId(2), 1, 1);
-    assert_eq!(
-        h.sm.queued().map(|j| j.id.0).collect::<Vec<_>>(),
-        vec![6, 4, 8, 1, 5, 3, 7]
-    );
+    assert_eq!(h.sm.queued().map(|j| j.id.0).collect::<Vec<_>>(), vec![6, 4, 8, 1, 5, 3, 7]);
     h.requeue(JobId(2), 1);
     assert_eq!(h.sm.queued().map(|j| j.id.0).collect::<Vec<_>>(), order);
 }

@@ -104,7 +104,8 @@ fn string(obj: &Map<String, Value>, field: &str) -> Result<Option<String>, ApiEr
 
 /// Parses and validates a submission, naming the first offending field.
 fn parse_submit(bytes: &[u8], served_models: &[String]) -> Result<JobRequest, ApiError> {
-    let value: Value = serde_json::from_slice(bytes).map_err(|e| ApiError::field("body", format!("invalid JSON: {e}")))?;
+    let value: Value =
+        serde_json::from_slice(bytes).map_err(|e| ApiError::field("body", format!("invalid JSON: {e}")))?;
     let Value::Object(obj) = value else { return Err(ApiError::field("body", "must be a JSON object")) };
     if let Some(unknown) = obj.keys().find(|k| !SUBMIT_FIELDS.contains(&k.as_str())) {
         return Err(ApiError::field(unknown, format!("unknown field; accepted: {}", SUBMIT_FIELDS.join(", "))));
@@ -188,7 +189,10 @@ async fn submit(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> 
         Some(v) => {
             let k = v.to_str().map_err(|_| ApiError::field("Idempotency-Key", "must be visible ASCII"))?;
             if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY_BYTES {
-                return Err(ApiError::field("Idempotency-Key", format!("must be 1 to {MAX_IDEMPOTENCY_KEY_BYTES} bytes")));
+                return Err(ApiError::field(
+                    "Idempotency-Key",
+                    format!("must be 1 to {MAX_IDEMPOTENCY_KEY_BYTES} bytes"),
+                ));
             }
             Some(k.to_string())
         }
@@ -314,7 +318,8 @@ async fn cluster(
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
     if !app.is_leader() && !q.contains_key("local") {
-        if let Ok(resp) = proxy_to_leader(&app, Method::GET, "/v1/cluster?local=1", &headers, Bytes::new(), 2_000).await {
+        if let Ok(resp) = proxy_to_leader(&app, Method::GET, "/v1/cluster?local=1", &headers, Bytes::new(), 2_000).await
+        {
             if resp.status() == StatusCode::OK {
                 return resp;
             }
@@ -333,11 +338,10 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
     let member = m.membership_config.membership().get_node(&app.id).is_some();
     match (m.current_leader, member) {
         (Some(leader), true) => Json(json!({ "ready": true, "leader_id": leader })).into_response(),
-        (leader, member) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "ready": false, "leader_id": leader, "member": member })),
-        )
-            .into_response(),
+        (leader, member) => {
+            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "ready": false, "leader_id": leader, "member": member })))
+                .into_response()
+        }
     }
 }
 
@@ -349,7 +353,8 @@ async fn join(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Re
     if !app.is_leader() {
         return proxy_to_leader(&app, Method::POST, "/v1/cluster/nodes", &headers, bytes, MEMBERSHIP_TIMEOUT_MS).await;
     }
-    let value: Value = serde_json::from_slice(&bytes).map_err(|e| ApiError::field("body", format!("invalid JSON: {e}")))?;
+    let value: Value =
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::field("body", format!("invalid JSON: {e}")))?;
     let id = value.get("id").and_then(Value::as_u64).ok_or_else(|| ApiError::field("id", "is required (a node id)"))?;
     let addr = value.get("addr").and_then(Value::as_str).ok_or_else(|| ApiError::field("addr", "is required"))?;
     if let Some(unknown) = value.as_object().and_then(|o| o.keys().find(|k| *k != "id" && *k != "addr")) {
@@ -414,7 +419,9 @@ async fn proxy_to_leader(
                 Err(e) => tracing::debug!("proxy {path} to leader {leader}: {e}"),
             }
         } else if app.is_leader() {
-            return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "retry", "leadership moved here; retry").retry_after(1));
+            return Err(
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "retry", "leadership moved here; retry").retry_after(1)
+            );
         }
         if Instant::now() + delay >= deadline {
             return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_leader", "no leader answered in time")

@@ -9,8 +9,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
-use raftgen_raft::network::{PATH_APPEND, PATH_SNAPSHOT, PATH_VOTE};
 use raftgen_raft::command::MAX_BATCH_COMMANDS;
+use raftgen_raft::network::{PATH_APPEND, PATH_SNAPSHOT, PATH_VOTE};
 use raftgen_raft::{codec, Command};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -55,6 +55,11 @@ async fn vote(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> R
 }
 
 async fn snapshot(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    if !secret_ok(&app, &headers) {
+        return Err(ApiError::unauthorized());
+    }
+    // Before decoding: a multi-MB chunk takes a while, and a leader is alive.
+    let _no_elections = app.snapshot_guard.enter();
     let req = decode_req(&app, &headers, &body)?;
     Ok(encoded(&app.raft.install_snapshot(req).await))
 }

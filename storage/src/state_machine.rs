@@ -23,7 +23,11 @@ use tokio::sync::watch;
 type Entry = openraft::Entry<TypeConfig>;
 type Meta = SnapshotMeta<NodeId, openraft::BasicNode>;
 
-const KEY_SNAPSHOT: &[u8] = b"current";
+/// The stored snapshot: its metadata (bincode) and its data (raw bytes, so
+/// serving it to a lagging follower is a copy, not a decode), written together
+/// in one sled batch.
+const KEY_SNAPSHOT_META: &[u8] = b"meta";
+const KEY_SNAPSHOT_DATA: &[u8] = b"data";
 
 /// Everything a snapshot holds, swapped as one value.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -33,10 +37,22 @@ pub struct SmData {
     pub jobs: JobStateMachine,
 }
 
-#[derive(Serialize, Deserialize)]
 struct StoredSnapshot {
     meta: Meta,
     data: Vec<u8>,
+}
+
+fn read_stored(tree: &sled::Tree) -> Result<Option<StoredSnapshot>, String> {
+    let meta = tree.get(KEY_SNAPSHOT_META).map_err(|e| e.to_string())?;
+    let data = tree.get(KEY_SNAPSHOT_DATA).map_err(|e| e.to_string())?;
+    match (meta, data) {
+        (Some(meta), Some(data)) => {
+            let meta: Meta = codec::decode(&meta).map_err(|e| e.to_string())?;
+            Ok(Some(StoredSnapshot { meta, data: data.to_vec() }))
+        }
+        (None, None) => Ok(None),
+        _ => Err("snapshot metadata and data do not match".into()),
+    }
 }
 
 struct Shared {
@@ -74,9 +90,8 @@ fn sm_err(verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError<NodeId> {
 impl StateMachineStore {
     pub(crate) fn new(db: sled::Db, flusher: crate::flusher::Flusher) -> Result<Self, std::io::Error> {
         let snapshots = db.open_tree("snapshot").map_err(crate::io_err)?;
-        let (data, persisted) = match snapshots.get(KEY_SNAPSHOT).map_err(crate::io_err)? {
-            Some(bytes) => {
-                let stored: StoredSnapshot = codec::decode(&bytes).map_err(crate::io_err)?;
+        let (data, persisted) = match read_stored(&snapshots).map_err(crate::io_err)? {
+            Some(stored) => {
                 let data: SmData = codec::decode(&stored.data).map_err(crate::io_err)?;
                 data.jobs.check_invariants().map_err(crate::io_err)?;
                 (data, stored.meta.last_log_id)
@@ -105,13 +120,16 @@ impl StateMachineStore {
     /// Stores the snapshot and flushes. A built snapshot (`replace_newer` false)
     /// older than the stored one is not written: an install overtook the build.
     async fn persist(&self, stored: &StoredSnapshot, replace_newer: bool) -> Result<(), StorageError<NodeId>> {
-        let bytes = codec::encode(stored).map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        let meta = codec::encode(&stored.meta).map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        let mut batch = sled::Batch::default();
+        batch.insert(KEY_SNAPSHOT_META, meta);
+        batch.insert(KEY_SNAPSHOT_DATA, stored.data.as_slice());
         {
             let mut persisted = self.shared.persisted.lock().expect("snapshot lock poisoned");
             if !replace_newer && *persisted > stored.meta.last_log_id {
                 return Ok(());
             }
-            self.shared.snapshots.insert(KEY_SNAPSHOT, bytes).map_err(|e| sm_err(ErrorVerb::Write, e))?;
+            self.shared.snapshots.apply_batch(batch).map_err(|e| sm_err(ErrorVerb::Write, e))?;
             *persisted = stored.meta.last_log_id;
         }
         self.shared.flusher.flush().await.map_err(|e| sm_err(ErrorVerb::Write, e))?;
@@ -149,7 +167,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
                 Some(l) => format!("{}-{}-{n}", l.leader_id, l.index),
                 None => format!("none-{n}"),
             };
-            let meta = Meta { last_log_id: data.last_applied, last_membership: data.membership.clone(), snapshot_id: id };
+            let meta =
+                Meta { last_log_id: data.last_applied, last_membership: data.membership.clone(), snapshot_id: id };
             (meta, codec::encode(&*data).map_err(|e| sm_err(ErrorVerb::Read, e))?)
         };
         self.shared.bytes_since_snapshot.store(0, Ordering::Relaxed);
@@ -205,7 +224,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
-    async fn install_snapshot(&mut self, meta: &Meta, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError<NodeId>> {
+    async fn install_snapshot(
+        &mut self,
+        meta: &Meta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError<NodeId>> {
         let bytes = snapshot.into_inner();
         let new: SmData = codec::decode(&bytes).map_err(|e| sm_err(ErrorVerb::Read, e))?;
         new.jobs.check_invariants().map_err(|e| sm_err(ErrorVerb::Read, e))?;
@@ -219,10 +242,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
-        let Some(bytes) = self.shared.snapshots.get(KEY_SNAPSHOT).map_err(|e| sm_err(ErrorVerb::Read, e))? else {
+        let Some(stored) = read_stored(&self.shared.snapshots).map_err(|e| sm_err(ErrorVerb::Read, e))? else {
             return Ok(None);
         };
-        let stored: StoredSnapshot = codec::decode(&bytes).map_err(|e| sm_err(ErrorVerb::Read, e))?;
         Ok(Some(Snapshot { meta: stored.meta, snapshot: Box::new(Cursor::new(stored.data)) }))
     }
 }

@@ -60,39 +60,25 @@ fn request(i: u64) -> JobRequest {
 }
 
 fn normal(term: u64, index: u64, cmd: Command) -> Entry<TypeConfig> {
-    Entry {
-        log_id: log_id(term, index),
-        payload: EntryPayload::Normal(Request { at_ms: index * 10, cmd }),
-    }
+    Entry { log_id: log_id(term, index), payload: EntryPayload::Normal(Request { at_ms: index * 10, cmd }) }
 }
 
 fn submit(term: u64, index: u64) -> Entry<TypeConfig> {
     normal(
         term,
         index,
-        Command::Submit {
-            id: JobId(index as u128),
-            request: request(index),
-            seed: Some(index),
-            idempotency_key: None,
-        },
+        Command::Submit { id: JobId(index as u128), request: request(index), seed: Some(index), idempotency_key: None },
     )
 }
 
 fn membership(term: u64, index: u64, voters: &[NodeId]) -> Entry<TypeConfig> {
     let nodes: BTreeMap<NodeId, BasicNode> = voters.iter().map(|n| (*n, BasicNode::new(format!("n{n}")))).collect();
     let voters: BTreeSet<NodeId> = voters.iter().copied().collect();
-    Entry {
-        log_id: log_id(term, index),
-        payload: EntryPayload::Membership(Membership::new(vec![voters], nodes)),
-    }
+    Entry { log_id: log_id(term, index), payload: EntryPayload::Membership(Membership::new(vec![voters], nodes)) }
 }
 
 fn blank(term: u64, index: u64) -> Entry<TypeConfig> {
-    Entry {
-        log_id: log_id(term, index),
-        payload: EntryPayload::Blank,
-    }
+    Entry { log_id: log_id(term, index), payload: EntryPayload::Blank }
 }
 
 /// A log with every kind of payload, indexes `from..=to`.
@@ -156,13 +142,7 @@ async fn entries_are_readable_after_reopen() {
     let written = entries(1, 30);
     {
         let (mut log, _sm) = open(dir.path()).unwrap();
-        assert_eq!(
-            log.get_log_state().await.unwrap(),
-            LogState {
-                last_purged_log_id: None,
-                last_log_id: None
-            }
-        );
+        assert_eq!(log.get_log_state().await.unwrap(), LogState { last_purged_log_id: None, last_log_id: None });
         // Several batches, as openraft appends them.
         log.blocking_append(written[..1].to_vec()).await.unwrap();
         log.blocking_append(written[1..17].to_vec()).await.unwrap();
@@ -175,10 +155,7 @@ async fn entries_are_readable_after_reopen() {
     assert_eq!(read_all(&mut log).await, written);
     assert_eq!(
         log.get_log_state().await.unwrap(),
-        LogState {
-            last_purged_log_id: None,
-            last_log_id: Some(written[29].log_id)
-        }
+        LogState { last_purged_log_id: None, last_log_id: Some(written[29].log_id) }
     );
     assert_eq!(log.read_committed().await.unwrap(), Some(written[29].log_id));
     // Ranges of every bound kind.
@@ -218,20 +195,14 @@ async fn truncate_and_purge_are_persisted_across_reopen() {
         log.purge(written[4].log_id).await.unwrap(); // drops ..=5
         assert_eq!(
             log.get_log_state().await.unwrap(),
-            LogState {
-                last_purged_log_id: Some(written[4].log_id),
-                last_log_id: Some(written[13].log_id)
-            }
+            LogState { last_purged_log_id: Some(written[4].log_id), last_log_id: Some(written[13].log_id) }
         );
     }
     {
         let (mut log, _sm) = reopen(dir.path());
         assert_eq!(
             log.get_log_state().await.unwrap(),
-            LogState {
-                last_purged_log_id: Some(written[4].log_id),
-                last_log_id: Some(written[13].log_id)
-            }
+            LogState { last_purged_log_id: Some(written[4].log_id), last_log_id: Some(written[13].log_id) }
         );
         assert_eq!(read_all(&mut log).await, written[5..14].to_vec());
         assert!(log.try_get_log_entries(1..=5).await.unwrap().is_empty());
@@ -243,10 +214,7 @@ async fn truncate_and_purge_are_persisted_across_reopen() {
         let state = log.get_log_state().await.unwrap();
         assert_eq!(
             state,
-            LogState {
-                last_purged_log_id: Some(written[13].log_id),
-                last_log_id: Some(written[13].log_id)
-            }
+            LogState { last_purged_log_id: Some(written[13].log_id), last_log_id: Some(written[13].log_id) }
         );
         assert!(read_all(&mut log).await.is_empty());
         // A snapshot installed beyond the log purges past its end.
@@ -254,10 +222,7 @@ async fn truncate_and_purge_are_persisted_across_reopen() {
         log.purge(beyond).await.unwrap();
         assert_eq!(
             log.get_log_state().await.unwrap(),
-            LogState {
-                last_purged_log_id: Some(beyond),
-                last_log_id: Some(beyond)
-            }
+            LogState { last_purged_log_id: Some(beyond), last_log_id: Some(beyond) }
         );
         // And the log continues after it.
         log.blocking_append([submit(9, 51)]).await.unwrap();
@@ -265,10 +230,7 @@ async fn truncate_and_purge_are_persisted_across_reopen() {
     let (mut log, _sm) = reopen(dir.path());
     assert_eq!(
         log.get_log_state().await.unwrap(),
-        LogState {
-            last_purged_log_id: Some(log_id(9, 50)),
-            last_log_id: Some(log_id(9, 51))
-        }
+        LogState { last_purged_log_id: Some(log_id(9, 50)), last_log_id: Some(log_id(9, 51)) }
     );
     assert_eq!(read_all(&mut log).await, vec![submit(9, 51)]);
 }
@@ -290,54 +252,25 @@ fn reference(entries: &[Entry<TypeConfig>]) -> JobStateMachine {
 
 /// A log that exercises more than submissions: a node, an assignment, a result.
 fn busy_log() -> Vec<Entry<TypeConfig>> {
-    let info = NodeRegistration {
-        slots: 2,
-        models: vec!["m".into()],
-        loaded_models: vec![],
-        executor: "t".into(),
-    };
+    let info = NodeRegistration { slots: 2, models: vec!["m".into()], loaded_models: vec![], executor: "t".into() };
     let assign = |index, job: u128| {
-        let a = raftgen_raft::command::Assignment {
-            job: JobId(job),
-            node: 1,
-            attempt: 1,
-        };
+        let a = raftgen_raft::command::Assignment { job: JobId(job), node: 1, attempt: 1 };
         normal(1, index, Command::Assign { assignments: vec![a] })
     };
     vec![
         membership(1, 1, &[1]),
         blank(1, 2),
-        normal(
-            1,
-            3,
-            Command::Configure(ClusterConfig {
-                max_results: 10,
-                ..Default::default()
-            }),
-        ),
+        normal(1, 3, Command::Configure(ClusterConfig { max_results: 10, ..Default::default() })),
         normal(1, 4, Command::RegisterNode { node: 1, info }),
         submit(1, 5),
         submit(1, 6),
         submit(1, 7),
         assign(8, 5),
-        normal(
-            1,
-            9,
-            Command::Start {
-                job: JobId(5),
-                node: 1,
-                attempt: 1,
-            },
-        ),
+        normal(1, 9, Command::Start { job: JobId(5), node: 1, attempt: 1 }),
         normal(
             1,
             10,
-            Command::Complete {
-                job: JobId(5),
-                node: 1,
-                attempt: 1,
-                outcome: Outcome::Succeeded { png: vec![7; 100] },
-            },
+            Command::Complete { job: JobId(5), node: 1, attempt: 1, outcome: Outcome::Succeeded { png: vec![7; 100] } },
         ),
         assign(11, 6),
         membership(2, 12, &[1, 2]),
@@ -523,13 +456,7 @@ async fn a_purge_marker_beyond_the_remaining_entries_is_the_last_log_id() {
     }
     let (mut log, _sm) = reopen(dir.path());
     let state = log.get_log_state().await.unwrap();
-    assert_eq!(
-        state,
-        LogState {
-            last_purged_log_id: Some(beyond),
-            last_log_id: Some(beyond)
-        }
-    );
+    assert_eq!(state, LogState { last_purged_log_id: Some(beyond), last_log_id: Some(beyond) });
     // The log continues after the purge point, and the next purge clears the leftovers.
     log.blocking_append([submit(9, 51)]).await.unwrap();
     log.purge(log_id(9, 51)).await.unwrap();
@@ -549,12 +476,7 @@ async fn a_snapshot_build_racing_an_install_never_keeps_the_older_snapshot() {
         1,
         Command::RegisterNode {
             node: 1,
-            info: NodeRegistration {
-                slots: 1,
-                models: vec!["m".into()],
-                loaded_models: vec![],
-                executor: "t".into(),
-            },
+            info: NodeRegistration { slots: 1, models: vec!["m".into()], loaded_models: vec![], executor: "t".into() },
         },
     )];
     let mut index = 1;
@@ -564,17 +486,8 @@ async fn a_snapshot_build_racing_an_install_never_keeps_the_older_snapshot() {
             normal(1, index, cmd)
         };
         let request = request(job as u64);
-        log_entries.push(next(Command::Submit {
-            id: JobId(job),
-            request,
-            seed: Some(1),
-            idempotency_key: None,
-        }));
-        let a = raftgen_raft::command::Assignment {
-            job: JobId(job),
-            node: 1,
-            attempt: 1,
-        };
+        log_entries.push(next(Command::Submit { id: JobId(job), request, seed: Some(1), idempotency_key: None }));
+        let a = raftgen_raft::command::Assignment { job: JobId(job), node: 1, attempt: 1 };
         log_entries.push(next(Command::Assign { assignments: vec![a] }));
         let png = vec![job as u8; 1 << 20];
         log_entries.push(next(Command::Complete {
@@ -586,14 +499,7 @@ async fn a_snapshot_build_racing_an_install_never_keeps_the_older_snapshot() {
     }
     // The leader went further: it dropped every image, so its snapshot is small.
     let mut newer = log_entries.clone();
-    newer.push(normal(
-        1,
-        index + 1,
-        Command::Configure(ClusterConfig {
-            max_results: 0,
-            ..Default::default()
-        }),
-    ));
+    newer.push(normal(1, index + 1, Command::Configure(ClusterConfig { max_results: 0, ..Default::default() })));
 
     let (_src_log, mut src) = open(src_dir.path()).unwrap();
     src.apply(newer.clone()).await.unwrap();
@@ -613,17 +519,10 @@ async fn a_snapshot_build_racing_an_install_never_keeps_the_older_snapshot() {
             let built = build.await.unwrap().unwrap();
             assert!(built.last_log_id <= snap.meta.last_log_id);
             let current = sm.get_current_snapshot().await.unwrap().unwrap();
-            assert_eq!(
-                current.meta, snap.meta,
-                "round {round}: an older built snapshot replaced the installed one"
-            );
+            assert_eq!(current.meta, snap.meta, "round {round}: an older built snapshot replaced the installed one");
             assert_eq!(sm_data(&sm).0, snap.meta.last_log_id);
         }
         let (_log, mut sm) = reopen(&round_dir);
-        assert_eq!(
-            sm.applied_state().await.unwrap().0,
-            snap.meta.last_log_id,
-            "round {round} after reopen"
-        );
+        assert_eq!(sm.applied_state().await.unwrap().0, snap.meta.last_log_id, "round {round} after reopen");
     }
 }
