@@ -138,7 +138,18 @@ async fn leader_sigkill_loses_nothing_and_duplicates_nothing() {
     .await;
 
     // Exactly once, and the same everywhere: one success, identical histories
-    // and byte-identical images on all three nodes.
+    // and byte-identical images on all three nodes. Only the killed node's
+    // attempts were re-queued: jobs running on live nodes were not re-run.
+    for id in acked.values() {
+        let job = cluster.client(new_leader).get(&format!("/v1/jobs/{id}")).await.unwrap();
+        for event in job["history"].as_array().unwrap() {
+            if event["event"] == "requeued" {
+                assert_eq!(event["node"], leader, "job {id}: a live node's attempt was re-queued: {job}");
+            }
+        }
+        let attempts = job["attempt"].as_u64().unwrap();
+        assert_eq!(attempts as usize, 1 + count_events(&job, "requeued"), "job {id}: {job}");
+    }
     for id in acked.values() {
         let mut reference: Option<(Value, Vec<u8>)> = None;
         for node in 1..=3 {
@@ -275,4 +286,51 @@ async fn idempotency_key_stale_completion_and_bad_input() {
         assert!(ids.contains(j["id"].as_str().unwrap()));
     }
     assert_eq!(list["total"], 3);
+}
+
+/// A follower that dies while executing loses its attempt to the leader's
+/// health check: the job is re-queued and finished elsewhere as attempt 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_executor_s_job_is_requeued_and_finished_elsewhere() {
+    let dir = scratch();
+    let mut cluster = start(
+        &dir.path,
+        3,
+        &["--executor", "test-pattern", "--test-pattern-delay-ms", "1500", "--node-timeout-ms", "1000"],
+    );
+    let leader = cluster.wait_ready(1, 3, 1, Duration::from_secs(60)).await.unwrap();
+    let client = cluster.client(leader);
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let body = json!({ "prompt": format!("slow {n}"), "width": 64, "height": 64, "steps": 3 });
+        ids.push(client.submit(&body, None).await.unwrap()["id"].as_str().unwrap().to_string());
+    }
+    // Wait until some follower is running one of them, then kill that follower.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (victim_job, victim) = loop {
+        let mut found = None;
+        for id in &ids {
+            let job = client.get(&format!("/v1/jobs/{id}")).await.unwrap();
+            let node = job["node"].as_u64();
+            if job["state"] == "running" && node.is_some_and(|n| n != leader) {
+                found = Some((id.clone(), node.unwrap()));
+            }
+        }
+        if let Some(f) = found {
+            break f;
+        }
+        assert!(Instant::now() < deadline, "no job ran on a follower");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    cluster.kill(victim).unwrap();
+    let job = client.wait_job(&victim_job, Duration::from_secs(60), |_| {}).await.unwrap();
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["attempt"], 2, "{job}");
+    assert_ne!(job["node"], victim, "{job}");
+    assert_eq!(count_events(&job, "requeued"), 1, "{job}");
+    assert_eq!(count_events(&job, "succeeded"), 1, "{job}");
+    for id in &ids {
+        let job = client.wait_job(id, Duration::from_secs(60), |_| {}).await.unwrap();
+        assert_eq!(job["state"], "succeeded", "{job}");
+    }
 }
