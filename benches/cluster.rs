@@ -16,6 +16,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use raftgen::local::LocalCluster;
 use serde_json::json;
 
@@ -44,35 +48,65 @@ struct Phase {
     latencies: Vec<Duration>,
 }
 
-/// `clients` concurrent clients, each submitting back to back to its node in
-/// `targets` (round-robin by client) for `secs`.
-async fn load(urls: &[String], clients: usize, secs: u64, name: String) -> Phase {
-    let http = reqwest::Client::builder().pool_max_idle_per_host(256).tcp_nodelay(true).build().unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for c in 0..clients {
-        let (http, stop) = (http.clone(), stop.clone());
-        let url = format!("{}/v1/jobs", urls[c % urls.len()]);
-        tasks.push(tokio::spawn(async move {
-            let (mut lat, mut errors, mut n) = (Vec::new(), 0usize, 0u64);
-            while !stop.load(Ordering::Relaxed) {
-                let body = format!(r#"{{"prompt":"bench {c} {n}","width":64,"height":64,"steps":1}}"#);
-                n += 1;
-                let t = Instant::now();
-                let req = http
-                    .post(&url)
-                    .header("idempotency-key", format!("b-{c}-{n}"))
-                    .header("content-type", "application/json")
-                    .body(body);
-                match req.send().await {
-                    Ok(r) if r.status() == 202 => lat.push(t.elapsed()),
-                    _ => errors += 1,
+/// One client: a single keep-alive HTTP/1.1 connection (plain hyper, no pool,
+/// so the client costs the shared cores little), submitting back to back.
+async fn client(addr: String, c: usize, stop: Arc<AtomicBool>) -> (Vec<Duration>, usize) {
+    let (mut lat, mut errors, mut n) = (Vec::new(), 0usize, 0u64);
+    let mut sender: Option<http1::SendRequest<Full<Bytes>>> = None;
+    while !stop.load(Ordering::Relaxed) {
+        if sender.as_ref().is_none_or(|s| s.is_closed()) {
+            let Ok(stream) = tokio::net::TcpStream::connect(&addr).await else {
+                errors += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let Ok((s, conn)) = http1::handshake(TokioIo::new(stream)).await else {
+                errors += 1;
+                continue;
+            };
+            tokio::spawn(conn);
+            sender = Some(s);
+        }
+        let s = sender.as_mut().expect("connected above");
+        let body = format!(r#"{{"prompt":"bench {c} {n}","width":64,"height":64,"steps":1}}"#);
+        let req = hyper::Request::post("/v1/jobs")
+            .header("host", &addr)
+            .header("content-type", "application/json")
+            .header("idempotency-key", format!("b-{c}-{n}"))
+            .body(Full::new(Bytes::from(body)))
+            .expect("static request parts");
+        n += 1;
+        let t = Instant::now();
+        match s.send_request(req).await {
+            Ok(resp) => {
+                let ok = resp.status() == 202;
+                let read = resp.into_body().collect().await.is_ok();
+                if ok && read {
+                    lat.push(t.elapsed());
+                } else {
+                    errors += 1;
                 }
             }
-            (lat, errors)
-        }));
+            Err(_) => {
+                errors += 1;
+                sender = None;
+            }
+        }
     }
+    (lat, errors)
+}
+
+/// `clients` concurrent clients, spread round-robin over `urls`, for `secs`.
+async fn load(urls: &[String], clients: usize, secs: u64, name: String) -> Phase {
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| {
+            let addr = urls[c % urls.len()].trim_start_matches("http://").to_string();
+            tokio::spawn(client(addr, c, stop.clone()))
+        })
+        .collect();
     tokio::time::sleep(Duration::from_secs(secs)).await;
     stop.store(true, Ordering::Relaxed);
     let mut phase = Phase { name, ok: 0, errors: 0, secs: 0.0, latencies: Vec::new() };

@@ -53,23 +53,15 @@ impl Forwarder {
 }
 
 async fn run(client: reqwest::Client, secret: Arc<str>, mut rx: mpsc::Receiver<(String, Command, Reply)>) {
+    let limits = crate::batch::Limits {
+        max_in_flight: MAX_IN_FLIGHT,
+        max_count: MAX_BATCH_COMMANDS,
+        max_bytes: MAX_BATCH_BYTES,
+    };
     let mut in_flight = JoinSet::new();
-    loop {
-        while in_flight.len() >= MAX_IN_FLIGHT {
-            in_flight.join_next().await;
-        }
-        let first = tokio::select! {
-            next = rx.recv() => match next { Some(p) => p, None => break },
-            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => continue,
-        };
-        let mut bytes = first.1.approx_bytes();
+    while let Some(batch) = crate::batch::next(&mut rx, &mut in_flight, &limits, |(_, c, _)| c.approx_bytes()).await {
         let mut by_leader: HashMap<String, Vec<(Command, Reply)>> = HashMap::new();
-        by_leader.entry(first.0).or_default().push((first.1, first.2));
-        let mut count = 1;
-        while count < MAX_BATCH_COMMANDS && bytes < MAX_BATCH_BYTES {
-            let Ok((addr, cmd, reply)) = rx.try_recv() else { break };
-            bytes += cmd.approx_bytes();
-            count += 1;
+        for (addr, cmd, reply) in batch {
             by_leader.entry(addr).or_default().push((cmd, reply));
         }
         for (addr, batch) in by_leader {

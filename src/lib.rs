@@ -9,6 +9,7 @@
 //! [`executor`] (the trait and the test-pattern test double), [`cli`], [`demo`].
 
 pub mod app;
+pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod demo;

@@ -46,26 +46,13 @@ impl Proposer {
 }
 
 async fn run(raft: Raft, mut rx: mpsc::Receiver<(Command, Reply)>) {
+    let limits = crate::batch::Limits {
+        max_in_flight: MAX_IN_FLIGHT,
+        max_count: MAX_BATCH_COMMANDS,
+        max_bytes: MAX_BATCH_BYTES,
+    };
     let mut in_flight = JoinSet::new();
-    loop {
-        while in_flight.len() >= MAX_IN_FLIGHT {
-            in_flight.join_next().await;
-        }
-        let first = tokio::select! {
-            next = rx.recv() => match next { Some(p) => p, None => break },
-            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => continue,
-        };
-        let mut bytes = first.0.approx_bytes();
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH_COMMANDS && bytes < MAX_BATCH_BYTES {
-            match rx.try_recv() {
-                Ok(p) => {
-                    bytes += p.0.approx_bytes();
-                    batch.push(p);
-                }
-                Err(_) => break,
-            }
-        }
+    while let Some(batch) = crate::batch::next(&mut rx, &mut in_flight, &limits, |(c, _)| c.approx_bytes()).await {
         in_flight.spawn(commit(raft.clone(), batch));
     }
 }

@@ -1,51 +1,18 @@
 //! Cluster tests: real `raftgen node` processes on 127.0.0.1, driven over HTTP.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use raftgen::local::LocalCluster;
 use raftgen_raft::command::{Outcome, Rejection};
 use raftgen_raft::job::JobId;
 use raftgen_raft::network::SECRET_HEADER;
 use raftgen_raft::{codec, Command, Response};
 use serde_json::{json, Value};
 
-const EXE: &str = env!("CARGO_BIN_EXE_raftgen");
+mod common;
 
-/// A scratch directory for a test's nodes; kept (and printed) when
-/// RAFTGEN_KEEP_TEST_DATA is set, for post-mortems of the node logs.
-struct Scratch {
-    _guard: Option<tempfile::TempDir>,
-    path: std::path::PathBuf,
-}
-
-fn scratch() -> Scratch {
-    let dir = tempfile::Builder::new().prefix("raftgen-test-").tempdir().unwrap();
-    if std::env::var_os("RAFTGEN_KEEP_TEST_DATA").is_some() {
-        let path = dir.keep();
-        eprintln!("test data kept in {}", path.display());
-        return Scratch { _guard: None, path };
-    }
-    Scratch { path: dir.path().to_path_buf(), _guard: Some(dir) }
-}
-
-fn start(dir: &Path, n: u64, extra: &[&str]) -> LocalCluster {
-    LocalCluster::start(Path::new(EXE), dir, n, &[], extra).expect("starting the cluster")
-}
-
-async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+use common::{scratch, start, wait_until};
 
 fn count_events(job: &Value, event: &str) -> usize {
     job["history"].as_array().unwrap().iter().filter(|e| e["event"] == event).count()

@@ -7,7 +7,6 @@
 //! behaviour under test.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -17,7 +16,9 @@ use raftgen::local::LocalCluster;
 use raftgen_raft::network::SECRET_HEADER;
 use serde_json::{json, Value};
 
-const EXE: &str = env!("CARGO_BIN_EXE_raftgen");
+mod common;
+
+use common::{scratch, start, wait_until};
 
 /// Test-pattern executor, 50 ms a job.
 const FAST: [&str; 4] = ["--executor", "test-pattern", "--test-pattern-delay-ms", "50"];
@@ -26,39 +27,6 @@ const FAST: [&str; 4] = ["--executor", "test-pattern", "--test-pattern-delay-ms"
 async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     LOCK.lock().await
-}
-
-/// A scratch directory for a test's nodes; kept (and printed) when
-/// RAFTGEN_KEEP_TEST_DATA is set, for post-mortems of the node logs (n<id>.log).
-struct Scratch {
-    _guard: Option<tempfile::TempDir>,
-    path: std::path::PathBuf,
-}
-
-fn scratch() -> Scratch {
-    let dir = tempfile::Builder::new().prefix("raftgen-test-").tempdir().unwrap();
-    if std::env::var_os("RAFTGEN_KEEP_TEST_DATA").is_some() {
-        let path = dir.keep();
-        eprintln!("test data kept in {}", path.display());
-        return Scratch { _guard: None, path };
-    }
-    Scratch { path: dir.path().to_path_buf(), _guard: Some(dir) }
-}
-
-fn start(dir: &Path, n: u64, extra: &[&str]) -> LocalCluster {
-    LocalCluster::start(Path::new(EXE), dir, n, &[], extra).expect("starting the cluster")
-}
-
-async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 fn now_ms() -> u64 {
