@@ -1,7 +1,21 @@
 use clap::Parser;
 
 fn main() {
-    let cli = raftgen::cli::Cli::parse();
+    let cli = match raftgen::cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // One line, as for every other error: the first line of clap's
+            // message, with the missing argument folded in.
+            let text = e.render().to_string();
+            let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+            let first = lines.next().unwrap_or("invalid arguments").trim_start_matches("error: ");
+            let detail = if first.ends_with(':') { lines.next() } else { None };
+            let message = [Some(first), detail].into_iter().flatten().collect::<Vec<_>>().join(" ");
+            eprintln!("error: {message} (see raftgen --help)");
+            std::process::exit(2);
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("RAFTGEN_LOG")

@@ -246,6 +246,15 @@ async fn idempotency_key_stale_completion_and_bad_input() {
     assert_eq!(resp.status(), 400);
     let resp = http.get(format!("{}/v1/jobs?state=done", cluster.url(follower))).send().await.unwrap();
     assert_eq!(resp.status(), 400);
+    // Wrong method and unknown path: JSON errors too.
+    for (resp, status) in [
+        (http.put(&url).body("{}").send().await.unwrap(), 405),
+        (http.get(format!("{}/v2/nothing", cluster.url(follower))).send().await.unwrap(), 404),
+    ] {
+        assert_eq!(resp.status(), status);
+        let err: Value = resp.json().await.unwrap();
+        assert!(err["error"]["message"].is_string(), "{err}");
+    }
     // The jobs accepted before are all still there.
     let list = cluster.client(leader).get("/v1/jobs?limit=100").await.unwrap();
     let ids: BTreeSet<&str> = list["jobs"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap()).collect();
