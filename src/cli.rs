@@ -367,10 +367,10 @@ async fn submit(a: SubmitArgs) -> anyhow::Result<()> {
             if text {
                 eprintln!(
                     "  {} (node {}, step {}/{})",
-                    j["state"].as_str().unwrap_or("?"),
-                    j["node"],
-                    j["progress"]["step"],
-                    j["progress"]["steps"]
+                    cell(&j["state"]),
+                    cell(&j["node"]),
+                    cell(&j["progress"]["step"]),
+                    cell(&j["progress"]["steps"])
                 );
             }
         })
@@ -388,13 +388,22 @@ async fn submit(a: SubmitArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A JSON value as table text: strings unquoted, null as `-`.
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
 async fn status(server: &str, output: OutputFormat) -> anyhow::Result<()> {
     let c = Client::new(server).get("/v1/cluster").await?;
     if output == OutputFormat::Json {
         println!("{c}");
         return Ok(());
     }
-    println!("leader: {}  term: {}  queue depth: {}", c["leader_id"], c["term"], c["queue_depth"]);
+    println!("leader: {}  term: {}  queue depth: {}", cell(&c["leader_id"]), cell(&c["term"]), cell(&c["queue_depth"]));
     println!("{:>4}  {:<22} {:<8} {:<8} {:>5} {:>7}  executor", "id", "addr", "role", "healthy", "slots", "running");
     for m in c["members"].as_array().into_iter().flatten() {
         let healthy = match m["healthy"].as_bool() {
@@ -404,13 +413,13 @@ async fn status(server: &str, output: OutputFormat) -> anyhow::Result<()> {
         };
         println!(
             "{:>4}  {:<22} {:<8} {:<8} {:>5} {:>7}  {}{}",
-            m["id"],
-            m["addr"].as_str().unwrap_or(""),
-            m["role"].as_str().unwrap_or(""),
+            cell(&m["id"]),
+            cell(&m["addr"]),
+            cell(&m["role"]),
             healthy,
-            m["slots"],
-            m["running"],
-            m["executor"].as_str().unwrap_or("-"),
+            cell(&m["slots"]),
+            cell(&m["running"]),
+            cell(&m["executor"]),
             if m["draining"] == true { " (draining)" } else { "" }
         );
     }
@@ -432,12 +441,12 @@ async fn jobs(server: &str, state: Option<String>, limit: usize, output: OutputF
         let prompt: String = j["request"]["prompt"].as_str().unwrap_or("").chars().take(40).collect();
         println!(
             "{:<32}  {:<9} {:>4} {:>7}  {prompt}",
-            j["id"].as_str().unwrap_or(""),
-            j["state"].as_str().unwrap_or(""),
-            j["node"],
-            j["attempt"]
+            cell(&j["id"]),
+            cell(&j["state"]),
+            cell(&j["node"]),
+            cell(&j["attempt"])
         );
     }
-    println!("({} jobs in the cluster, {} queued)", v["total"], v["queue_depth"]);
+    println!("({} jobs in the cluster, {} queued)", cell(&v["total"]), cell(&v["queue_depth"]));
     Ok(())
 }
