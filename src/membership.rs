@@ -163,6 +163,6 @@ pub fn cluster_view(app: &App) -> Value {
         "members": members,
         "queue_depth": data.jobs.queue_depth(),
         "answered_by": app.id,
-        "commit_index": metrics.last_applied.map(|l| l.index),
+        "applied_index": metrics.last_applied.map(|l| l.index),
     })
 }

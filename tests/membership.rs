@@ -351,7 +351,7 @@ async fn snapshot_catch_up(extra: &[&str], prompt_chars: usize) -> usize {
     let leader = cluster.wait_ready(1, 3, 0, Duration::from_secs(60)).await.unwrap();
     let follower = (1..=3).find(|i| *i != leader).unwrap();
     cluster.kill(follower).unwrap();
-    let before = cluster.client(leader).get("/v1/cluster").await.unwrap()["commit_index"].as_u64().unwrap();
+    let before = cluster.client(leader).get("/v1/cluster").await.unwrap()["applied_index"].as_u64().unwrap();
 
     let prompt = move |n: u64, c: char| format!("{n} {}", c.to_string().repeat(prompt_chars));
     let client = Arc::new(cluster.client(leader));
@@ -377,8 +377,8 @@ async fn snapshot_catch_up(extra: &[&str], prompt_chars: usize) -> usize {
     assert_eq!(ids.len(), JOBS as usize);
     let leader_total = client.get("/v1/jobs?limit=1").await.unwrap()["total"].clone();
     assert_eq!(leader_total, JOBS);
-    let commit = client.get("/v1/cluster").await.unwrap()["commit_index"].as_u64().unwrap();
-    eprintln!("follower {follower} down from log index {before}; the leader committed up to {commit}");
+    let commit = client.get("/v1/cluster").await.unwrap()["applied_index"].as_u64().unwrap();
+    eprintln!("follower {follower} down from log index {before}; the leader applied up to {commit}");
 
     // The follower comes back and catches up.
     cluster.spawn(follower).unwrap();
