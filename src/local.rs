@@ -24,9 +24,17 @@ pub struct LocalCluster {
     pub nodes: Vec<NodeProc>,
 }
 
-/// A port the OS considers free right now.
+/// A port that is free right now, chosen below Linux's ephemeral range
+/// (32768 and up), so an outgoing connection cannot take it as its source port
+/// between this check and the node binding it.
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    for _ in 0..1_000 {
+        let port = rand::Rng::gen_range(&mut rand::thread_rng(), 20_000..32_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port found in 20000-31999")
 }
 
 fn signal(pid: u32, sig: libc::c_int) -> anyhow::Result<()> {
