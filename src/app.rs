@@ -81,6 +81,11 @@ impl App {
         Some((leader, addr))
     }
 
+    /// Whether this node is in the cluster's membership (voter or learner).
+    pub fn is_member(&self) -> bool {
+        self.raft.server_metrics().borrow().membership_config.membership().get_node(&self.id).is_some()
+    }
+
     pub fn is_leader(&self) -> bool {
         self.raft.server_metrics().borrow().current_leader == Some(self.id)
     }

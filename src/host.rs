@@ -37,27 +37,27 @@ pub async fn run(app: Arc<App>) {
     let mut finished: HashSet<(JobId, u32)> = HashSet::new();
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(JobId, u32)>();
     loop {
-        // Attempts currently assigned to us, from the applied state.
-        let mine: Vec<JobSpec> = app
-            .view
-            .read()
-            .jobs
-            .active_on(app.id)
-            .map(|j| JobSpec { id: j.id, attempt: j.attempt, request: j.request.clone(), seed: j.seed })
-            .collect();
+        // Attempts currently assigned to us, from the applied state. This runs
+        // on every applied entry, so it copies ids only.
+        let mine: Vec<(JobId, u32)> = app.view.read().jobs.active_on(app.id).map(|j| (j.id, j.attempt)).collect();
         for (id, r) in &running {
-            if !mine.iter().any(|s| s.id == *id && s.attempt == r.attempt) {
+            if !mine.contains(&(*id, r.attempt)) {
                 r.cancel.store(true, Ordering::Relaxed);
             }
         }
-        finished.retain(|(id, attempt)| mine.iter().any(|s| s.id == *id && s.attempt == *attempt));
-        for spec in mine {
-            if running.contains_key(&spec.id)
-                || finished.contains(&(spec.id, spec.attempt))
+        finished.retain(|current| mine.contains(current));
+        for (id, attempt) in mine {
+            if running.contains_key(&id)
+                || finished.contains(&(id, attempt))
                 || running.len() >= app.settings.slots as usize
             {
                 continue;
             }
+            let spec = {
+                let data = app.view.read();
+                let Some(j) = data.jobs.job(&id) else { continue };
+                JobSpec { id, attempt, request: j.request.clone(), seed: j.seed }
+            };
             let cancel = Arc::new(AtomicBool::new(false));
             running.insert(spec.id, Running { attempt: spec.attempt, cancel: cancel.clone() });
             let (app, done) = (app.clone(), done_tx.clone());
@@ -160,7 +160,7 @@ pub async fn register(app: Arc<App>) {
             loaded_models: app.executor.loaded_models(),
             executor: app.executor.name().to_string(),
         };
-        let member = app.raft.server_metrics().borrow().membership_config.membership().get_node(&app.id).is_some();
+        let member = app.is_member();
         let current = app.view.read().jobs.nodes().get(&app.id).map(|n| n.registration.clone());
         if member && app.leader().is_some() && current.as_ref() != Some(&info) {
             let cmd = Command::RegisterNode { node: app.id, info };

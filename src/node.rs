@@ -125,10 +125,6 @@ async fn shutdown_signal() {
     }
 }
 
-fn is_member(app: &App) -> bool {
-    app.raft.server_metrics().borrow().membership_config.membership().get_node(&app.id).is_some()
-}
-
 /// Asks the cluster at `url` (any node) to add us, until we are a member.
 /// A node restarted with its original `--join` finds itself a member already
 /// (membership is in its own log) and does nothing, even if `url` is down.
@@ -139,7 +135,7 @@ async fn join_loop(app: Arc<App>, url: String) {
     // Give the restored membership a moment to show in the metrics.
     tokio::time::sleep(Duration::from_millis(100)).await;
     loop {
-        if is_member(&app) {
+        if app.is_member() {
             return;
         }
         let body = serde_json::json!({ "id": app.id, "addr": app.addr });

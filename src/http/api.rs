@@ -337,9 +337,8 @@ async fn healthz() -> Json<Value> {
 
 /// Ready when a leader is known and this node is a member of the cluster.
 async fn readyz(State(app): State<Arc<App>>) -> Response {
-    let m = app.raft.server_metrics().borrow().clone();
-    let member = m.membership_config.membership().get_node(&app.id).is_some();
-    match (m.current_leader, member) {
+    let leader = app.raft.server_metrics().borrow().current_leader;
+    match (leader, app.is_member()) {
         (Some(leader), true) => Json(json!({ "ready": true, "leader_id": leader })).into_response(),
         (leader, member) => {
             (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "ready": false, "leader_id": leader, "member": member })))
