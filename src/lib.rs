@@ -19,6 +19,7 @@ pub mod host;
 pub mod http;
 pub mod local;
 pub mod membership;
+pub mod models;
 pub mod node;
 pub mod proposer;
 pub mod scheduler;

@@ -1,0 +1,174 @@
+//! The models a node serves: every diffusers folder under `--models-dir`,
+//! plus the built-in tiny model, each with its content hash.
+//!
+//! The hash is sha256 over the model's weight files (path, length, bytes, in
+//! path order). Hashing a real model reads gigabytes, so results are cached
+//! in the node's data dir keyed by (path, size, mtime).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::UNIX_EPOCH;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::files::ModelFiles;
+use super::{Family, ModelMeta};
+
+/// Name of the model compiled into the binary.
+pub const BUILTIN_MODEL: &str = "tiny-sd";
+
+/// One servable model.
+#[derive(Clone, Debug)]
+pub struct ModelEntry {
+    pub name: String,
+    pub family: Family,
+    pub files: ModelFiles,
+    /// sha256 of the weights, hex.
+    pub hash: String,
+    /// Size of the weights: the memory the model takes once loaded (f32).
+    pub weight_bytes: u64,
+    pub meta: ModelMeta,
+}
+
+impl ModelEntry {
+    pub fn open(name: &str, files: ModelFiles, cache: Option<&mut HashCache>) -> anyhow::Result<ModelEntry> {
+        let family = Family::detect(&files)?;
+        let meta = family.meta(&files)?;
+        let components = family.components(&files);
+        let hash = match cache {
+            Some(c) => c.hash(&files, &components)?,
+            None => content_hash(&files, &components)?,
+        };
+        let weight_bytes = files.weight_bytes(&components)?;
+        Ok(ModelEntry { name: name.to_string(), family, files, hash, weight_bytes, meta })
+    }
+
+    /// The short hash AUTOMATIC1111 shows (first 10 hex digits).
+    pub fn short_hash(&self) -> &str {
+        &self.hash[..10]
+    }
+}
+
+/// sha256 over the weight files of `components`.
+pub fn content_hash(files: &ModelFiles, components: &[&str]) -> anyhow::Result<String> {
+    let mut h = Sha256::new();
+    for f in files.all_weight_files(components)? {
+        match files {
+            ModelFiles::Dir(root) => {
+                let path = root.join(&f);
+                let len = std::fs::metadata(&path)?.len();
+                h.update(f.as_bytes());
+                h.update([0]);
+                h.update(len.to_le_bytes());
+                let mut file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+                std::io::copy(&mut file, &mut h)?;
+            }
+            ModelFiles::Embedded(_) => {
+                let bytes = files.read(&f)?;
+                h.update(f.as_bytes());
+                h.update([0]);
+                h.update((bytes.len() as u64).to_le_bytes());
+                h.update(&bytes);
+            }
+        }
+    }
+    Ok(format!("{:x}", h.finalize()))
+}
+
+#[derive(Serialize, Deserialize, Clone, PartialEq)]
+struct Stamp {
+    files: Vec<(String, u64, u128)>,
+    hash: String,
+}
+
+/// Content hashes computed before, keyed by model folder.
+pub struct HashCache {
+    path: Option<PathBuf>,
+    entries: BTreeMap<String, Stamp>,
+}
+
+impl HashCache {
+    /// A cache kept in `path` (created when first written); `None`: memory only.
+    pub fn open(path: Option<PathBuf>) -> HashCache {
+        let entries = path
+            .as_ref()
+            .and_then(|p| std::fs::read(p).ok())
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        HashCache { path, entries }
+    }
+
+    fn hash(&mut self, files: &ModelFiles, components: &[&str]) -> anyhow::Result<String> {
+        let ModelFiles::Dir(root) = files else { return content_hash(files, components) };
+        let mut stamp_files = Vec::new();
+        for f in files.all_weight_files(components)? {
+            let md = std::fs::metadata(root.join(&f))?;
+            let mtime = md.modified()?.duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+            stamp_files.push((f, md.len(), mtime));
+        }
+        let key = root.canonicalize().unwrap_or_else(|_| root.clone()).display().to_string();
+        if let Some(s) = self.entries.get(&key) {
+            if s.files == stamp_files {
+                return Ok(s.hash.clone());
+            }
+        }
+        let hash = content_hash(files, components)?;
+        self.entries.insert(key, Stamp { files: stamp_files, hash: hash.clone() });
+        if let Some(p) = &self.path {
+            let tmp = p.with_extension("tmp");
+            std::fs::write(&tmp, serde_json::to_vec_pretty(&self.entries)?)?;
+            std::fs::rename(&tmp, p)?;
+        }
+        Ok(hash)
+    }
+}
+
+/// Every model folder directly under `dir` (a folder with `model_index.json`).
+/// Folders that cannot be served are skipped with a warning naming the reason.
+pub fn scan(dir: &Path, cache: &mut HashCache) -> anyhow::Result<Vec<ModelEntry>> {
+    let mut out = Vec::new();
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("--models-dir {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("model_index.json").is_file())
+        .collect();
+    dirs.sort();
+    for path in dirs {
+        let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        match ModelEntry::open(&name, ModelFiles::Dir(path.clone()), Some(cache)) {
+            Ok(e) => out.push(e),
+            Err(e) => tracing::warn!("skipping model folder {}: {e:#}", path.display()),
+        }
+    }
+    Ok(out)
+}
+
+/// The tiny random-weight SD model compiled into the binary (made by
+/// `tools/make_tiny_models.py`). Its images are noise: it exists so a fresh
+/// checkout runs end to end without downloading anything.
+pub fn builtin() -> anyhow::Result<ModelEntry> {
+    ModelEntry::open(BUILTIN_MODEL, ModelFiles::Embedded(BUILTIN_FILES), None)
+}
+
+macro_rules! embed {
+    ($($path:literal),* $(,)?) => {
+        &[$(($path, include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-sd/", $path)))),*]
+    };
+}
+
+static BUILTIN_FILES: &[(&str, &[u8])] = embed!(
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "tokenizer/merges.txt",
+    "tokenizer/special_tokens_map.json",
+    "tokenizer/tokenizer_config.json",
+    "tokenizer/vocab.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+);

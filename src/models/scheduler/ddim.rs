@@ -1,0 +1,58 @@
+//! DDIM (Song et al. 2020) with eta = 0: deterministic, the sampler of
+//! SD 2.1's folders and our default for the SD family.
+
+use candle_core::{Result, Tensor};
+
+use super::{NoiseFn, Scheduler, SchedulerConfig};
+
+pub struct Ddim {
+    timesteps: Vec<f64>,
+    alphas_cumprod: Vec<f64>,
+    final_alpha_cumprod: f64,
+    step_ratio: usize,
+    v_prediction: bool,
+}
+
+impl Ddim {
+    pub fn new(config: &SchedulerConfig, steps: usize) -> anyhow::Result<Self> {
+        let alphas_cumprod = config.alphas_cumprod()?;
+        let final_alpha_cumprod = if config.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] };
+        Ok(Ddim {
+            timesteps: config.spaced_timesteps(steps)?,
+            alphas_cumprod,
+            final_alpha_cumprod,
+            step_ratio: config.num_train_timesteps / steps,
+            v_prediction: config.v_prediction()?,
+        })
+    }
+}
+
+impl Scheduler for Ddim {
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+
+    fn scale_model_input(&self, sample: &Tensor, _i: usize) -> Result<Tensor> {
+        Ok(sample.clone())
+    }
+
+    fn step(&self, model_output: &Tensor, i: usize, sample: &Tensor, _noise: &mut NoiseFn) -> Result<Tensor> {
+        let t = self.timesteps[i] as usize;
+        let alpha_t = self.alphas_cumprod[t.min(self.alphas_cumprod.len() - 1)];
+        let alpha_prev = t.checked_sub(self.step_ratio).map_or(self.final_alpha_cumprod, |p| self.alphas_cumprod[p]);
+        let beta_t = 1.0 - alpha_t;
+        let (pred_x0, pred_eps) = if self.v_prediction {
+            (
+                ((sample * alpha_t.sqrt())? - (model_output * beta_t.sqrt())?)?,
+                ((model_output * alpha_t.sqrt())? + (sample * beta_t.sqrt())?)?,
+            )
+        } else {
+            (((sample - (model_output * beta_t.sqrt())?)? / alpha_t.sqrt())?, model_output.clone())
+        };
+        (pred_x0 * alpha_prev.sqrt())? + (pred_eps * (1.0 - alpha_prev).sqrt())?
+    }
+}

@@ -1,0 +1,343 @@
+//! The SD-family denoiser: a UNet with cross-attention (Rombach et al. 2022),
+//! sized by `unet/config.json`.
+//!
+//! The blocks are candle's; the top level is ours because SDXL conditions the
+//! time embedding on the pooled text embedding and the size/crop ids
+//! (`addition_embed_type: "text_time"`), which candle's UNet omits.
+
+use anyhow::{bail, Context};
+use candle_core::{Module, Result, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
+use candle_transformers::models::stable_diffusion::unet_2d_blocks::*;
+use serde::Deserialize;
+
+/// A diffusers config value that is either one number or one per block.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum PerBlock {
+    One(usize),
+    Each(Vec<usize>),
+}
+
+impl PerBlock {
+    fn get(&self, i: usize, field: &str) -> anyhow::Result<usize> {
+        match self {
+            PerBlock::One(v) => Ok(*v),
+            PerBlock::Each(v) => v.get(i).copied().with_context(|| format!("unet config: {field} has no entry {i}")),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct UNetConfig {
+    #[serde(default = "four")]
+    pub in_channels: usize,
+    #[serde(default = "four")]
+    pub out_channels: usize,
+    #[serde(default)]
+    pub sample_size: Option<usize>,
+    #[serde(default)]
+    pub center_input_sample: bool,
+    #[serde(default = "yes")]
+    pub flip_sin_to_cos: bool,
+    #[serde(default)]
+    pub freq_shift: f64,
+    pub down_block_types: Vec<String>,
+    pub up_block_types: Vec<String>,
+    #[serde(default)]
+    pub mid_block_type: Option<String>,
+    pub block_out_channels: Vec<usize>,
+    #[serde(default = "layers_default")]
+    pub layers_per_block: PerBlock,
+    #[serde(default = "one")]
+    pub downsample_padding: usize,
+    #[serde(default = "one_f")]
+    pub mid_block_scale_factor: f64,
+    #[serde(default = "groups_default")]
+    pub norm_num_groups: usize,
+    #[serde(default = "eps_default")]
+    pub norm_eps: f64,
+    pub cross_attention_dim: PerBlock,
+    #[serde(default = "one_block")]
+    pub transformer_layers_per_block: PerBlock,
+    #[serde(default = "heads_default")]
+    pub attention_head_dim: PerBlock,
+    #[serde(default)]
+    pub num_attention_heads: Option<PerBlock>,
+    #[serde(default)]
+    pub use_linear_projection: bool,
+    #[serde(default)]
+    pub addition_embed_type: Option<String>,
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<usize>,
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<usize>,
+    #[serde(default)]
+    pub class_embed_type: Option<String>,
+    #[serde(default)]
+    pub time_cond_proj_dim: Option<usize>,
+    #[serde(default)]
+    pub only_cross_attention: Option<serde_json::Value>,
+    #[serde(default)]
+    pub resnet_time_scale_shift: Option<String>,
+}
+
+fn four() -> usize {
+    4
+}
+fn one() -> usize {
+    1
+}
+fn one_f() -> f64 {
+    1.0
+}
+fn yes() -> bool {
+    true
+}
+fn layers_default() -> PerBlock {
+    PerBlock::One(2)
+}
+fn groups_default() -> usize {
+    32
+}
+fn eps_default() -> f64 {
+    1e-5
+}
+fn one_block() -> PerBlock {
+    PerBlock::One(1)
+}
+fn heads_default() -> PerBlock {
+    PerBlock::One(8)
+}
+
+enum Down {
+    Basic(DownBlock2D),
+    CrossAttn(CrossAttnDownBlock2D),
+}
+
+enum Up {
+    Basic(UpBlock2D),
+    CrossAttn(CrossAttnUpBlock2D),
+}
+
+struct AddEmbedding {
+    time_proj: Timesteps,
+    embedding: TimestepEmbedding,
+}
+
+pub struct UNet {
+    conv_in: candle_nn::Conv2d,
+    time_proj: Timesteps,
+    time_embedding: TimestepEmbedding,
+    add: Option<AddEmbedding>,
+    down: Vec<Down>,
+    mid: UNetMidBlock2DCrossAttn,
+    up: Vec<Up>,
+    norm_out: candle_nn::GroupNorm,
+    conv_out: candle_nn::Conv2d,
+    pub config: UNetConfig,
+}
+
+impl UNet {
+    pub fn new(cfg: &UNetConfig, vb: VarBuilder) -> anyhow::Result<Self> {
+        let n = cfg.block_out_channels.len();
+        if n == 0 || cfg.down_block_types.len() != n || cfg.up_block_types.len() != n {
+            bail!("unet config: block_out_channels, down_block_types and up_block_types must have the same length");
+        }
+        if cfg.class_embed_type.is_some() || cfg.time_cond_proj_dim.is_some() {
+            bail!("unet config: class embeddings and time-conditioning projections are not supported");
+        }
+        if cfg.resnet_time_scale_shift.as_deref().is_some_and(|s| s != "default") {
+            bail!("unet config: resnet_time_scale_shift must be \"default\"");
+        }
+        if matches!(cfg.only_cross_attention, Some(serde_json::Value::Bool(true)) | Some(serde_json::Value::Array(_)))
+            && cfg.only_cross_attention != Some(serde_json::Value::Array(vec![serde_json::Value::Bool(false); n]))
+        {
+            bail!("unet config: only_cross_attention is not supported");
+        }
+        if let Some(mid) = &cfg.mid_block_type {
+            if mid != "UNetMidBlock2DCrossAttn" {
+                bail!("unet config: mid_block_type '{mid}' is not supported");
+            }
+        }
+        let cross_dim = match &cfg.cross_attention_dim {
+            PerBlock::One(d) => *d,
+            PerBlock::Each(v) if v.windows(2).all(|w| w[0] == w[1]) && !v.is_empty() => v[0],
+            _ => bail!("unet config: per-block cross_attention_dim is not supported"),
+        };
+        let layers = cfg.layers_per_block.get(0, "layers_per_block")?;
+        for i in 0..n {
+            if cfg.layers_per_block.get(i, "layers_per_block")? != layers {
+                bail!("unet config: per-block layers_per_block is not supported");
+            }
+        }
+        let heads = |i: usize| -> anyhow::Result<usize> {
+            match &cfg.num_attention_heads {
+                Some(h) => h.get(i, "num_attention_heads"),
+                // diffusers' legacy naming: attention_head_dim holds the head count.
+                None => cfg.attention_head_dim.get(i, "attention_head_dim"),
+            }
+        };
+        let cross = |ty: &str| ty.starts_with("CrossAttn");
+        for i in 0..n {
+            let down = &cfg.down_block_types[i];
+            let up = &cfg.up_block_types[n - 1 - i];
+            let known = |t: &str| matches!(t, "DownBlock2D" | "CrossAttnDownBlock2D" | "UpBlock2D" | "CrossAttnUpBlock2D");
+            if !known(down) || !known(up) {
+                bail!("unet config: block types {down}/{up} are not supported");
+            }
+            if cross(down) != cross(up) {
+                bail!("unet config: down block {i} and its mirrored up block disagree on cross-attention");
+            }
+        }
+        let ch0 = cfg.block_out_channels[0];
+        let time_dim = ch0 * 4;
+        let conv = candle_nn::Conv2dConfig { padding: 1, ..Default::default() };
+        let conv_in = candle_nn::conv2d(cfg.in_channels, ch0, 3, conv, vb.pp("conv_in"))?;
+        let time_proj = Timesteps::new(ch0, cfg.flip_sin_to_cos, cfg.freq_shift);
+        let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), ch0, time_dim)?;
+        let add = match cfg.addition_embed_type.as_deref() {
+            None => None,
+            Some("text_time") => {
+                let dim = cfg.addition_time_embed_dim.context("unet config: addition_time_embed_dim missing")?;
+                let input = cfg
+                    .projection_class_embeddings_input_dim
+                    .context("unet config: projection_class_embeddings_input_dim missing")?;
+                Some(AddEmbedding {
+                    time_proj: Timesteps::new(dim, cfg.flip_sin_to_cos, cfg.freq_shift),
+                    embedding: TimestepEmbedding::new(vb.pp("add_embedding"), input, time_dim)?,
+                })
+            }
+            Some(other) => bail!("unet config: addition_embed_type '{other}' is not supported"),
+        };
+        let tlayers = |i: usize| cfg.transformer_layers_per_block.get(i, "transformer_layers_per_block");
+        let mut down = Vec::with_capacity(n);
+        for i in 0..n {
+            let in_ch = if i == 0 { ch0 } else { cfg.block_out_channels[i - 1] };
+            let out_ch = cfg.block_out_channels[i];
+            let db = DownBlock2DConfig {
+                num_layers: layers,
+                resnet_eps: cfg.norm_eps,
+                resnet_groups: cfg.norm_num_groups,
+                add_downsample: i + 1 < n,
+                downsample_padding: cfg.downsample_padding,
+                ..Default::default()
+            };
+            let vbi = vb.pp(format!("down_blocks.{i}"));
+            down.push(if cross(&cfg.down_block_types[i]) {
+                let c = CrossAttnDownBlock2DConfig {
+                    downblock: db,
+                    attn_num_head_channels: heads(i)?,
+                    cross_attention_dim: cross_dim,
+                    sliced_attention_size: None,
+                    use_linear_projection: cfg.use_linear_projection,
+                    transformer_layers_per_block: tlayers(i)?,
+                };
+                Down::CrossAttn(CrossAttnDownBlock2D::new(vbi, in_ch, out_ch, Some(time_dim), false, c)?)
+            } else {
+                Down::Basic(DownBlock2D::new(vbi, in_ch, out_ch, Some(time_dim), db)?)
+            });
+        }
+        let last = cfg.block_out_channels[n - 1];
+        let mid_cfg = UNetMidBlock2DCrossAttnConfig {
+            resnet_eps: cfg.norm_eps,
+            output_scale_factor: cfg.mid_block_scale_factor,
+            cross_attn_dim: cross_dim,
+            attn_num_head_channels: heads(n - 1)?,
+            resnet_groups: Some(cfg.norm_num_groups),
+            use_linear_projection: cfg.use_linear_projection,
+            transformer_layers_per_block: tlayers(n - 1)?,
+            ..Default::default()
+        };
+        let mid = UNetMidBlock2DCrossAttn::new(vb.pp("mid_block"), last, Some(time_dim), false, mid_cfg)?;
+        let mut up = Vec::with_capacity(n);
+        for i in 0..n {
+            let r = n - 1 - i; // the mirrored down block
+            let out_ch = cfg.block_out_channels[r];
+            let prev_out = if i == 0 { last } else { cfg.block_out_channels[r + 1] };
+            let in_ch = cfg.block_out_channels[r.saturating_sub(1)];
+            let ub = UpBlock2DConfig {
+                num_layers: layers + 1,
+                resnet_eps: cfg.norm_eps,
+                resnet_groups: cfg.norm_num_groups,
+                add_upsample: i + 1 < n,
+                ..Default::default()
+            };
+            let vbi = vb.pp(format!("up_blocks.{i}"));
+            up.push(if cross(&cfg.up_block_types[i]) {
+                let c = CrossAttnUpBlock2DConfig {
+                    upblock: ub,
+                    attn_num_head_channels: heads(r)?,
+                    cross_attention_dim: cross_dim,
+                    sliced_attention_size: None,
+                    use_linear_projection: cfg.use_linear_projection,
+                    transformer_layers_per_block: tlayers(r)?,
+                };
+                Up::CrossAttn(CrossAttnUpBlock2D::new(vbi, in_ch, prev_out, out_ch, Some(time_dim), false, c)?)
+            } else {
+                Up::Basic(UpBlock2D::new(vbi, in_ch, prev_out, out_ch, Some(time_dim), ub)?)
+            });
+        }
+        let norm_out = candle_nn::group_norm(cfg.norm_num_groups, ch0, cfg.norm_eps, vb.pp("conv_norm_out"))?;
+        let conv_out = candle_nn::conv2d(ch0, cfg.out_channels, 3, conv, vb.pp("conv_out"))?;
+        Ok(UNet { conv_in, time_proj, time_embedding, add, down, mid, up, norm_out, conv_out, config: cfg.clone() })
+    }
+
+    /// Whether the model wants SDXL's pooled text embedding and time ids.
+    pub fn wants_text_time(&self) -> bool {
+        self.add.is_some()
+    }
+
+    /// Predicts the noise (or velocity) for `xs` [B, C, H, W] at `timestep`.
+    /// `text_time` is SDXL's (pooled text embeds [B, P], time ids [B, 6]).
+    pub fn forward(&self, xs: &Tensor, timestep: f64, context: &Tensor, text_time: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
+        let (b, _, h, w) = xs.dims4()?;
+        let device = xs.device();
+        let n = self.down.len();
+        let factor = 1usize << (n - 1);
+        let odd_size = h % factor != 0 || w % factor != 0;
+        let xs = if self.config.center_input_sample { ((xs * 2.0)? - 1.0)? } else { xs.clone() };
+        let t = (Tensor::ones(b, xs.dtype(), device)? * timestep)?;
+        let mut emb = self.time_embedding.forward(&self.time_proj.forward(&t)?)?;
+        if let Some(add) = &self.add {
+            let Some((pooled, time_ids)) = text_time else {
+                candle_core::bail!("this UNet needs pooled text embeddings and time ids");
+            };
+            let time = add.time_proj.forward(&time_ids.flatten_all()?)?.reshape((b, ()))?;
+            let add_in = Tensor::cat(&[pooled, &time.to_dtype(pooled.dtype())?], 1)?;
+            emb = (emb + add.embedding.forward(&add_in)?)?;
+        }
+        let xs = self.conv_in.forward(&xs)?;
+        let mut residuals = vec![xs.clone()];
+        let mut xs = xs;
+        for block in &self.down {
+            let (out, res) = match block {
+                Down::Basic(d) => d.forward(&xs, Some(&emb))?,
+                Down::CrossAttn(d) => d.forward(&xs, Some(&emb), Some(context))?,
+            };
+            residuals.extend(res);
+            xs = out;
+        }
+        let mut xs = self.mid.forward(&xs, Some(&emb), Some(context))?;
+        for (i, block) in self.up.iter().enumerate() {
+            let n_res = match block {
+                Up::Basic(u) => u.resnets.len(),
+                Up::CrossAttn(u) => u.upblock.resnets.len(),
+            };
+            let res = residuals.split_off(residuals.len() - n_res);
+            let size = if i + 1 < n && odd_size {
+                let (_, _, h, w) = residuals.last().expect("residuals remain for every upsampling block").dims4()?;
+                Some((h, w))
+            } else {
+                None
+            };
+            xs = match block {
+                Up::Basic(u) => u.forward(&xs, &res, Some(&emb), size)?,
+                Up::CrossAttn(u) => u.forward(&xs, &res, Some(&emb), size, Some(context))?,
+            };
+        }
+        let xs = candle_nn::ops::silu(&self.norm_out.forward(&xs)?)?;
+        self.conv_out.forward(&xs)
+    }
+}
