@@ -90,7 +90,9 @@ impl Command {
     /// dominate, everything else is small.
     pub fn approx_bytes(&self) -> u64 {
         match self {
-            Command::Complete { outcome: Outcome::Succeeded { png }, .. } => png.len() as u64 + 64,
+            Command::Complete { outcome: Outcome::Succeeded { png, notes, .. }, .. } => {
+                png.len() as u64 + 128 + notes.iter().map(|n| n.len() as u64).sum::<u64>()
+            }
             Command::Batch(cmds) => cmds.iter().map(Command::approx_bytes).sum(),
             _ => 256,
         }
@@ -110,10 +112,34 @@ pub enum Outcome {
     Succeeded {
         #[serde(with = "serde_bytes")]
         png: Vec<u8>,
+        /// Content hash of the model that made the image.
+        model_hash: String,
+        /// Things the job should say about its run (e.g. a truncated prompt).
+        notes: Vec<String>,
     },
     Failed {
         error: String,
     },
+}
+
+/// What a node says about one model it serves: its identity (content hash)
+/// and the request limits the API enforces for it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    pub name: String,
+    /// sha256 of the weight files, hex. Nodes serving one name must agree.
+    pub hash: String,
+    pub family: String,
+    /// Width and height must be multiples of this.
+    pub pixel_multiple: u32,
+    /// Prompt tokens the text encoder takes; longer prompts are truncated.
+    pub max_prompt_tokens: u32,
+    pub default_side_px: u32,
+    pub default_steps: u32,
+    /// Guidance scale × 100 (kept integral so registrations compare exactly).
+    pub default_guidance_centi: u32,
+    pub default_sampler: String,
+    pub samplers: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,6 +147,9 @@ pub struct NodeRegistration {
     pub slots: u32,
     /// Models this node's executor can run.
     pub models: Vec<String>,
+    /// Details of each model in `models` (hash, limits), when the executor
+    /// knows them; a model without one counts as having the empty hash.
+    pub model_info: Vec<ModelInfo>,
     /// Models currently loaded in memory (scheduling affinity).
     pub loaded_models: Vec<String>,
     /// The executor's name, e.g. `test-pattern`.
@@ -213,5 +242,16 @@ impl std::fmt::Display for Rejection {
             Rejection::NotCancellable { state } => write!(f, "job already {}", state.as_str()),
             Rejection::UnknownNode => write!(f, "unknown node"),
         }
+    }
+}
+
+impl NodeRegistration {
+    /// The hash this node advertises for `model` (empty when unknown).
+    pub fn model_hash(&self, model: &str) -> &str {
+        self.model_info.iter().find(|m| m.name == model).map_or("", |m| m.hash.as_str())
+    }
+
+    pub fn info(&self, model: &str) -> Option<&ModelInfo> {
+        self.model_info.iter().find(|m| m.name == model)
     }
 }

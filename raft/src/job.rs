@@ -24,7 +24,12 @@ pub const MAX_IMAGE_SIDE_PX: u32 = 2_048;
 /// Denoising steps bounds.
 pub const MAX_STEPS: u32 = 150;
 /// Classifier-free guidance bounds.
-pub const MAX_GUIDANCE: f32 = 50.0;
+pub const MAX_GUIDANCE: f32 = 30.0;
+/// Longest accepted sampler name, in bytes.
+pub const MAX_SAMPLER_NAME_BYTES: usize = 32;
+/// Most notes kept per job, and their length in characters.
+pub const MAX_NOTES: usize = 8;
+pub const MAX_NOTE_CHARS: usize = 200;
 /// Priority bounds; higher runs first.
 pub const MIN_PRIORITY: i32 = -100;
 pub const MAX_PRIORITY: i32 = 100;
@@ -77,6 +82,9 @@ pub struct JobRequest {
     pub seed: Option<u64>,
     pub model: String,
     pub priority: i32,
+    /// Overrides the model's default sampler (`ddim`, `euler`, `euler_a`,
+    /// `flow_match_euler`); checked against the model by the API.
+    pub sampler: Option<String>,
 }
 
 /// A request field that breaks a rule.
@@ -128,6 +136,11 @@ impl JobRequest {
         }
         if self.model.is_empty() || self.model.len() > MAX_MODEL_NAME_BYTES {
             return Err(FieldError::new("model", format!("must be 1 to {MAX_MODEL_NAME_BYTES} bytes")));
+        }
+        if let Some(s) = &self.sampler {
+            if s.is_empty() || s.len() > MAX_SAMPLER_NAME_BYTES {
+                return Err(FieldError::new("sampler", format!("must be 1 to {MAX_SAMPLER_NAME_BYTES} bytes")));
+            }
         }
         if !(MIN_PRIORITY..=MAX_PRIORITY).contains(&self.priority) {
             return Err(FieldError::new(
@@ -267,6 +280,10 @@ pub struct Job {
     /// Size of the result image, once succeeded (kept after eviction).
     pub result_bytes: Option<u64>,
     pub result_evicted: bool,
+    /// Content hash of the model that made the result.
+    pub model_hash: Option<String>,
+    /// What the executor said about the run (e.g. a truncated prompt).
+    pub notes: Vec<String>,
     pub history: Vec<Event>,
 }
 

@@ -55,7 +55,7 @@ pub fn plan(sm: &JobStateMachine, healthy: impl Fn(NodeId) -> bool, max_assign: 
         let model = &job.request.model;
         let best = free
             .iter()
-            .filter(|(id, _)| sm.nodes()[*id].registration.models.contains(model))
+            .filter(|(id, _)| sm.serves(**id, model))
             .max_by_key(|(id, slots)| {
                 let loaded = sm.nodes()[*id].registration.loaded_models.contains(model);
                 (loaded, **slots, std::cmp::Reverse(**id))

@@ -15,7 +15,7 @@ use crate::command::{
 };
 use crate::job::{
     bounded_message, EventKind, FieldError, Job, JobId, JobRequest, JobState, NodeId, Progress,
-    MAX_IDEMPOTENCY_KEY_BYTES, MAX_IMAGE_BYTES,
+    MAX_IDEMPOTENCY_KEY_BYTES, MAX_IMAGE_BYTES, MAX_NOTES, MAX_NOTE_CHARS,
 };
 
 /// A node's executor as the cluster sees it.
@@ -43,6 +43,10 @@ pub struct JobStateMachine {
     result_bytes: u64,
     idempotency: BTreeMap<String, JobId>,
     nodes: BTreeMap<NodeId, NodeInfo>,
+    /// The hash each model name stands for: the first one registered while no
+    /// node served the name. A node advertising other bytes under the name is
+    /// not given its jobs (see [`JobStateMachine::serves`]).
+    model_hashes: BTreeMap<String, String>,
     next_finish_seq: u64,
 }
 
@@ -97,6 +101,10 @@ impl JobStateMachine {
             Command::Cancel { job } => self.cancel(at, *job),
             Command::RegisterNode { node, info } => {
                 self.nodes.entry(*node).or_default().registration = info.clone();
+                for model in &info.models {
+                    self.model_hashes.entry(model.clone()).or_insert_with(|| info.model_hash(model).to_string());
+                }
+                self.forget_unserved_models();
                 Response::Ok
             }
             Command::SetDraining { node, draining } => match self.nodes.get_mut(node) {
@@ -113,6 +121,7 @@ impl JobStateMachine {
                     self.requeue(at, job, attempt, "node left the cluster");
                 }
                 self.nodes.remove(node);
+                self.forget_unserved_models();
                 Response::Ok
             }
             Command::Configure(config) => {
@@ -121,6 +130,25 @@ impl JobStateMachine {
                 Response::Ok
             }
         }
+    }
+
+    /// Drops the hash of every model name no node advertises any more.
+    fn forget_unserved_models(&mut self) {
+        let nodes = &self.nodes;
+        self.model_hashes.retain(|m, _| nodes.values().any(|n| n.registration.models.contains(m)));
+    }
+
+    /// Whether `node` may run jobs for `model`: it serves the name with the
+    /// bytes the cluster knows under it.
+    pub fn serves(&self, node: NodeId, model: &str) -> bool {
+        let Some(info) = self.nodes.get(&node) else { return false };
+        info.registration.models.iter().any(|m| m == model)
+            && self.model_hashes.get(model).map(String::as_str) == Some(info.registration.model_hash(model))
+    }
+
+    /// The hash each served model name stands for.
+    pub fn model_hashes(&self) -> &BTreeMap<String, String> {
+        &self.model_hashes
     }
 
     fn submit(
@@ -176,6 +204,8 @@ impl JobStateMachine {
             finished_at_ms: None,
             result_bytes: None,
             result_evicted: false,
+            model_hash: None,
+            notes: Vec::new(),
             history: Vec::new(),
         };
         job.push_event(at, EventKind::Submitted);
@@ -195,7 +225,7 @@ impl JobStateMachine {
         }
         let Some(node) = self.nodes.get(&a.node) else { return false };
         let busy = self.active.get(&a.node).map_or(0, BTreeSet::len) as u32;
-        if node.draining || busy >= node.registration.slots || !node.registration.models.contains(&job.request.model) {
+        if node.draining || busy >= node.registration.slots || !self.serves(a.node, &job.request.model) {
             return false;
         }
         let job = self.jobs.get_mut(&a.job).expect("checked above");
@@ -246,13 +276,15 @@ impl JobStateMachine {
             return Response::Rejected(rejection);
         }
         match outcome {
-            Outcome::Succeeded { png } if png.len() <= MAX_IMAGE_BYTES => {
+            Outcome::Succeeded { png, model_hash, notes } if png.len() <= MAX_IMAGE_BYTES => {
                 job.push_event(at, EventKind::Succeeded { node, attempt });
                 job.progress.step = job.progress.steps;
                 job.result_bytes = Some(png.len() as u64);
+                job.model_hash = Some(bounded_message(model_hash));
+                job.notes = notes.iter().take(MAX_NOTES).map(|n| n.chars().take(MAX_NOTE_CHARS).collect()).collect();
                 self.finish(at, id, JobState::Succeeded, None, Some(png.clone()));
             }
-            Outcome::Succeeded { png } => {
+            Outcome::Succeeded { png, .. } => {
                 let error = format!("result image of {} bytes exceeds {MAX_IMAGE_BYTES} bytes", png.len());
                 job.push_event(at, EventKind::Failed { node: Some(node), attempt, error: error.clone() });
                 self.finish(at, id, JobState::Failed, Some(error), None);

@@ -34,6 +34,7 @@ impl Cluster {
             models: models.iter().map(|m| m.to_string()).collect(),
             loaded_models: loaded.iter().map(|m| m.to_string()).collect(),
             executor: "test-pattern".into(),
+        model_info: Vec::new(),
         };
         assert_eq!(self.apply(Command::RegisterNode { node, info }), Response::Ok);
     }
@@ -49,6 +50,7 @@ impl Cluster {
             seed: None,
             model: model.to_string(),
             priority,
+            sampler: None,
         };
         let resp = self.apply(Command::Submit { id: JobId(id), request, seed: Some(1), idempotency_key: None });
         assert!(matches!(resp, Response::Submitted { created: true, .. }), "{resp:?}");
@@ -267,6 +269,7 @@ fn scan_is_bounded_to_max_queue_scan() {
         seed: None,
         model: "nobody".into(),
         priority: 0,
+        sampler: None,
     };
     for id in 0..=MAX_QUEUE_SCAN as u128 {
         if id == MAX_QUEUE_SCAN as u128 {
@@ -316,7 +319,7 @@ fn random_cluster(rng: &mut StdRng) -> Cluster {
                         .collect();
                 if let Some((job, node, attempt)) = active.choose(rng).copied() {
                     let outcome = if rng.gen_bool(0.5) {
-                        Outcome::Succeeded { png: vec![1; 4] }
+                        Outcome::Succeeded { png: vec![1; 4], model_hash: "h".into(), notes: Vec::new() }
                     } else {
                         Outcome::Failed { error: "x".into() }
                     };

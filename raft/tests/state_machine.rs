@@ -33,6 +33,7 @@ fn request(prompt: &str, model: &str, priority: i32) -> JobRequest {
         seed: None,
         model: model.to_string(),
         priority,
+        sampler: None,
     }
 }
 
@@ -42,6 +43,7 @@ fn registration(slots: u32, models: &[&str]) -> NodeRegistration {
         models: models.iter().map(|m| m.to_string()).collect(),
         loaded_models: Vec::new(),
         executor: "test-pattern".into(),
+        model_info: Vec::new(),
     }
 }
 
@@ -113,7 +115,7 @@ impl Harness {
 }
 
 fn png(len: usize, fill: u8) -> Outcome {
-    Outcome::Succeeded { png: vec![fill; len] }
+    Outcome::Succeeded { png: vec![fill; len], model_hash: "h".into(), notes: Vec::new() }
 }
 
 fn failed(msg: &str) -> Outcome {
@@ -173,6 +175,7 @@ impl Gen {
             seed: if r.gen_bool(0.5) { None } else { Some(7) },
             model: MODELS.choose(r).unwrap().to_string(),
             priority: r.gen_range(-1..=1),
+            sampler: None,
         }
     }
 
@@ -270,7 +273,13 @@ impl Gen {
                 let loaded = models.iter().filter(|_| self.rng.gen_bool(0.5)).cloned().collect();
                 Command::RegisterNode {
                     node,
-                    info: NodeRegistration { slots, models, loaded_models: loaded, executor: "test".into() },
+                    info: NodeRegistration {
+                        slots,
+                        models,
+                        loaded_models: loaded,
+                        executor: "test".into(),
+                        model_info: Vec::new(),
+                    },
                 }
             }
             30..=44 => {
@@ -1217,7 +1226,7 @@ fn invalid_requests_are_rejected_naming_the_field() {
     req.width = 2048;
     req.height = 8;
     req.steps = 150;
-    req.guidance = 50.0;
+    req.guidance = 30.0;
     req.priority = -100;
     assert!(matches!(h.submit(2, req, None), Response::Submitted { created: true, .. }));
     for key in [String::new(), "k".repeat(MAX_IDEMPOTENCY_KEY_BYTES + 1)] {
@@ -1681,4 +1690,39 @@ fn nested_or_oversized_batches_are_rejected_without_effect() {
     let resp = sm.apply(2, &Request { at_ms: 1, cmd: big });
     assert!(matches!(resp, Response::Rejected(Rejection::Invalid(_))), "{resp:?}");
     assert_eq!(sm, JobStateMachine::default());
+}
+
+#[test]
+fn a_node_with_other_bytes_under_a_model_name_gets_none_of_its_jobs() {
+    let mut h = Harness::new(ClusterConfig::default());
+    let with_hash = |slots, hash: &str| NodeRegistration {
+        slots,
+        models: vec!["m".into()],
+        model_info: vec![raftgen_raft::command::ModelInfo { name: "m".into(), hash: hash.into(), ..Default::default() }],
+        ..Default::default()
+    };
+    assert_eq!(h.apply(Command::RegisterNode { node: 1, info: with_hash(1, "aaaa") }), Response::Ok);
+    assert_eq!(h.apply(Command::RegisterNode { node: 2, info: with_hash(4, "bbbb") }), Response::Ok);
+    assert!(h.sm.serves(1, "m"));
+    assert!(!h.sm.serves(2, "m"), "the second hash registered under 'm' must not serve it");
+    assert_eq!(h.sm.model_hashes()["m"], "aaaa");
+    let a = h.submit_ok(1, request("a", "m", 0));
+    let b = h.submit_ok(2, request("b", "m", 0));
+    assert_eq!(h.assign(a, 2, 1), 0, "assigned to the node with the wrong bytes");
+    assert_eq!(h.assign(a, 1, 1), 1);
+    assert_eq!(h.assign(b, 2, 1), 0);
+    // Node 2 fixes its folder: same bytes, now eligible.
+    assert_eq!(h.apply(Command::RegisterNode { node: 2, info: with_hash(4, "aaaa") }), Response::Ok);
+    assert_eq!(h.assign(b, 2, 1), 1);
+    // The success records the hash that made the image.
+    let out = Outcome::Succeeded { png: vec![1; 8], model_hash: "aaaa".into(), notes: vec!["prompt truncated".into()] };
+    assert_eq!(h.complete(b, 2, 1, out), Response::Ok);
+    assert_eq!(h.job(b).model_hash.as_deref(), Some("aaaa"));
+    assert_eq!(h.job(b).notes, vec!["prompt truncated".to_string()]);
+    // Once nobody serves the name, its hash is forgotten and a new one may take it.
+    assert_eq!(h.apply(Command::ForgetNode { node: 1 }), Response::Ok);
+    assert_eq!(h.apply(Command::ForgetNode { node: 2 }), Response::Ok);
+    assert!(h.sm.model_hashes().is_empty());
+    assert_eq!(h.apply(Command::RegisterNode { node: 3, info: with_hash(1, "cccc") }), Response::Ok);
+    assert!(h.sm.serves(3, "m"));
 }
