@@ -14,7 +14,9 @@ use raftgen_raft::network::SECRET_HEADER;
 use serde_json::{json, Value};
 
 use crate::config::NodeSettings;
+use crate::executor::diffusion::DiffusionExecutor;
 use crate::executor::test_pattern::TestPatternExecutor;
+use crate::models::catalog::HashCache;
 use crate::executor::{Executor, NoExecutor};
 
 /// The secret used when none is given: fine on one machine, never across a network.
@@ -29,10 +31,53 @@ pub struct Cli {
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum ExecutorKind {
+    /// The real one: Stable Diffusion / Z-Image pipelines on candle.
+    Diffusion,
     /// No executor: the node votes and serves the API but runs no job.
     None,
     /// TEST DOUBLE: synthetic deterministic images, for tests and benchmarks.
     TestPattern,
+}
+
+/// Largest `--max-batch`.
+const MAX_BATCH: usize = 64;
+
+/// The diffusion executor over the built-in model and `--models-dir`, on the CPU.
+fn diffusion_executor(a: &NodeArgs) -> anyhow::Result<DiffusionExecutor> {
+    let mut models = Vec::new();
+    if !a.no_builtin_model {
+        models.push(crate::models::catalog::builtin()?);
+    }
+    if let Some(dir) = &a.models_dir {
+        std::fs::create_dir_all(&a.data).with_context(|| format!("creating {}", a.data.display()))?;
+        let mut cache = HashCache::open(Some(a.data.join("model-hashes.json")));
+        for m in crate::models::catalog::scan(dir, &mut cache)? {
+            if models.iter().any(|e: &crate::models::catalog::ModelEntry| e.name == m.name) {
+                bail!("--models-dir {}: a folder named '{}' clashes with the built-in model", dir.display(), m.name);
+            }
+            models.push(m);
+        }
+    }
+    if models.is_empty() {
+        bail!("no model to serve: --no-builtin-model and no model folder under --models-dir");
+    }
+    for m in &models {
+        tracing::info!(
+            "model '{}' ({}, {} M parameters, sha256 {}) from {}",
+            m.name,
+            m.meta.family,
+            m.params / 1_000_000,
+            m.short_hash(),
+            m.files.describe()
+        );
+    }
+    Ok(DiffusionExecutor::new(
+        models,
+        candle_core::Device::Cpu,
+        candle_core::DType::F32,
+        a.model_memory_mb << 20,
+        a.max_batch,
+    ))
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -97,13 +142,30 @@ pub struct NodeArgs {
     pub join: Option<String>,
     #[arg(long, env = "RAFTGEN_CLUSTER_SECRET", hide_env_values = true)]
     pub cluster_secret: Option<String>,
-    #[arg(long, value_enum, default_value_t = ExecutorKind::None)]
+    #[arg(long, value_enum, default_value_t = ExecutorKind::Diffusion)]
     pub executor: ExecutorKind,
+    /// Serve every diffusers model folder under DIR (besides the built-in
+    /// tiny model). Folders are read, never downloaded or written.
+    #[arg(long)]
+    pub models_dir: Option<PathBuf>,
+    /// Do not serve the built-in tiny model (random weights).
+    #[arg(long)]
+    pub no_builtin_model: bool,
+    /// Memory for loaded models; the least recently used ones are unloaded
+    /// beyond it, and a model larger than it fails its jobs.
+    #[arg(long, default_value_t = 16_384)]
+    pub model_memory_mb: u64,
+    /// Most jobs run together as one batch (same model, size, steps, sampler
+    /// and guidance).
+    #[arg(long, default_value_t = 4)]
+    pub max_batch: usize,
     /// Simulated run time per job of the test-pattern executor.
     #[arg(long, default_value_t = 500)]
     pub test_pattern_delay_ms: u64,
-    #[arg(long, default_value_t = 1)]
-    pub slots: u32,
+    /// Jobs assigned to this node at once (default: --max-batch for the
+    /// diffusion executor, 1 for the test pattern).
+    #[arg(long)]
+    pub slots: Option<u32>,
     #[arg(long, default_value_t = 5_000)]
     pub node_timeout_ms: u64,
     #[arg(long, default_value_t = 30_000)]
@@ -186,7 +248,11 @@ impl NodeArgs {
             tracing::warn!("no --cluster-secret or RAFTGEN_CLUSTER_SECRET: using the insecure development secret");
             DEV_SECRET.to_string()
         });
+        if self.max_batch == 0 || self.max_batch > MAX_BATCH {
+            bail!("--max-batch must be between 1 and {MAX_BATCH}");
+        }
         let executor: Arc<dyn Executor> = match self.executor {
+            ExecutorKind::Diffusion => Arc::new(diffusion_executor(&self)?),
             ExecutorKind::None => {
                 tracing::warn!("--executor none: this node runs no jobs");
                 Arc::new(NoExecutor)
@@ -196,7 +262,11 @@ impl NodeArgs {
                 Arc::new(TestPatternExecutor { delay_ms: self.test_pattern_delay_ms })
             }
         };
-        let slots = if self.executor == ExecutorKind::None { 0 } else { self.slots };
+        let slots = match self.executor {
+            ExecutorKind::None => 0,
+            ExecutorKind::Diffusion => self.slots.unwrap_or(self.max_batch as u32),
+            ExecutorKind::TestPattern => self.slots.unwrap_or(1),
+        };
         Ok(crate::node::NodeOptions {
             id: self.id,
             listen: self.listen,

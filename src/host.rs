@@ -18,7 +18,7 @@ use raftgen_raft::job::JobId;
 use raftgen_raft::{Command, Response};
 
 use crate::app::App;
-use crate::executor::{ExecError, JobSpec, RunControl};
+use crate::executor::{ExecError, JobOutput, JobSpec, RunControl};
 
 /// Least time between two progress reports of one job.
 const PROGRESS_INTERVAL_MS: u64 = 1_000;
@@ -35,7 +35,10 @@ pub async fn run(app: Arc<App>) {
     // Attempts this host already ran to the end, until the applied state (which
     // may lag the leader's) stops listing them: never run an attempt twice.
     let mut finished: HashSet<(JobId, u32)> = HashSet::new();
-    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(JobId, u32)>();
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<(JobId, u32)>>();
+    let lanes = app.executor.lanes().min(app.settings.slots.max(1) as usize);
+    let max_batch = app.executor.max_batch().max(1);
+    let mut busy_lanes = 0usize;
     loop {
         // Attempts currently assigned to us, from the applied state. This runs
         // on every applied entry, so it copies ids only.
@@ -46,34 +49,58 @@ pub async fn run(app: Arc<App>) {
             }
         }
         finished.retain(|current| mine.contains(current));
-        for (id, attempt) in mine {
-            if running.contains_key(&id)
-                || finished.contains(&(id, attempt))
-                || running.len() >= app.settings.slots as usize
-            {
-                continue;
-            }
-            let spec = {
+        while busy_lanes < lanes {
+            let waiting: Vec<(JobId, u32)> = mine
+                .iter()
+                .filter(|(id, attempt)| !running.contains_key(id) && !finished.contains(&(*id, *attempt)))
+                .copied()
+                .collect();
+            let specs: Vec<JobSpec> = {
                 let data = app.view.read();
-                let Some(j) = data.jobs.job(&id) else { continue };
-                JobSpec { id, attempt, request: j.request.clone(), seed: j.seed }
+                waiting
+                    .iter()
+                    .filter_map(|(id, attempt)| {
+                        let j = data.jobs.job(id)?;
+                        Some(JobSpec { id: *id, attempt: *attempt, request: j.request.clone(), seed: j.seed })
+                    })
+                    .collect()
             };
-            let cancel = Arc::new(AtomicBool::new(false));
-            running.insert(spec.id, Running { attempt: spec.attempt, cancel: cancel.clone() });
+            let Some(first) = specs.first() else { break };
+            // The oldest waiting job, and others that can share its batch.
+            let key = app.executor.batch_key(first);
+            let batch: Vec<JobSpec> = std::iter::once(first.clone())
+                .chain(
+                    specs[1..]
+                        .iter()
+                        .filter(|s| key.is_some() && app.executor.batch_key(s) == key)
+                        .take(max_batch - 1)
+                        .cloned(),
+                )
+                .collect();
+            let mut cancels = Vec::with_capacity(batch.len());
+            for spec in &batch {
+                let cancel = Arc::new(AtomicBool::new(false));
+                running.insert(spec.id, Running { attempt: spec.attempt, cancel: cancel.clone() });
+                cancels.push(cancel);
+            }
+            busy_lanes += 1;
             let (app, done) = (app.clone(), done_tx.clone());
             tokio::spawn(async move {
-                let (id, attempt) = (spec.id, spec.attempt);
-                execute(&app, spec, cancel).await;
-                let _ = done.send((id, attempt));
+                let ids: Vec<(JobId, u32)> = batch.iter().map(|s| (s.id, s.attempt)).collect();
+                execute(&app, batch, cancels).await;
+                let _ = done.send(ids);
             });
         }
         tokio::select! {
             _ = applied.changed() => {}
-            Some((id, attempt)) = done_rx.recv() => {
-                if running.get(&id).is_some_and(|r| r.attempt == attempt) {
-                    running.remove(&id);
+            Some(ids) = done_rx.recv() => {
+                busy_lanes -= 1;
+                for (id, attempt) in ids {
+                    if running.get(&id).is_some_and(|r| r.attempt == attempt) {
+                        running.remove(&id);
+                    }
+                    finished.insert((id, attempt));
                 }
-                finished.insert((id, attempt));
             }
             _ = shutdown.changed() => {
                 for r in running.values() {
@@ -85,78 +112,113 @@ pub async fn run(app: Arc<App>) {
     }
 }
 
-async fn execute(app: &Arc<App>, spec: JobSpec, cancel: Arc<AtomicBool>) {
-    let (id, attempt, node) = (spec.id, spec.attempt, app.id);
+/// Runs one batch: records each start, runs the executor once for all the
+/// jobs that started, reports each outcome.
+async fn execute(app: &Arc<App>, batch: Vec<JobSpec>, cancels: Vec<Arc<AtomicBool>>) {
+    let node = app.id;
     let timeout = app.settings.report_timeout();
-    match app.write(Command::Start { job: id, node, attempt }, timeout).await {
-        Ok(Response::Ok) => {}
-        Ok(other) => {
-            tracing::info!("job {id} attempt {attempt} not started: {other:?}");
-            return;
+    let starts = futures_util::future::join_all(batch.iter().map(|spec| {
+        let (id, attempt) = (spec.id, spec.attempt);
+        async move {
+            match app.write(Command::Start { job: id, node, attempt }, timeout).await {
+                Ok(Response::Ok) => true,
+                Ok(other) => {
+                    tracing::info!("job {id} attempt {attempt} not started: {other:?}");
+                    false
+                }
+                Err(e) => {
+                    tracing::warn!("job {id} attempt {attempt}: could not record the start: {e}");
+                    false
+                }
+            }
         }
-        Err(e) => {
-            tracing::warn!("job {id} attempt {attempt}: could not record the start: {e}");
-            return;
-        }
+    }))
+    .await;
+    let started: Vec<(JobSpec, Arc<AtomicBool>)> =
+        batch.into_iter().zip(cancels).zip(starts).filter(|(_, ok)| *ok).map(|(j, _)| j).collect();
+    if started.is_empty() {
+        return;
     }
-    // Progress flows from the blocking run to a task that reports at most once a second.
-    let step = Arc::new(AtomicU32::new(0));
+    // Progress flows from the blocking run to a task that reports at most once
+    // a second (the live step count is also served from memory, see `App`).
+    let steps_done: Vec<Arc<AtomicU32>> = started.iter().map(|_| Arc::new(AtomicU32::new(0))).collect();
     let reporter = {
-        let (app, step, cancel) = (app.clone(), step.clone(), cancel.clone());
-        let steps = spec.request.steps;
+        let app = app.clone();
+        let jobs: Vec<(JobId, u32, u32, Arc<AtomicU32>, Arc<AtomicBool>)> = started
+            .iter()
+            .zip(&steps_done)
+            .map(|((s, c), d)| (s.id, s.attempt, s.request.steps, d.clone(), c.clone()))
+            .collect();
         tokio::spawn(async move {
-            let mut last = 0;
+            let mut last = vec![0; jobs.len()];
             loop {
                 tokio::time::sleep(Duration::from_millis(PROGRESS_INTERVAL_MS)).await;
-                let now = step.load(Ordering::Relaxed);
-                if cancel.load(Ordering::Relaxed) {
-                    return;
-                }
-                if now != last && now < steps {
-                    last = now;
-                    let cmd = Command::Progress { job: id, node, attempt, step: now, steps };
+                for (i, (id, attempt, steps, done, cancel)) in jobs.iter().enumerate() {
+                    let now = done.load(Ordering::Relaxed);
+                    if cancel.load(Ordering::Relaxed) || now == last[i] || now >= *steps {
+                        continue;
+                    }
+                    last[i] = now;
+                    let cmd = Command::Progress { job: *id, node, attempt: *attempt, step: now, steps: *steps };
                     let _ = app.write(cmd, Duration::from_millis(PROGRESS_INTERVAL_MS)).await;
                 }
             }
         })
     };
     let executor = app.executor.clone();
-    let started = Instant::now();
-    let ctl_cancel = cancel.clone();
-    let result = tokio::task::spawn_blocking(move || {
-        let ctl = RunControl::new(ctl_cancel, Box::new(move |s, _| step.store(s, Ordering::Relaxed)));
-        executor.generate(&spec, &ctl)
-    })
-    .await;
+    let started_at = Instant::now();
+    let work: Vec<(JobSpec, RunControl)> = started
+        .iter()
+        .zip(&steps_done)
+        .map(|((spec, cancel), done)| {
+            let done = done.clone();
+            let ctl = RunControl::new(cancel.clone(), Box::new(move |s, _| done.store(s, Ordering::Relaxed)));
+            (spec.clone(), ctl)
+        })
+        .collect();
+    let n = work.len();
+    let result = tokio::task::spawn_blocking(move || executor.generate_batch(&work)).await;
     reporter.abort();
-    let outcome = match result {
-        Ok(Ok(png)) => Outcome::Succeeded { png },
-        Ok(Err(ExecError::Cancelled)) => {
-            tracing::info!("job {id} attempt {attempt} stopped: no longer current");
-            return;
-        }
-        Ok(Err(ExecError::Failed(error))) => Outcome::Failed { error },
-        Err(join) => Outcome::Failed { error: format!("executor crashed: {join}") },
+    let outcomes: Vec<Result<JobOutput, ExecError>> = match result {
+        Ok(v) if v.len() == n => v,
+        Ok(v) => (0..n).map(|_| Err(ExecError::Failed(format!("executor returned {} results for {n} jobs", v.len())))).collect(),
+        Err(join) => (0..n).map(|_| Err(ExecError::Failed(format!("executor crashed: {join}")))).collect(),
     };
-    let ok = matches!(outcome, Outcome::Succeeded { .. });
-    match app.write(Command::Complete { job: id, node, attempt, outcome }, timeout).await {
-        Ok(Response::Ok) => tracing::info!(
-            "job {id} attempt {attempt} {} in {} ms",
-            if ok { "succeeded" } else { "failed" },
-            started.elapsed().as_millis()
-        ),
-        Ok(other) => tracing::info!("job {id} attempt {attempt}: completion not accepted: {other:?}"),
-        Err(e) => tracing::warn!("job {id} attempt {attempt}: could not report completion: {e}"),
-    }
+    let elapsed_ms = started_at.elapsed().as_millis();
+    let reports = started.iter().zip(outcomes).map(|((spec, _), result)| {
+        let (id, attempt) = (spec.id, spec.attempt);
+        async move {
+            let outcome = match result {
+                Ok(out) => Outcome::Succeeded { png: out.png, model_hash: out.model_hash, notes: out.notes },
+                Err(ExecError::Cancelled) => {
+                    tracing::info!("job {id} attempt {attempt} stopped: no longer current");
+                    return;
+                }
+                Err(ExecError::Failed(error)) => Outcome::Failed { error },
+            };
+            let ok = matches!(outcome, Outcome::Succeeded { .. });
+            match app.write(Command::Complete { job: id, node, attempt, outcome }, timeout).await {
+                Ok(Response::Ok) => tracing::info!(
+                    "job {id} attempt {attempt} {} in {elapsed_ms} ms (batch of {n})",
+                    if ok { "succeeded" } else { "failed" },
+                ),
+                Ok(other) => tracing::info!("job {id} attempt {attempt}: completion not accepted: {other:?}"),
+                Err(e) => tracing::warn!("job {id} attempt {attempt}: could not report completion: {e}"),
+            }
+        }
+    });
+    futures_util::future::join_all(reports).await;
 }
 
 /// Keeps this node's registration (slots, models) in the replicated state.
 pub async fn register(app: Arc<App>) {
     let mut shutdown = app.shutdown.clone();
     loop {
+        let model_info = app.executor.models();
         let info = NodeRegistration {
             slots: app.settings.slots,
-            models: app.executor.models(),
+            models: model_info.iter().map(|m| m.name.clone()).collect(),
+            model_info,
             loaded_models: app.executor.loaded_models(),
             executor: app.executor.name().to_string(),
         };

@@ -1,15 +1,19 @@
-//! The executor a node hosts: turns one job into one PNG.
+//! The executor a node hosts: turns jobs into PNGs.
 //!
 //! Executors are synchronous and CPU/GPU-bound; the host runs them on a
-//! blocking thread and passes a [`RunControl`] for progress and cancellation.
-//! Only the test-pattern executor exists so far; it is a test double (see its
-//! module) and must be chosen explicitly.
+//! blocking thread and passes a [`RunControl`] per job for progress and
+//! cancellation. Jobs with the same [`Executor::batch_key`] may be handed over
+//! together and run as one batch. The real executor is [`diffusion`]; the
+//! test-pattern one is a test double (see its module) chosen only explicitly.
 
+pub mod diffusion;
+pub mod png;
 pub mod test_pattern;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use raftgen_raft::command::ModelInfo;
 use raftgen_raft::job::{JobId, JobRequest};
 
 /// What an executor gets for one attempt.
@@ -51,15 +55,37 @@ pub enum ExecError {
     Failed(String),
 }
 
+/// A finished image and what the cluster records with it.
+#[derive(Clone, Debug)]
+pub struct JobOutput {
+    pub png: Vec<u8>,
+    /// Content hash of the model that made it.
+    pub model_hash: String,
+    /// Things to tell the user about the run (e.g. a truncated prompt).
+    pub notes: Vec<String>,
+}
+
 pub trait Executor: Send + Sync + 'static {
-    /// A short name shown in `/v1/cluster` (e.g. `test-pattern`).
+    /// A short name shown in `/v1/cluster` (e.g. `diffusion`).
     fn name(&self) -> &str;
-    /// Models this executor can run.
-    fn models(&self) -> Vec<String>;
+    /// Models this executor can run, with their hashes and limits.
+    fn models(&self) -> Vec<ModelInfo>;
     /// Models currently loaded (for the scheduler's affinity).
     fn loaded_models(&self) -> Vec<String>;
-    /// Runs one attempt to completion, returning PNG bytes. Blocking.
-    fn generate(&self, job: &JobSpec, ctl: &RunControl) -> Result<Vec<u8>, ExecError>;
+    /// How many batches may run at once (the host also caps jobs at `--slots`).
+    fn lanes(&self) -> usize {
+        usize::MAX
+    }
+    /// Jobs with equal keys may run as one batch; `None`: always alone.
+    fn batch_key(&self, _job: &JobSpec) -> Option<String> {
+        None
+    }
+    /// Most jobs in one batch.
+    fn max_batch(&self) -> usize {
+        1
+    }
+    /// Runs a batch of attempts (one per entry) to completion. Blocking.
+    fn generate_batch(&self, jobs: &[(JobSpec, RunControl)]) -> Vec<Result<JobOutput, ExecError>>;
 }
 
 /// The executor of a node started with `--executor none`: it serves no model,
@@ -70,13 +96,13 @@ impl Executor for NoExecutor {
     fn name(&self) -> &str {
         "none"
     }
-    fn models(&self) -> Vec<String> {
+    fn models(&self) -> Vec<ModelInfo> {
         Vec::new()
     }
     fn loaded_models(&self) -> Vec<String> {
         Vec::new()
     }
-    fn generate(&self, _job: &JobSpec, _ctl: &RunControl) -> Result<Vec<u8>, ExecError> {
-        Err(ExecError::Failed("this node has no executor".into()))
+    fn generate_batch(&self, jobs: &[(JobSpec, RunControl)]) -> Vec<Result<JobOutput, ExecError>> {
+        jobs.iter().map(|_| Err(ExecError::Failed("this node has no executor".into()))).collect()
     }
 }

@@ -9,7 +9,9 @@
 
 use std::time::Duration;
 
-use super::{ExecError, Executor, JobSpec, RunControl};
+use raftgen_raft::command::ModelInfo;
+
+use super::{ExecError, Executor, JobOutput, JobSpec, RunControl};
 
 /// The one model name the test-pattern executor serves.
 pub const MODEL: &str = "test-pattern";
@@ -24,14 +26,39 @@ impl Executor for TestPatternExecutor {
         "test-pattern"
     }
 
-    fn models(&self) -> Vec<String> {
-        vec![MODEL.to_string()]
+    fn models(&self) -> Vec<ModelInfo> {
+        vec![ModelInfo {
+            name: MODEL.to_string(),
+            hash: HASH.to_string(),
+            family: "test-pattern".into(),
+            pixel_multiple: 8,
+            max_prompt_tokens: u32::MAX,
+            default_side_px: 512,
+            default_steps: 20,
+            default_guidance_centi: 750,
+            default_sampler: "none".into(),
+            samplers: vec!["none".into()],
+        }]
     }
 
     fn loaded_models(&self) -> Vec<String> {
-        self.models()
+        vec![MODEL.to_string()]
     }
 
+    fn generate_batch(&self, jobs: &[(JobSpec, RunControl)]) -> Vec<Result<JobOutput, ExecError>> {
+        jobs.iter()
+            .map(|(job, ctl)| {
+                let png = self.generate(job, ctl)?;
+                Ok(JobOutput { png, model_hash: HASH.to_string(), notes: Vec::new() })
+            })
+            .collect()
+    }
+}
+
+/// The test double's stand-in for a content hash (it has no weights).
+const HASH: &str = "test-pattern-v1";
+
+impl TestPatternExecutor {
     fn generate(&self, job: &JobSpec, ctl: &RunControl) -> Result<Vec<u8>, ExecError> {
         let steps = job.request.steps.max(1);
         let per_step = Duration::from_micros(self.delay_ms * 1000 / steps as u64);

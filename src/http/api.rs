@@ -11,7 +11,7 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use axum::{Json, Router};
-use raftgen_raft::command::Rejection;
+use raftgen_raft::command::{ModelInfo, Rejection};
 use raftgen_raft::job::{JobId, JobRequest, JobState, MAX_IDEMPOTENCY_KEY_BYTES};
 use raftgen_raft::{Command, NodeId, Response as SmResponse};
 use serde_json::{json, Map, Value};
@@ -84,8 +84,8 @@ async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<Bytes,
 
 // ---- Jobs ----
 
-const SUBMIT_FIELDS: [&str; 9] =
-    ["prompt", "negative_prompt", "width", "height", "steps", "guidance", "seed", "model", "priority"];
+const SUBMIT_FIELDS: [&str; 10] =
+    ["prompt", "negative_prompt", "width", "height", "steps", "guidance", "seed", "model", "priority", "sampler"];
 
 fn uint(obj: &Map<String, Value>, field: &str, default: u64, max: u64) -> Result<u64, ApiError> {
     match obj.get(field) {
@@ -106,7 +106,7 @@ fn string(obj: &Map<String, Value>, field: &str) -> Result<Option<String>, ApiEr
 }
 
 /// Parses and validates a submission, naming the first offending field.
-fn parse_submit(bytes: &[u8], served_models: &[String]) -> Result<JobRequest, ApiError> {
+fn parse_submit(bytes: &[u8], served_models: &[ModelInfo]) -> Result<JobRequest, ApiError> {
     let value: Value =
         serde_json::from_slice(bytes).map_err(|e| ApiError::field("body", format!("invalid JSON: {e}")))?;
     let Value::Object(obj) = value else { return Err(ApiError::field("body", "must be a JSON object")) };
@@ -114,8 +114,17 @@ fn parse_submit(bytes: &[u8], served_models: &[String]) -> Result<JobRequest, Ap
         return Err(ApiError::field(unknown, format!("unknown field; accepted: {}", SUBMIT_FIELDS.join(", "))));
     }
     let prompt = string(&obj, "prompt")?.ok_or_else(|| ApiError::field("prompt", "is required"))?;
+    let names = || served_models.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ");
+    let model = match string(&obj, "model")? {
+        Some(m) => served_models.iter().find(|i| i.name == m).ok_or_else(|| {
+            ApiError::field("model", format!("no node in the cluster serves model '{m}'; served: [{}]", names()))
+        })?,
+        None => served_models.first().ok_or_else(|| {
+            ApiError::field("model", "no node in the cluster serves any model (all started with --executor none?)")
+        })?,
+    };
     let guidance = match obj.get("guidance") {
-        None | Some(Value::Null) => 7.5,
+        None | Some(Value::Null) => model.default_guidance_centi as f32 / 100.0,
         Some(v) => v.as_f64().ok_or_else(|| ApiError::field("guidance", "must be a number"))? as f32,
     };
     let priority = match obj.get("priority") {
@@ -125,35 +134,42 @@ fn parse_submit(bytes: &[u8], served_models: &[String]) -> Result<JobRequest, Ap
             .and_then(|p| i32::try_from(p).ok())
             .ok_or_else(|| ApiError::field("priority", "must be an integer"))?,
     };
-    let model = match string(&obj, "model")? {
-        Some(m) => {
-            if !served_models.contains(&m) {
-                return Err(ApiError::field(
-                    "model",
-                    format!("no node in the cluster serves model '{m}'; served: [{}]", served_models.join(", ")),
-                ));
-            }
-            m
+    let sampler = string(&obj, "sampler")?;
+    if let Some(name) = &sampler {
+        let canonical = crate::models::SamplerKind::parse(name).map(|k| k.name().to_string());
+        if !canonical.is_some_and(|c| model.samplers.contains(&c)) {
+            return Err(ApiError::field(
+                "sampler",
+                format!("model '{}' has no sampler '{name}'; it has: [{}]", model.name, model.samplers.join(", ")),
+            ));
         }
-        None => served_models.first().cloned().ok_or_else(|| {
-            ApiError::field("model", "no node in the cluster serves any model (all started with --executor none?)")
-        })?,
-    };
+    }
+    let side = model.default_side_px as u64;
     let request = JobRequest {
         prompt,
         negative_prompt: string(&obj, "negative_prompt")?.unwrap_or_default(),
-        width: uint(&obj, "width", 512, u32::MAX as u64)? as u32,
-        height: uint(&obj, "height", 512, u32::MAX as u64)? as u32,
-        steps: uint(&obj, "steps", 20, u32::MAX as u64)? as u32,
+        width: uint(&obj, "width", side, u32::MAX as u64)? as u32,
+        height: uint(&obj, "height", side, u32::MAX as u64)? as u32,
+        steps: uint(&obj, "steps", model.default_steps as u64, u32::MAX as u64)? as u32,
         guidance,
         seed: match obj.get("seed") {
             None | Some(Value::Null) => None,
             Some(_) => Some(uint(&obj, "seed", 0, u64::MAX)?),
         },
-        model,
+        model: model.name.clone(),
         priority,
+        sampler,
     };
     request.validate().map_err(|e| ApiError::field(&e.field, e.message))?;
+    let m = model.pixel_multiple.max(1);
+    for (field, side) in [("width", request.width), ("height", request.height)] {
+        if side % m != 0 {
+            return Err(ApiError::field(
+                field,
+                format!("must be a multiple of {m} for model '{}', got {side}", model.name),
+            ));
+        }
+    }
     Ok(request)
 }
 
@@ -221,13 +237,28 @@ async fn submit(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> 
     }
 }
 
-/// Models served by any registered node, sorted (the first is the default).
-fn served_models(app: &App) -> Vec<String> {
+/// Models served by some registered node with the bytes the cluster knows
+/// under their name, sorted by name (the first is the default).
+fn served_models(app: &App) -> Vec<ModelInfo> {
     let data = app.view.read();
-    let mut models: Vec<String> =
-        data.jobs.nodes().values().flat_map(|n| n.registration.models.iter().cloned()).collect();
-    models.sort();
-    models.dedup();
+    let mut models: Vec<ModelInfo> = Vec::new();
+    for (id, node) in data.jobs.nodes() {
+        for name in &node.registration.models {
+            if models.iter().any(|m| &m.name == name) || !data.jobs.serves(*id, name) {
+                continue;
+            }
+            let info = node.registration.info(name).cloned().unwrap_or_else(|| ModelInfo {
+                name: name.clone(),
+                pixel_multiple: 8,
+                default_side_px: 512,
+                default_steps: 20,
+                default_guidance_centi: 750,
+                ..Default::default()
+            });
+            models.push(info);
+        }
+    }
+    models.sort_by(|a, b| a.name.cmp(&b.name));
     models
 }
 

@@ -27,8 +27,10 @@ pub struct ModelEntry {
     pub files: ModelFiles,
     /// sha256 of the weights, hex.
     pub hash: String,
-    /// Size of the weights: the memory the model takes once loaded (f32).
+    /// Size of the weight files, in bytes.
     pub weight_bytes: u64,
+    /// Parameters in the weight files (memory = params × dtype size).
+    pub params: u64,
     pub meta: ModelMeta,
 }
 
@@ -42,13 +44,50 @@ impl ModelEntry {
             None => content_hash(&files, &components)?,
         };
         let weight_bytes = files.weight_bytes(&components)?;
-        Ok(ModelEntry { name: name.to_string(), family, files, hash, weight_bytes, meta })
+        let mut params = 0;
+        for f in files.all_weight_files(&components)? {
+            params += count_params(&files, &f)?;
+        }
+        Ok(ModelEntry { name: name.to_string(), family, files, hash, weight_bytes, params, meta })
     }
 
     /// The short hash AUTOMATIC1111 shows (first 10 hex digits).
     pub fn short_hash(&self) -> &str {
         &self.hash[..10]
     }
+}
+
+/// Parameters in one safetensors file, from its header alone.
+fn count_params(files: &ModelFiles, rel: &str) -> anyhow::Result<u64> {
+    let header: Vec<u8> = match files {
+        ModelFiles::Dir(root) => {
+            use std::io::Read;
+            let mut f = std::fs::File::open(root.join(rel))?;
+            let mut len = [0u8; 8];
+            f.read_exact(&mut len)?;
+            let n = u64::from_le_bytes(len);
+            anyhow::ensure!(n < 100 << 20, "{rel}: safetensors header of {n} bytes");
+            let mut h = vec![0; n as usize];
+            f.read_exact(&mut h)?;
+            h
+        }
+        ModelFiles::Embedded(_) => {
+            let bytes = files.read(rel)?;
+            anyhow::ensure!(bytes.len() >= 8, "{rel}: not a safetensors file");
+            let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+            anyhow::ensure!(bytes.len() >= 8 + n, "{rel}: truncated safetensors header");
+            bytes[8..8 + n].to_vec()
+        }
+    };
+    let map: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&header).with_context(|| format!("{rel}: bad safetensors header"))?;
+    Ok(map
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(_, v)| {
+            v["shape"].as_array().map_or(0, |s| s.iter().map(|d| d.as_u64().unwrap_or(0)).product::<u64>())
+        })
+        .sum())
 }
 
 /// sha256 over the weight files of `components`.
