@@ -16,8 +16,8 @@ use serde_json::{json, Value};
 use crate::config::NodeSettings;
 use crate::executor::diffusion::DiffusionExecutor;
 use crate::executor::test_pattern::TestPatternExecutor;
-use crate::models::catalog::HashCache;
 use crate::executor::{Executor, NoExecutor};
+use crate::models::catalog::HashCache;
 
 /// The secret used when none is given: fine on one machine, never across a network.
 pub const DEV_SECRET: &str = "raftgen-insecure-dev-secret";
@@ -156,14 +156,17 @@ pub struct NodeArgs {
     #[arg(long, default_value_t = 16_384)]
     pub model_memory_mb: u64,
     /// Most jobs run together as one batch (same model, size, steps, sampler
-    /// and guidance).
-    #[arg(long, default_value_t = 4)]
+    /// and guidance). 1 keeps every image bit-for-bit reproducible from its
+    /// recipe alone; above 1, an image can differ slightly with the jobs it
+    /// was batched with (float summation order).
+    #[arg(long, default_value_t = 1)]
     pub max_batch: usize,
     /// Simulated run time per job of the test-pattern executor.
     #[arg(long, default_value_t = 500)]
     pub test_pattern_delay_ms: u64,
     /// Jobs assigned to this node at once (default: --max-batch for the
-    /// diffusion executor, 1 for the test pattern).
+    /// diffusion executor, at least 2 so the next job is ready; 1 for the
+    /// test pattern).
     #[arg(long)]
     pub slots: Option<u32>,
     #[arg(long, default_value_t = 5_000)]
@@ -264,7 +267,7 @@ impl NodeArgs {
         };
         let slots = match self.executor {
             ExecutorKind::None => 0,
-            ExecutorKind::Diffusion => self.slots.unwrap_or(self.max_batch as u32),
+            ExecutorKind::Diffusion => self.slots.unwrap_or((self.max_batch as u32).max(2)),
             ExecutorKind::TestPattern => self.slots.unwrap_or(1),
         };
         Ok(crate::node::NodeOptions {

@@ -144,7 +144,9 @@ async fn execute(app: &Arc<App>, batch: Vec<JobSpec>, cancels: Vec<Arc<AtomicBoo
     let steps_done: Vec<Arc<AtomicU32>> = started.iter().map(|_| Arc::new(AtomicU32::new(0))).collect();
     let reporter = {
         let app = app.clone();
-        let jobs: Vec<(JobId, u32, u32, Arc<AtomicU32>, Arc<AtomicBool>)> = started
+        // (job, attempt, steps, steps done, cancelled) per job of the batch.
+        type Watch = (JobId, u32, u32, Arc<AtomicU32>, Arc<AtomicBool>);
+        let jobs: Vec<Watch> = started
             .iter()
             .zip(&steps_done)
             .map(|((s, c), d)| (s.id, s.attempt, s.request.steps, d.clone(), c.clone()))
@@ -181,7 +183,9 @@ async fn execute(app: &Arc<App>, batch: Vec<JobSpec>, cancels: Vec<Arc<AtomicBoo
     reporter.abort();
     let outcomes: Vec<Result<JobOutput, ExecError>> = match result {
         Ok(v) if v.len() == n => v,
-        Ok(v) => (0..n).map(|_| Err(ExecError::Failed(format!("executor returned {} results for {n} jobs", v.len())))).collect(),
+        Ok(v) => (0..n)
+            .map(|_| Err(ExecError::Failed(format!("executor returned {} results for {n} jobs", v.len()))))
+            .collect(),
         Err(join) => (0..n).map(|_| Err(ExecError::Failed(format!("executor crashed: {join}")))).collect(),
     };
     let elapsed_ms = started_at.elapsed().as_millis();

@@ -187,7 +187,7 @@ async fn idempotency_key_stale_completion_and_bad_input() {
         job: job_id,
         node: (node % 3) + 1,
         attempt,
-        outcome: Outcome::Succeeded { png: b"\x89PNG forged".to_vec() },
+        outcome: Outcome::Succeeded { png: b"\x89PNG forged".to_vec(), model_hash: String::new(), notes: Vec::new() },
     };
     let resp = internal_write(&cluster.url(leader), &cluster.secret, &stale).await;
     assert!(resp.status().is_success());

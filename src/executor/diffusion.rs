@@ -62,7 +62,14 @@ pub struct DiffusionExecutor {
 
 impl DiffusionExecutor {
     pub fn new(models: Vec<ModelEntry>, device: Device, dtype: DType, budget_bytes: u64, max_batch: usize) -> Self {
-        DiffusionExecutor { models, device, dtype, budget_bytes, max_batch: max_batch.max(1), loaded: Mutex::new(Vec::new()) }
+        DiffusionExecutor {
+            models,
+            device,
+            dtype,
+            budget_bytes,
+            max_batch: max_batch.max(1),
+            loaded: Mutex::new(Vec::new()),
+        }
     }
 
     fn entry(&self, name: &str) -> Option<&ModelEntry> {
@@ -134,7 +141,9 @@ impl DiffusionExecutor {
 
     fn run(&self, jobs: &[(JobSpec, RunControl)]) -> Result<Vec<Result<JobOutput, ExecError>>, String> {
         let first = &jobs[0].0;
-        let entry = self.entry(&first.request.model).ok_or_else(|| format!("this node has no model '{}'", first.request.model))?;
+        let entry = self
+            .entry(&first.request.model)
+            .ok_or_else(|| format!("this node has no model '{}'", first.request.model))?;
         let reqs = jobs.iter().map(|(j, _)| self.request(entry, j)).collect::<Result<Vec<_>, _>>()?;
         let pipeline = self.pipeline(entry)?;
         let mut progress = |step: usize, steps: usize| {

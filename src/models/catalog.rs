@@ -84,9 +84,7 @@ fn count_params(files: &ModelFiles, rel: &str) -> anyhow::Result<u64> {
     Ok(map
         .iter()
         .filter(|(k, _)| *k != "__metadata__")
-        .map(|(_, v)| {
-            v["shape"].as_array().map_or(0, |s| s.iter().map(|d| d.as_u64().unwrap_or(0)).product::<u64>())
-        })
+        .map(|(_, v)| v["shape"].as_array().map_or(0, |s| s.iter().map(|d| d.as_u64().unwrap_or(0)).product::<u64>()))
         .sum())
 }
 

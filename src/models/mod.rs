@@ -15,8 +15,8 @@ pub mod z_image;
 
 use candle_core::{DType, Device, Tensor};
 
-pub use self::scheduler::SamplerKind;
 use self::files::ModelFiles;
+pub use self::scheduler::SamplerKind;
 
 /// One image to make. Requests batched together share size, steps, sampler
 /// and guidance; prompts and seeds differ.
@@ -82,7 +82,9 @@ impl Family {
         match index.class.as_str() {
             c if c.starts_with("StableDiffusion") && !c.contains('3') => Ok(Family::StableDiffusion),
             c if c.starts_with("ZImage") => Ok(Family::ZImage),
-            other => anyhow::bail!("pipeline class '{other}' is not supported (Stable Diffusion 1/2/XL and Z-Image are)"),
+            other => {
+                anyhow::bail!("pipeline class '{other}' is not supported (Stable Diffusion 1/2/XL and Z-Image are)")
+            }
         }
     }
 
@@ -105,15 +107,15 @@ impl Family {
 
 /// A loaded model of any family.
 pub enum Pipeline {
-    Sd(sd::SdPipeline),
-    ZImage(z_image::ZImagePipeline),
+    Sd(Box<sd::SdPipeline>),
+    ZImage(Box<z_image::ZImagePipeline>),
 }
 
 impl Pipeline {
     pub fn load(family: Family, files: &ModelFiles, device: &Device, dtype: DType) -> anyhow::Result<Pipeline> {
         Ok(match family {
-            Family::StableDiffusion => Pipeline::Sd(sd::SdPipeline::load(files, device, dtype)?),
-            Family::ZImage => Pipeline::ZImage(z_image::ZImagePipeline::load(files, device, dtype)?),
+            Family::StableDiffusion => Pipeline::Sd(Box::new(sd::SdPipeline::load(files, device, dtype)?)),
+            Family::ZImage => Pipeline::ZImage(Box::new(z_image::ZImagePipeline::load(files, device, dtype)?)),
         })
     }
 
@@ -135,7 +137,12 @@ pub fn to_outputs(images: &Tensor, dropped: &[usize]) -> anyhow::Result<Vec<GenO
     let mut out = Vec::with_capacity(b);
     for i in 0..b {
         let rgb = images.get(i)?.flatten_all()?.to_vec1::<u8>()?;
-        out.push(GenOutput { rgb, width: w as u32, height: h as u32, dropped_tokens: dropped.get(i).copied().unwrap_or(0) });
+        out.push(GenOutput {
+            rgb,
+            width: w as u32,
+            height: h as u32,
+            dropped_tokens: dropped.get(i).copied().unwrap_or(0),
+        });
     }
     Ok(out)
 }

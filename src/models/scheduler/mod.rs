@@ -143,7 +143,9 @@ impl SchedulerConfig {
         let n = self.num_train_timesteps;
         let betas: Vec<f64> = match self.beta_schedule.as_str() {
             "linear" => linspace(self.beta_start, self.beta_end, n),
-            "scaled_linear" => linspace(self.beta_start.sqrt(), self.beta_end.sqrt(), n).into_iter().map(|b| b * b).collect(),
+            "scaled_linear" => {
+                linspace(self.beta_start.sqrt(), self.beta_end.sqrt(), n).into_iter().map(|b| b * b).collect()
+            }
             other => bail!("unsupported beta_schedule '{other}'"),
         };
         if self.rescale_betas_zero_snr {

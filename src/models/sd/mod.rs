@@ -187,7 +187,8 @@ impl SdPipeline {
         if unet.wants_text_time() && encoders.len() != 2 {
             bail!("an SDXL UNet needs two text encoders");
         }
-        let (vae_config, vae) = VaeConfig::load(files, files.var_builder("vae", dtype, device)?).context("loading vae")?;
+        let (vae_config, vae) =
+            VaeConfig::load(files, files.var_builder("vae", dtype, device)?).context("loading vae")?;
         let scheduler: SchedulerConfig = files.json("scheduler/scheduler_config.json")?;
         let default_sampler = match scheduler.kind() {
             Some(SamplerKind::FlowMatchEuler) | None => SamplerKind::Ddim,
@@ -247,7 +248,14 @@ impl SdPipeline {
 
     /// The text conditioning for a batch, guided when `guidance > 1` as in
     /// diffusers.
-    pub fn condition(&self, prompts: &[&str], negatives: &[&str], guidance: f64, width: usize, height: usize) -> anyhow::Result<Conditioning> {
+    pub fn condition(
+        &self,
+        prompts: &[&str],
+        negatives: &[&str],
+        guidance: f64,
+        width: usize,
+        height: usize,
+    ) -> anyhow::Result<Conditioning> {
         let guided = guidance > 1.0;
         let (cond, pooled, dropped_tokens) = self.encode(prompts)?;
         let (context, pooled) = if guided {

@@ -183,7 +183,8 @@ impl UNet {
         for i in 0..n {
             let down = &cfg.down_block_types[i];
             let up = &cfg.up_block_types[n - 1 - i];
-            let known = |t: &str| matches!(t, "DownBlock2D" | "CrossAttnDownBlock2D" | "UpBlock2D" | "CrossAttnUpBlock2D");
+            let known =
+                |t: &str| matches!(t, "DownBlock2D" | "CrossAttnDownBlock2D" | "UpBlock2D" | "CrossAttnUpBlock2D");
             if !known(down) || !known(up) {
                 bail!("unet config: block types {down}/{up} are not supported");
             }
@@ -291,7 +292,13 @@ impl UNet {
 
     /// Predicts the noise (or velocity) for `xs` [B, C, H, W] at `timestep`.
     /// `text_time` is SDXL's (pooled text embeds [B, P], time ids [B, 6]).
-    pub fn forward(&self, xs: &Tensor, timestep: f64, context: &Tensor, text_time: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        timestep: f64,
+        context: &Tensor,
+        text_time: Option<(&Tensor, &Tensor)>,
+    ) -> Result<Tensor> {
         let (b, _, h, w) = xs.dims4()?;
         let device = xs.device();
         let n = self.down.len();
