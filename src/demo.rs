@@ -1,8 +1,9 @@
 //! `raftgen demo`: three node processes on loopback, a few prompts submitted
 //! through a follower, the PNGs fetched from another node and written to disk.
 //!
-//! Until the candle executor lands, the demo nodes run the test-pattern
-//! executor (a test double: synthetic images), and say so.
+//! The nodes run the real executor with the built-in tiny SD model (random
+//! weights: the images are noise, made by the real pipeline), or every model
+//! under `--models-dir` when given.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -28,6 +29,17 @@ pub struct DemoArgs {
     /// Leave the cluster running (until Ctrl-C) after the prompts are done.
     #[arg(long)]
     pub keep_running: bool,
+    /// Serve the diffusers model folders under DIR too (passed to every node).
+    #[arg(long)]
+    pub models_dir: Option<PathBuf>,
+    /// The model to use (default: the built-in tiny SD model).
+    #[arg(long, default_value = crate::models::catalog::BUILTIN_MODEL)]
+    pub model: String,
+    /// Image side in pixels.
+    #[arg(long, default_value_t = 64)]
+    pub size: u32,
+    #[arg(long, default_value_t = 20)]
+    pub steps: u32,
 }
 
 const PROMPTS: [&str; 4] = [
@@ -45,8 +57,17 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&a.dir);
     std::fs::create_dir_all(&a.out)?;
     let ports: Vec<u16> = (1..=a.nodes).map(|i| a.base_port + i as u16).collect();
-    println!("starting {} nodes (executor: test-pattern, a test double that draws synthetic images)", a.nodes);
-    let extra = ["--executor", "test-pattern", "--test-pattern-delay-ms", "400"];
+    let mut extra: Vec<String> = Vec::new();
+    if let Some(dir) = &a.models_dir {
+        let dir = dir.canonicalize().with_context(|| format!("--models-dir {}", dir.display()))?;
+        extra.extend(["--models-dir".to_string(), dir.display().to_string()]);
+    }
+    println!("starting {} nodes (executor: diffusion, model '{}')", a.nodes, a.model);
+    if a.model == crate::models::catalog::BUILTIN_MODEL {
+        println!("  note: the built-in tiny model has random weights, so its images are noise;");
+        println!("  point --models-dir at a folder holding a real diffusers model (e.g. stable-diffusion-v1-5) for real images");
+    }
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
     let cluster = LocalCluster::start(&exe, &a.dir, a.nodes, &ports, &extra)?;
     for i in 1..=a.nodes {
         println!("  node {i}: {}  (log: {})", cluster.url(i), a.dir.join(format!("n{i}.log")).display());
@@ -59,13 +80,20 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     let submit_to = cluster.client(follower);
     let mut ids = Vec::new();
     for (n, prompt) in PROMPTS.iter().enumerate() {
-        let body = json!({ "prompt": prompt, "width": 256, "height": 256, "steps": 8, "seed": n });
+        let body = json!({
+            "prompt": prompt,
+            "model": a.model,
+            "width": a.size,
+            "height": a.size,
+            "steps": a.steps,
+            "seed": n,
+        });
         let job = submit_to.submit(&body, Some(&format!("demo-{n}"))).await?;
         ids.push((job["id"].as_str().unwrap_or_default().to_string(), *prompt));
     }
     let read_from = cluster.client(reader);
     for (n, (id, prompt)) in ids.iter().enumerate() {
-        let job = read_from.wait_job(id, Duration::from_secs(120), |_| {}).await?;
+        let job = read_from.wait_job(id, Duration::from_secs(1800), |_| {}).await?;
         if job["state"] != "succeeded" {
             bail!("job {id} ended {}: {}", job["state"], job["error"]);
         }

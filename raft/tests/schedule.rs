@@ -34,7 +34,7 @@ impl Cluster {
             models: models.iter().map(|m| m.to_string()).collect(),
             loaded_models: loaded.iter().map(|m| m.to_string()).collect(),
             executor: "test-pattern".into(),
-        model_info: Vec::new(),
+            model_info: Vec::new(),
         };
         assert_eq!(self.apply(Command::RegisterNode { node, info }), Response::Ok);
     }

@@ -1698,7 +1698,11 @@ fn a_node_with_other_bytes_under_a_model_name_gets_none_of_its_jobs() {
     let with_hash = |slots, hash: &str| NodeRegistration {
         slots,
         models: vec!["m".into()],
-        model_info: vec![raftgen_raft::command::ModelInfo { name: "m".into(), hash: hash.into(), ..Default::default() }],
+        model_info: vec![raftgen_raft::command::ModelInfo {
+            name: "m".into(),
+            hash: hash.into(),
+            ..Default::default()
+        }],
         ..Default::default()
     };
     assert_eq!(h.apply(Command::RegisterNode { node: 1, info: with_hash(1, "aaaa") }), Response::Ok);
