@@ -144,7 +144,10 @@ fn sd15_step() {
 
 fn main() {
     let images = env_usize("RAFTGEN_BENCH_IMAGES", 8);
-    println!("raftgen executor benchmark (CPU, f32, {} threads)", std::thread::available_parallelism().map_or(1, |n| n.get()));
+    println!(
+        "raftgen executor benchmark (CPU, f32, {} threads)",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
     for name in ["tiny-sd", "tiny-sdxl", "tiny-z-image"] {
         tiny(name, images);
     }

@@ -226,6 +226,9 @@ pub struct SubmitArgs {
     pub model: Option<String>,
     #[arg(long)]
     pub priority: Option<i32>,
+    /// `ddim`, `euler`, `euler_a` (SD family) or `flow_match_euler` (Z-Image).
+    #[arg(long)]
+    pub sampler: Option<String>,
     #[arg(long)]
     pub idempotency_key: Option<String>,
     /// Wait until the job finishes.
@@ -407,7 +410,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 async fn submit(a: SubmitArgs) -> anyhow::Result<()> {
     let client = Client::new(&a.server);
     let mut body = json!({ "prompt": a.prompt });
-    let fields: [(&str, Option<Value>); 8] = [
+    let fields: [(&str, Option<Value>); 9] = [
         ("negative_prompt", a.negative_prompt.map(Value::from)),
         ("width", a.width.map(Value::from)),
         ("height", a.height.map(Value::from)),
@@ -416,6 +419,7 @@ async fn submit(a: SubmitArgs) -> anyhow::Result<()> {
         ("seed", a.seed.map(Value::from)),
         ("model", a.model.map(Value::from)),
         ("priority", a.priority.map(Value::from)),
+        ("sampler", a.sampler.map(Value::from)),
     ];
     for (k, v) in fields {
         if let Some(v) = v {

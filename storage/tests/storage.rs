@@ -56,6 +56,7 @@ fn request(i: u64) -> JobRequest {
         seed: None,
         model: "m".into(),
         priority: (i % 3) as i32,
+        sampler: None,
     }
 }
 
@@ -252,7 +253,13 @@ fn reference(entries: &[Entry<TypeConfig>]) -> JobStateMachine {
 
 /// A log that exercises more than submissions: a node, an assignment, a result.
 fn busy_log() -> Vec<Entry<TypeConfig>> {
-    let info = NodeRegistration { slots: 2, models: vec!["m".into()], loaded_models: vec![], executor: "t".into() };
+    let info = NodeRegistration {
+        slots: 2,
+        models: vec!["m".into()],
+        loaded_models: vec![],
+        executor: "t".into(),
+        model_info: vec![],
+    };
     let assign = |index, job: u128| {
         let a = raftgen_raft::command::Assignment { job: JobId(job), node: 1, attempt: 1 };
         normal(1, index, Command::Assign { assignments: vec![a] })
@@ -270,7 +277,12 @@ fn busy_log() -> Vec<Entry<TypeConfig>> {
         normal(
             1,
             10,
-            Command::Complete { job: JobId(5), node: 1, attempt: 1, outcome: Outcome::Succeeded { png: vec![7; 100] } },
+            Command::Complete {
+                job: JobId(5),
+                node: 1,
+                attempt: 1,
+                outcome: Outcome::Succeeded { png: vec![7; 100], model_hash: "h".into(), notes: vec![] },
+            },
         ),
         assign(11, 6),
         membership(2, 12, &[1, 2]),
@@ -476,7 +488,13 @@ async fn a_snapshot_build_racing_an_install_never_keeps_the_older_snapshot() {
         1,
         Command::RegisterNode {
             node: 1,
-            info: NodeRegistration { slots: 1, models: vec!["m".into()], loaded_models: vec![], executor: "t".into() },
+            info: NodeRegistration {
+                slots: 1,
+                models: vec!["m".into()],
+                loaded_models: vec![],
+                executor: "t".into(),
+                model_info: vec![],
+            },
         },
     )];
     let mut index = 1;
@@ -494,7 +512,7 @@ async fn a_snapshot_build_racing_an_install_never_keeps_the_older_snapshot() {
             job: JobId(job),
             node: 1,
             attempt: 1,
-            outcome: Outcome::Succeeded { png },
+            outcome: Outcome::Succeeded { png, model_hash: "h".into(), notes: vec![] },
         }));
     }
     // The leader went further: it dropped every image, so its snapshot is small.
