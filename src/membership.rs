@@ -154,6 +154,12 @@ pub fn cluster_view(app: &App) -> Value {
                 "draining": info.is_some_and(|i| i.draining),
                 "executor": info.map(|i| i.registration.executor.clone()),
                 "models": info.map(|i| i.registration.models.clone()).unwrap_or_default(),
+                "loaded_models": info.map(|i| i.registration.loaded_models.clone()).unwrap_or_default(),
+                // Models this node advertises with other bytes than the cluster
+                // knows under the name: it gets none of their jobs.
+                "model_conflicts": info
+                    .map(|i| i.registration.models.iter().filter(|m| !data.jobs.serves(*id, m)).cloned().collect::<Vec<_>>())
+                    .unwrap_or_default(),
             })
         })
         .collect();
@@ -162,6 +168,7 @@ pub fn cluster_view(app: &App) -> Value {
         "term": metrics.current_term,
         "members": members,
         "queue_depth": data.jobs.queue_depth(),
+        "model_hashes": data.jobs.model_hashes(),
         "answered_by": app.id,
         "applied_index": metrics.last_applied.map(|l| l.index),
     })

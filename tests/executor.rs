@@ -123,6 +123,9 @@ async fn a_node_serves_the_tiny_models_with_their_limits_recipes_and_hashes() {
     let done = client.wait_job(&id, Duration::from_secs(120), |_| {}).await.unwrap();
     assert_eq!(done["state"], "succeeded", "{done}");
     let expected_hash = entry("tiny-sd").hash;
+    let view: Value = reqwest::get(format!("{url}/v1/cluster")).await.unwrap().json().await.unwrap();
+    assert_eq!(view["model_hashes"]["tiny-sd"], expected_hash.as_str(), "{view}");
+    assert_eq!(view["members"][0]["model_conflicts"], json!([]), "{view}");
     assert_eq!(done["model_hash"], expected_hash.as_str());
     assert!(done["notes"][0].as_str().unwrap().contains("prompt truncated"), "{done}");
     let png = client.get_bytes(&format!("/v1/jobs/{id}/image")).await.unwrap();
