@@ -27,8 +27,6 @@ pub struct ModelEntry {
     pub files: ModelFiles,
     /// sha256 of the weights, hex.
     pub hash: String,
-    /// Size of the weight files, in bytes.
-    pub weight_bytes: u64,
     /// Parameters in the weight files (memory = params × dtype size).
     pub params: u64,
     pub meta: ModelMeta,
@@ -43,12 +41,11 @@ impl ModelEntry {
             Some(c) => c.hash(&files, &components)?,
             None => content_hash(&files, &components)?,
         };
-        let weight_bytes = files.weight_bytes(&components)?;
         let mut params = 0;
         for f in files.all_weight_files(&components)? {
             params += count_params(&files, &f)?;
         }
-        Ok(ModelEntry { name: name.to_string(), family, files, hash, weight_bytes, params, meta })
+        Ok(ModelEntry { name: name.to_string(), family, files, hash, params, meta })
     }
 
     /// The short hash AUTOMATIC1111 shows (first 10 hex digits).

@@ -5,7 +5,7 @@
 //! built-in model and a user's folder take exactly the same code path.
 
 use std::borrow::Cow;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device};
@@ -140,25 +140,6 @@ impl ModelFiles {
                 let bytes = self.read(&files[0])?.into_owned();
                 Ok(VarBuilder::from_buffered_safetensors(bytes, dtype, device)?)
             }
-        }
-    }
-
-    /// Total size of the weight files, in bytes (a model's memory estimate).
-    pub fn weight_bytes(&self, components: &[&str]) -> anyhow::Result<u64> {
-        let mut total = 0;
-        for f in self.all_weight_files(components)? {
-            total += match self {
-                ModelFiles::Dir(root) => std::fs::metadata(root.join(&f))?.len(),
-                ModelFiles::Embedded(_) => self.read(&f)?.len() as u64,
-            };
-        }
-        Ok(total)
-    }
-
-    pub fn root(&self) -> Option<&Path> {
-        match self {
-            ModelFiles::Dir(p) => Some(p),
-            ModelFiles::Embedded(_) => None,
         }
     }
 }

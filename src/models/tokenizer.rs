@@ -96,10 +96,6 @@ impl ClipTokenizer {
         Ok(ClipTokenizer { inner, bos, eos, pad, max_len })
     }
 
-    pub fn max_len(&self) -> usize {
-        self.max_len
-    }
-
     /// `[BOS] tokens [EOS] [PAD]...`, exactly `max_len` ids; tokens beyond the
     /// context are dropped (and counted, so the job can say so).
     pub fn encode(&self, text: &str) -> anyhow::Result<Encoded> {
@@ -113,10 +109,6 @@ impl ClipTokenizer {
         ids.push(self.eos);
         ids.resize(self.max_len, self.pad);
         Ok(Encoded { ids, dropped_tokens: tokens.len() - kept })
-    }
-
-    pub fn eos(&self) -> u32 {
-        self.eos
     }
 }
 

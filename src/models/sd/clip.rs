@@ -26,6 +26,9 @@ pub struct ClipConfig {
     pub projection_dim: Option<usize>,
     #[serde(default)]
     pub eos_token_id: Option<u32>,
+    /// `CLIPTextModelWithProjection` also has the pooled-output projection.
+    #[serde(default)]
+    pub architectures: Vec<String>,
 }
 
 fn default_act() -> String {

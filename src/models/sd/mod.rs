@@ -152,7 +152,6 @@ pub struct SdPipeline {
     vae: AutoEncoderKL,
     vae_config: VaeConfig,
     scheduler: SchedulerConfig,
-    pub default_sampler: SamplerKind,
     force_zeros_for_empty_prompt: bool,
     device: Device,
     dtype: DType,
@@ -167,13 +166,7 @@ impl SdPipeline {
                 continue;
             }
             let cfg: ClipConfig = files.json(&format!("{enc_dir}/config.json"))?;
-            #[derive(Deserialize)]
-            struct Arch {
-                #[serde(default)]
-                architectures: Vec<String>,
-            }
-            let arch: Arch = files.json(&format!("{enc_dir}/config.json"))?;
-            let with_projection = arch.architectures.iter().any(|a| a == "CLIPTextModelWithProjection");
+            let with_projection = cfg.architectures.iter().any(|a| a == "CLIPTextModelWithProjection");
             let vb = files.var_builder(enc_dir, dtype, device)?;
             let model = ClipTextModel::new(&cfg, with_projection, vb).with_context(|| format!("loading {enc_dir}"))?;
             let tokenizer = ClipTokenizer::load(files, tok_dir, cfg.max_position_embeddings)?;
@@ -190,10 +183,6 @@ impl SdPipeline {
         let (vae_config, vae) =
             VaeConfig::load(files, files.var_builder("vae", dtype, device)?).context("loading vae")?;
         let scheduler: SchedulerConfig = files.json("scheduler/scheduler_config.json")?;
-        let default_sampler = match scheduler.kind() {
-            Some(SamplerKind::FlowMatchEuler) | None => SamplerKind::Ddim,
-            Some(k) => k,
-        };
         let xl = unet.wants_text_time();
         Ok(SdPipeline {
             encoders,
@@ -201,7 +190,6 @@ impl SdPipeline {
             vae,
             vae_config,
             scheduler,
-            default_sampler,
             force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt.unwrap_or(xl),
             device: device.clone(),
             dtype,
