@@ -44,14 +44,6 @@ impl Scheduler for FlowMatchEuler {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _i: usize) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
-
     fn step(&self, model_output: &Tensor, i: usize, sample: &Tensor, _noise: &mut NoiseFn) -> Result<Tensor> {
         sample + (model_output * (self.sigmas[i + 1] - self.sigmas[i]))?
     }

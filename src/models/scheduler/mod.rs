@@ -202,10 +202,16 @@ pub type NoiseFn<'a> = dyn FnMut(&[usize]) -> Result<Tensor> + 'a;
 pub trait Scheduler: Send {
     /// The timestep value handed to the denoiser at each step.
     fn timesteps(&self) -> &[f64];
-    /// Factor applied to the initial noise.
-    fn init_noise_sigma(&self) -> f64;
-    /// The denoiser's input at step `i`.
-    fn scale_model_input(&self, sample: &Tensor, i: usize) -> Result<Tensor>;
+    /// Factor applied to the initial noise (1 unless the sampler works in
+    /// sigma space).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+    /// The denoiser's input at step `i` (the sample itself unless the sampler
+    /// rescales it).
+    fn scale_model_input(&self, sample: &Tensor, _i: usize) -> Result<Tensor> {
+        Ok(sample.clone())
+    }
     /// Moves `sample` from step `i` to step `i + 1` given the model output.
     fn step(&self, model_output: &Tensor, i: usize, sample: &Tensor, noise: &mut NoiseFn) -> Result<Tensor>;
 }
