@@ -218,11 +218,9 @@ async fn execute(app: &Arc<App>, batch: Vec<JobSpec>, cancels: Vec<Arc<AtomicBoo
 pub async fn register(app: Arc<App>) {
     let mut shutdown = app.shutdown.clone();
     loop {
-        let model_info = app.executor.models();
         let info = NodeRegistration {
             slots: app.settings.slots,
-            models: model_info.iter().map(|m| m.name.clone()).collect(),
-            model_info,
+            models: app.executor.models(),
             loaded_models: app.executor.loaded_models(),
             executor: app.executor.name().to_string(),
         };

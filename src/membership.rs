@@ -153,12 +153,12 @@ pub fn cluster_view(app: &App) -> Value {
                 "running": data.jobs.active_count(*id),
                 "draining": info.is_some_and(|i| i.draining),
                 "executor": info.map(|i| i.registration.executor.clone()),
-                "models": info.map(|i| i.registration.models.clone()).unwrap_or_default(),
+                "models": info.map(|i| i.registration.model_names()).unwrap_or_default(),
                 "loaded_models": info.map(|i| i.registration.loaded_models.clone()).unwrap_or_default(),
                 // Models this node advertises with other bytes than the cluster
                 // knows under the name: it gets none of their jobs.
                 "model_conflicts": info
-                    .map(|i| i.registration.models.iter().filter(|m| !data.jobs.serves(*id, m)).cloned().collect::<Vec<_>>())
+                    .map(|i| i.registration.model_names().into_iter().filter(|m| !data.jobs.serves(*id, m)).collect::<Vec<_>>())
                     .unwrap_or_default(),
             })
         })

@@ -145,11 +145,8 @@ pub struct ModelInfo {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeRegistration {
     pub slots: u32,
-    /// Models this node's executor can run.
-    pub models: Vec<String>,
-    /// Details of each model in `models` (hash, limits), when the executor
-    /// knows them; a model without one counts as having the empty hash.
-    pub model_info: Vec<ModelInfo>,
+    /// Models this node's executor can run, with their hashes and limits.
+    pub models: Vec<ModelInfo>,
     /// Models currently loaded in memory (scheduling affinity).
     pub loaded_models: Vec<String>,
     /// The executor's name, e.g. `test-pattern`.
@@ -246,12 +243,15 @@ impl std::fmt::Display for Rejection {
 }
 
 impl NodeRegistration {
-    /// The hash this node advertises for `model` (empty when unknown).
-    pub fn model_hash(&self, model: &str) -> &str {
-        self.model_info.iter().find(|m| m.name == model).map_or("", |m| m.hash.as_str())
+    pub fn info(&self, model: &str) -> Option<&ModelInfo> {
+        self.models.iter().find(|m| m.name == model)
     }
 
-    pub fn info(&self, model: &str) -> Option<&ModelInfo> {
-        self.model_info.iter().find(|m| m.name == model)
+    pub fn has_model(&self, model: &str) -> bool {
+        self.info(model).is_some()
+    }
+
+    pub fn model_names(&self) -> Vec<String> {
+        self.models.iter().map(|m| m.name.clone()).collect()
     }
 }

@@ -102,7 +102,7 @@ impl JobStateMachine {
             Command::RegisterNode { node, info } => {
                 self.nodes.entry(*node).or_default().registration = info.clone();
                 for model in &info.models {
-                    self.model_hashes.entry(model.clone()).or_insert_with(|| info.model_hash(model).to_string());
+                    self.model_hashes.entry(model.name.clone()).or_insert_with(|| model.hash.clone());
                 }
                 self.forget_unserved_models();
                 Response::Ok
@@ -135,15 +135,14 @@ impl JobStateMachine {
     /// Drops the hash of every model name no node advertises any more.
     fn forget_unserved_models(&mut self) {
         let nodes = &self.nodes;
-        self.model_hashes.retain(|m, _| nodes.values().any(|n| n.registration.models.contains(m)));
+        self.model_hashes.retain(|m, _| nodes.values().any(|n| n.registration.has_model(m)));
     }
 
     /// Whether `node` may run jobs for `model`: it serves the name with the
     /// bytes the cluster knows under it.
     pub fn serves(&self, node: NodeId, model: &str) -> bool {
-        let Some(info) = self.nodes.get(&node) else { return false };
-        info.registration.models.iter().any(|m| m == model)
-            && self.model_hashes.get(model).map(String::as_str) == Some(info.registration.model_hash(model))
+        let Some(info) = self.nodes.get(&node).and_then(|n| n.registration.info(model)) else { return false };
+        self.model_hashes.get(model) == Some(&info.hash)
     }
 
     /// The hash each served model name stands for.

@@ -3,7 +3,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use raftgen_raft::command::{Assignment, ClusterConfig, Command, NodeRegistration, Outcome, Request, Response};
+use raftgen_raft::command::{
+    Assignment, ClusterConfig, Command, ModelInfo, NodeRegistration, Outcome, Request, Response,
+};
 use raftgen_raft::job::{JobId, JobRequest, JobState, NodeId};
 use raftgen_raft::schedule::{plan, Plan, MAX_QUEUE_SCAN};
 use raftgen_raft::state::JobStateMachine;
@@ -31,10 +33,9 @@ impl Cluster {
     fn node(&mut self, node: NodeId, slots: u32, models: &[&str], loaded: &[&str]) {
         let info = NodeRegistration {
             slots,
-            models: models.iter().map(|m| m.to_string()).collect(),
+            models: models.iter().map(|m| ModelInfo { name: m.to_string(), ..Default::default() }).collect(),
             loaded_models: loaded.iter().map(|m| m.to_string()).collect(),
             executor: "test-pattern".into(),
-            model_info: Vec::new(),
         };
         assert_eq!(self.apply(Command::RegisterNode { node, info }), Response::Ok);
     }
@@ -364,7 +365,7 @@ fn randomized_plans_are_always_accepted_by_apply() {
             assert_eq!(job.state, JobState::Queued, "seed {seed}");
             assert_eq!(a.attempt, job.attempt + 1, "seed {seed}");
             assert!(healthy.contains(&a.node) && !node.draining, "seed {seed}: {a:?}");
-            assert!(node.registration.models.contains(&job.request.model), "seed {seed}: {a:?}");
+            assert!(node.registration.has_model(&job.request.model), "seed {seed}: {a:?}");
         }
         for (job, attempt) in &p.requeue {
             let j = before.job(job).unwrap();
@@ -396,7 +397,7 @@ fn randomized_plans_are_always_accepted_by_apply() {
                     let room = (info.registration.slots as usize).saturating_sub(c.sm.active_count(*id));
                     let eligible = healthy.contains(id)
                         && !info.draining
-                        && info.registration.models.contains(&job.request.model)
+                        && info.registration.has_model(&job.request.model)
                         && room > 0;
                     assert!(!eligible, "seed {seed}: job {} left queued while node {id} has room", job.id);
                 }

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use raftgen_raft::codec;
 use raftgen_raft::command::{
-    Assignment, ClusterConfig, Command, NodeRegistration, Outcome, Rejection, Request, Response,
+    Assignment, ClusterConfig, Command, ModelInfo, NodeRegistration, Outcome, Rejection, Request, Response,
 };
 use raftgen_raft::job::{
     EventKind, FieldError, Job, JobId, JobRequest, JobState, NodeId, MAX_ERROR_CHARS, MAX_EVENTS_PER_JOB,
@@ -37,13 +37,17 @@ fn request(prompt: &str, model: &str, priority: i32) -> JobRequest {
     }
 }
 
+/// A model as an executor without weights (the test pattern) advertises it.
+fn model(name: &str) -> ModelInfo {
+    ModelInfo { name: name.to_string(), ..Default::default() }
+}
+
 fn registration(slots: u32, models: &[&str]) -> NodeRegistration {
     NodeRegistration {
         slots,
-        models: models.iter().map(|m| m.to_string()).collect(),
+        models: models.iter().map(|m| model(m)).collect(),
         loaded_models: Vec::new(),
         executor: "test-pattern".into(),
-        model_info: Vec::new(),
     }
 }
 
@@ -268,18 +272,12 @@ impl Gen {
                 let min = self.slots.get(&node).copied().unwrap_or(1);
                 let slots = self.rng.gen_range(min..=3.max(min));
                 self.slots.insert(node, slots);
-                let models: Vec<String> =
-                    MODELS.iter().filter(|_| self.rng.gen_bool(0.6)).map(|m| m.to_string()).collect();
-                let loaded = models.iter().filter(|_| self.rng.gen_bool(0.5)).cloned().collect();
+                let models: Vec<ModelInfo> =
+                    MODELS.iter().filter(|_| self.rng.gen_bool(0.6)).map(|m| model(m)).collect();
+                let loaded = models.iter().filter(|_| self.rng.gen_bool(0.5)).map(|m| m.name.clone()).collect();
                 Command::RegisterNode {
                     node,
-                    info: NodeRegistration {
-                        slots,
-                        models,
-                        loaded_models: loaded,
-                        executor: "test".into(),
-                        model_info: Vec::new(),
-                    },
+                    info: NodeRegistration { slots, models, loaded_models: loaded, executor: "test".into() },
                 }
             }
             30..=44 => {
@@ -767,7 +765,7 @@ impl Observer {
                         return Err(format!("{id} assigned as {asg:?}, not asked"));
                     }
                     let info = &before.nodes()[&asg.node];
-                    if info.draining || !info.registration.models.contains(&j.request.model) {
+                    if info.draining || !info.registration.has_model(&j.request.model) {
                         return Err(format!("{id} assigned to draining or unsuitable node {}", asg.node));
                     }
                 }
@@ -1697,12 +1695,7 @@ fn a_node_with_other_bytes_under_a_model_name_gets_none_of_its_jobs() {
     let mut h = Harness::new(ClusterConfig::default());
     let with_hash = |slots, hash: &str| NodeRegistration {
         slots,
-        models: vec!["m".into()],
-        model_info: vec![raftgen_raft::command::ModelInfo {
-            name: "m".into(),
-            hash: hash.into(),
-            ..Default::default()
-        }],
+        models: vec![ModelInfo { name: "m".into(), hash: hash.into(), ..Default::default() }],
         ..Default::default()
     };
     assert_eq!(h.apply(Command::RegisterNode { node: 1, info: with_hash(1, "aaaa") }), Response::Ok);

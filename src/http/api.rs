@@ -243,19 +243,10 @@ fn served_models(app: &App) -> Vec<ModelInfo> {
     let data = app.view.read();
     let mut models: Vec<ModelInfo> = Vec::new();
     for (id, node) in data.jobs.nodes() {
-        for name in &node.registration.models {
-            if models.iter().any(|m| &m.name == name) || !data.jobs.serves(*id, name) {
-                continue;
+        for info in &node.registration.models {
+            if !models.iter().any(|m| m.name == info.name) && data.jobs.serves(*id, &info.name) {
+                models.push(info.clone());
             }
-            let info = node.registration.info(name).cloned().unwrap_or_else(|| ModelInfo {
-                name: name.clone(),
-                pixel_multiple: 8,
-                default_side_px: 512,
-                default_steps: 20,
-                default_guidance_centi: 750,
-                ..Default::default()
-            });
-            models.push(info);
         }
     }
     models.sort_by(|a, b| a.name.cmp(&b.name));

@@ -9,7 +9,7 @@ use openraft::testing::{StoreBuilder, Suite};
 use openraft::{
     BasicNode, CommittedLeaderId, Entry, EntryPayload, Membership, RaftSnapshotBuilder, StorageError, Vote,
 };
-use raftgen_raft::command::{ClusterConfig, Command, NodeRegistration, Outcome};
+use raftgen_raft::command::{ClusterConfig, Command, ModelInfo, NodeRegistration, Outcome};
 use raftgen_raft::job::{JobId, JobRequest, JobState};
 use raftgen_raft::state::JobStateMachine;
 use raftgen_raft::{codec, LogId, NodeId, Request, Response, StoredMembership, TypeConfig};
@@ -255,10 +255,9 @@ fn reference(entries: &[Entry<TypeConfig>]) -> JobStateMachine {
 fn busy_log() -> Vec<Entry<TypeConfig>> {
     let info = NodeRegistration {
         slots: 2,
-        models: vec!["m".into()],
+        models: vec![ModelInfo { name: "m".into(), ..Default::default() }],
         loaded_models: vec![],
         executor: "t".into(),
-        model_info: vec![],
     };
     let assign = |index, job: u128| {
         let a = raftgen_raft::command::Assignment { job: JobId(job), node: 1, attempt: 1 };
@@ -490,10 +489,9 @@ async fn a_snapshot_build_racing_an_install_never_keeps_the_older_snapshot() {
             node: 1,
             info: NodeRegistration {
                 slots: 1,
-                models: vec!["m".into()],
+                models: vec![ModelInfo { name: "m".into(), ..Default::default() }],
                 loaded_models: vec![],
                 executor: "t".into(),
-                model_info: vec![],
             },
         },
     )];
