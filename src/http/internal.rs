@@ -1,5 +1,6 @@
 //! Node-to-node routes: Raft RPCs and forwarded writes, bincode in and out,
-//! each refused with 401 unless it carries the cluster secret.
+//! each refused with 401 unless it carries the cluster secret; and the
+//! replica dump that the chaos checker compares between nodes.
 
 use std::sync::Arc;
 
@@ -7,16 +8,21 @@ use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::Router;
 use raftgen_raft::command::MAX_BATCH_COMMANDS;
 use raftgen_raft::network::{PATH_APPEND, PATH_SNAPSHOT, PATH_VOTE};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 use raftgen_raft::{codec, Command};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::{secret_ok, ApiError};
 use crate::app::{App, PATH_FORWARD};
+
+/// This replica's jobs as it holds them now (see [`dump`]).
+pub const PATH_DUMP: &str = "/raft/dump";
 
 /// Largest node-to-node body: a batch of entries that carry result images.
 const MAX_RAFT_BODY_BYTES: usize = 1 << 30;
@@ -27,6 +33,7 @@ pub fn routes() -> Router<Arc<App>> {
         .route(PATH_VOTE, post(vote))
         .route(PATH_SNAPSHOT, post(snapshot))
         .route(PATH_FORWARD, post(forward))
+        .route(PATH_DUMP, get(dump))
         .layer(DefaultBodyLimit::max(MAX_RAFT_BODY_BYTES))
 }
 
@@ -72,4 +79,33 @@ async fn forward(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -
     }
     let answers = futures_util::future::join_all(cmds.into_iter().map(|cmd| app.propose_local(cmd))).await;
     Ok(encoded(&answers))
+}
+
+/// Every job this replica holds, without request bodies, with the sha256 of
+/// its result image: what the chaos checker compares between replicas once a
+/// cluster has healed. Local state, not a linearizable read; it needs the
+/// cluster secret because it lists every job's idempotency key.
+async fn dump(State(app): State<Arc<App>>, headers: HeaderMap) -> Result<axum::Json<Value>, ApiError> {
+    if !secret_ok(&app, &headers) {
+        return Err(ApiError::unauthorized());
+    }
+    let data = app.view.read();
+    let last_applied = data.last_applied.map_or(0, |l| l.index);
+    let jobs: Vec<Value> = data
+        .jobs
+        .recent_jobs(None, usize::MAX)
+        .into_iter()
+        .map(|job| {
+            json!({
+                "id": job.id.to_string(),
+                "idempotency_key": job.idempotency_key,
+                "state": job.state.as_str(),
+                "attempt": job.attempt,
+                "node": job.node,
+                "events": job.history.iter().map(|e| super::views::event_name(&e.kind)).collect::<Vec<_>>(),
+                "image_sha256": data.jobs.image(&job.id).map(|png| format!("{:x}", Sha256::digest(png))),
+            })
+        })
+        .collect();
+    Ok(axum::Json(json!({ "node": app.id, "last_applied": last_applied, "jobs": jobs })))
 }

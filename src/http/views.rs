@@ -41,6 +41,21 @@ pub fn job_json(job: &Job) -> Value {
     })
 }
 
+/// The event's name in the API (`submitted`, `assigned`, ..., `result_evicted`).
+pub fn event_name(kind: &EventKind) -> &'static str {
+    match kind {
+        EventKind::Submitted => "submitted",
+        EventKind::Assigned { .. } => "assigned",
+        EventKind::Started { .. } => "started",
+        EventKind::Requeued { .. } => "requeued",
+        EventKind::Succeeded { .. } => "succeeded",
+        EventKind::Failed { .. } => "failed",
+        EventKind::Cancelled => "cancelled",
+        EventKind::CompletionRejected { .. } => "completion_rejected",
+        EventKind::ResultEvicted => "result_evicted",
+    }
+}
+
 fn event_json(e: &Event) -> Value {
     let (name, mut v) = match &e.kind {
         EventKind::Submitted => ("submitted", json!({})),
