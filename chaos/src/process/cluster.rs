@@ -160,7 +160,7 @@ impl Cluster {
         };
         cmd.args(&args)
             .env("RAFTGEN_CLUSTER_SECRET", &self.spec.secret)
-            .env("RUST_LOG", std::env::var("RAFTGEN_CHAOS_NODE_LOG").unwrap_or_else(|_| "warn".into()))
+            .env("RAFTGEN_LOG", std::env::var("RAFTGEN_CHAOS_NODE_LOG").unwrap_or_else(|_| "info,openraft=warn".into()))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
