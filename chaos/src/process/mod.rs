@@ -14,7 +14,7 @@ pub mod netns;
 pub mod workload;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -174,7 +174,12 @@ pub async fn run(opts: Options) -> anyhow::Result<RunReport> {
         Arc::new(Mutex::new((1..=opts.nodes).map(|id| (id, cluster.url(id, net.as_ref()))).collect()));
     let stop = Arc::new(AtomicBool::new(false));
     let observer = tokio::spawn(workload::observe_leadership(client_nodes.clone(), rec.clone(), stop.clone()));
+    // The jobs come in one tranche before the first fault and one as each
+    // fault begins.
+    let tranche = opts.jobs / (faults.len() + 1);
+    let released = Arc::new(AtomicUsize::new(tranche.max(1)));
     let workload = Workload {
+        released: released.clone(),
         nodes: client_nodes.clone(),
         jobs: opts.jobs,
         rate_per_s: opts.rate_per_s,
@@ -200,6 +205,7 @@ pub async fn run(opts: Options) -> anyhow::Result<RunReport> {
         for (i, kind) in faults.iter().enumerate() {
             let gap = opts.gap_ms / 2 + nemesis.jitter_ms(opts.gap_ms);
             tokio::time::sleep(Duration::from_millis(gap)).await;
+            released.fetch_add(tranche, Ordering::SeqCst);
             if let Err(e) = nemesis.inject(i as u32 + 1, *kind).await {
                 run_errors.push(format!("fault {} ({}): {e:#}", i + 1, kind.name()));
             }
@@ -214,6 +220,7 @@ pub async fn run(opts: Options) -> anyhow::Result<RunReport> {
             }
         }
     }
+    released.store(usize::MAX, Ordering::SeqCst);
     clients.await.context("client tasks")?;
 
     // Heal, settle, read every replica.

@@ -74,13 +74,18 @@ pub struct Workload {
     /// Fraction of acknowledged jobs a client cancels.
     pub cancel_fraction: f64,
     pub seed: u64,
+    /// Submissions the clients may start so far: the nemesis releases the
+    /// jobs in tranches, one as each fault begins, so every fault meets
+    /// traffic however long the faults before it took.
+    pub released: Arc<AtomicUsize>,
 }
 
 /// Runs `clients` clients until `jobs` submissions were invoked and have
-/// completed (acknowledged, failed or given up).
+/// completed (acknowledged, failed or given up). Submissions start at most
+/// `rate_per_s` a second, and only as far as `released` allows.
 pub async fn run_clients(w: Workload, clients: u32, rec: Recorder) {
     let next = Arc::new(AtomicUsize::new(0));
-    let start = Instant::now();
+    let pace = Arc::new(tokio::sync::Mutex::new(Instant::now()));
     let http = reqwest::Client::builder()
         .connect_timeout(Duration::from_millis(500))
         .pool_max_idle_per_host(8)
@@ -88,7 +93,7 @@ pub async fn run_clients(w: Workload, clients: u32, rec: Recorder) {
         .expect("static client settings");
     let mut tasks = Vec::new();
     for c in 0..clients {
-        let (w, rec, next, http) = (w.clone(), rec.clone(), next.clone(), http.clone());
+        let (w, rec, next, http, pace) = (w.clone(), rec.clone(), next.clone(), http.clone(), pace.clone());
         tasks.push(tokio::spawn(async move {
             let mut rng = StdRng::seed_from_u64(w.seed ^ (u64::from(c) << 32));
             let mut mine: Vec<String> = Vec::new();
@@ -97,9 +102,17 @@ pub async fn run_clients(w: Workload, clients: u32, rec: Recorder) {
                 if n >= w.jobs {
                     break;
                 }
-                // Pace: submission n is due at n / rate seconds.
-                let due = start + Duration::from_secs_f64(n as f64 / w.rate_per_s.max(0.001));
-                tokio::time::sleep_until(due.into()).await;
+                while n >= w.released.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                {
+                    // One start every 1/rate seconds, over all clients.
+                    let mut next_start = pace.lock().await;
+                    let start_at = (*next_start).max(Instant::now());
+                    *next_start = start_at + Duration::from_secs_f64(1.0 / w.rate_per_s.max(0.001));
+                    drop(next_start);
+                    tokio::time::sleep_until(start_at.into()).await;
+                }
                 if let Some(id) = submit(&http, &w, c, n, &mut rng, &rec).await {
                     if rng.gen_bool(w.cancel_fraction.clamp(0.0, 1.0)) {
                         cancel(&http, &w, c, &id, &mut rng, &rec).await;
