@@ -14,7 +14,8 @@ use chaos::process::{run, Options};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_few_leader_kills_a_pause_and_a_partition_lose_and_duplicate_nothing() {
-    let faults = parse_schedule("kill-leader,pause-leader,kill-leader,partition-leader,kill-random,kill-leader").unwrap();
+    let faults =
+        parse_schedule("kill-leader,pause-leader,kill-leader,partition-leader,kill-random,kill-leader").unwrap();
     let durations = Durations { down_ms: 1_000, pause_ms: 2_000, partition_ms: 3_000, loss_percent: 20 };
     let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("chaos-ci");
     eprintln!("chaos history, report and node logs: {}", out.display());

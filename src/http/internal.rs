@@ -12,11 +12,11 @@ use axum::routing::{get, post};
 use axum::Router;
 use raftgen_raft::command::MAX_BATCH_COMMANDS;
 use raftgen_raft::network::{PATH_APPEND, PATH_SNAPSHOT, PATH_VOTE};
-use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 use raftgen_raft::{codec, Command};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 
 use super::{secret_ok, ApiError};
 use crate::app::{App, PATH_FORWARD};
