@@ -45,6 +45,8 @@ pub struct App {
     pub snapshot_guard: crate::snapshot_guard::SnapshotGuard,
     /// Becomes true once, when the node starts shutting down.
     pub shutdown: watch::Receiver<bool>,
+    /// What `/metrics` reports that only this node knows (timings, images).
+    pub metrics: crate::metrics::NodeMetrics,
 }
 
 /// A write that did not commit.

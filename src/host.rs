@@ -188,6 +188,7 @@ async fn execute(app: &Arc<App>, batch: Vec<JobSpec>, cancels: Vec<Arc<AtomicBoo
             .collect(),
         Err(join) => (0..n).map(|_| Err(ExecError::Failed(format!("executor crashed: {join}")))).collect(),
     };
+    app.metrics.images_generated(outcomes.iter().filter(|o| o.is_ok()).count() as u64);
     let elapsed_ms = started_at.elapsed().as_millis();
     let reports = started.iter().zip(outcomes).map(|((spec, _), result)| {
         let (id, attempt) = (spec.id, spec.attempt);

@@ -6,7 +6,8 @@
 //! Modules: [`app`] (shared context and the write path), [`http`] (public API
 //! and `/raft` routes), [`node`] (start-up and shutdown), [`scheduler`]
 //! (leader loop), [`host`] (executor host), [`membership`] (join/leave),
-//! [`executor`] (the trait and the test-pattern test double), [`cli`], [`demo`].
+//! [`executor`] (the trait and the test-pattern test double), [`metrics`]
+//! (`GET /metrics`), [`cli`], [`demo`].
 
 pub mod app;
 pub mod batch;
@@ -19,6 +20,7 @@ pub mod host;
 pub mod http;
 pub mod local;
 pub mod membership;
+pub mod metrics;
 pub mod models;
 pub mod node;
 pub mod proposer;

@@ -1,5 +1,6 @@
 //! Starting and stopping one node: storage, Raft, the HTTP port, and the
-//! background tasks (scheduler, executor host, registration, join, snapshots).
+//! background tasks (scheduler, executor host, registration, join, snapshots,
+//! job timing metrics).
 //! Shutdown is handled here and only here: SIGINT/SIGTERM stop the HTTP server,
 //! flip the shared shutdown flag, then shut Raft down.
 
@@ -81,6 +82,7 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
             Duration::from_millis(2 * opts.settings.election_timeout_max_ms),
         ),
         shutdown: shutdown_rx,
+        metrics: crate::metrics::NodeMetrics::default(),
     });
 
     let initialized = raft.is_initialized().await?;
@@ -98,6 +100,7 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
     tokio::spawn(crate::host::run(app.clone()));
     tokio::spawn(crate::host::register(app.clone()));
     tokio::spawn(snapshot_by_size(app.clone()));
+    tokio::spawn(crate::metrics::observer::run(app.clone()));
 
     tracing::info!(
         "node {} listening on {} (executor: {}, slots: {})",

@@ -48,6 +48,20 @@ pub struct JobStateMachine {
     /// not given its jobs (see [`JobStateMachine::serves`]).
     model_hashes: BTreeMap<String, String>,
     next_finish_seq: u64,
+    /// Jobs created and finished per model since the cluster began.
+    counts: BTreeMap<String, JobCounts>,
+}
+
+/// How many jobs of one model were created and how many ended in each terminal
+/// state, since the cluster began. Counted in `apply`, so every replica holds
+/// the same numbers; kept in the state (and its snapshots), so they survive
+/// restarts, and apart from the jobs, so retention forgets jobs, not counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobCounts {
+    pub submitted: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub cancelled: u64,
 }
 
 impl JobStateMachine {
@@ -208,6 +222,7 @@ impl JobStateMachine {
             history: Vec::new(),
         };
         job.push_event(at, EventKind::Submitted);
+        self.counts.entry(request.model.clone()).or_default().submitted += 1;
         self.queue.insert(queue_key(&job), id);
         self.by_seq.insert(seq, id);
         if let Some(key) = key {
@@ -344,6 +359,13 @@ impl JobStateMachine {
         job.state = state;
         job.error = error;
         job.finished_at_ms = Some(at);
+        let counts = self.counts.entry(job.request.model.clone()).or_default();
+        match state {
+            JobState::Succeeded => counts.succeeded += 1,
+            JobState::Failed => counts.failed += 1,
+            JobState::Cancelled => counts.cancelled += 1,
+            _ => unreachable!("finish to a terminal state"),
+        }
         let seq = self.next_finish_seq;
         self.next_finish_seq += 1;
         self.finished.insert(seq, id);
@@ -407,6 +429,31 @@ impl JobStateMachine {
 
     pub fn queue_depth(&self) -> usize {
         self.queue.len()
+    }
+
+    /// Queued jobs per priority.
+    pub fn queue_depth_by_priority(&self) -> BTreeMap<i32, u64> {
+        let mut depth = BTreeMap::new();
+        for (neg_priority, _) in self.queue.keys() {
+            *depth.entry((-neg_priority) as i32).or_default() += 1;
+        }
+        depth
+    }
+
+    /// Jobs created and finished per model since the cluster began (see [`JobCounts`]).
+    pub fn counts(&self) -> &BTreeMap<String, JobCounts> {
+        &self.counts
+    }
+
+    /// The position the next job to finish will take in the finish order.
+    pub fn next_finish_seq(&self) -> u64 {
+        self.next_finish_seq
+    }
+
+    /// Jobs that finished at or after position `seq` of the finish order (and
+    /// are still retained), in the order they finished.
+    pub fn finished_since(&self, seq: u64) -> impl Iterator<Item = &Job> {
+        self.finished.range(seq..).map(|(_, id)| &self.jobs[id])
     }
 
     /// Queued jobs in scheduling order (highest priority, then oldest, first).
@@ -523,6 +570,21 @@ impl JobStateMachine {
         let keyed = self.jobs.values().filter(|j| j.idempotency_key.is_some()).count();
         if keyed != self.idempotency.len() {
             return Err("a job's idempotency key is not indexed".into());
+        }
+        // Every created job is either still unfinished (never forgotten) or
+        // counted once in a terminal state.
+        let mut unfinished: BTreeMap<&str, u64> = BTreeMap::new();
+        for job in self.jobs.values().filter(|j| !j.state.is_terminal()) {
+            *unfinished.entry(job.request.model.as_str()).or_default() += 1;
+        }
+        for (model, c) in &self.counts {
+            let open = unfinished.remove(model.as_str()).unwrap_or(0);
+            if c.submitted != c.succeeded + c.failed + c.cancelled + open {
+                return Err(format!("model {model}: {c:?} but {open} unfinished jobs"));
+            }
+        }
+        if let Some(model) = unfinished.keys().next() {
+            return Err(format!("model {model} has unfinished jobs but no counts"));
         }
         Ok(())
     }

@@ -13,7 +13,7 @@ use raftgen_raft::job::{
     MAX_IDEMPOTENCY_KEY_BYTES, MAX_IMAGE_BYTES, MAX_PROMPT_CHARS,
 };
 use raftgen_raft::schedule;
-use raftgen_raft::state::JobStateMachine;
+use raftgen_raft::state::{JobCounts, JobStateMachine};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -678,6 +678,47 @@ impl Observer {
             }
         }
 
+        // The counts move with the jobs: one `submitted` per created job, one
+        // terminal count per job that ended in this step. A job that ended and
+        // was forgotten in the same step is only known to have ended.
+        let mut expect: BTreeMap<String, JobCounts> = before.counts().clone();
+        if let Response::Submitted { job, created: true } = resp {
+            expect.entry(job.request.model.clone()).or_default().submitted += 1;
+        }
+        for (id, job) in &a {
+            if !job.state.is_terminal() || b.get(id).is_none_or(|p| p.state.is_terminal()) {
+                continue;
+            }
+            let c = expect.entry(job.request.model.clone()).or_default();
+            match job.state {
+                JobState::Succeeded => c.succeeded += 1,
+                JobState::Failed => c.failed += 1,
+                _ => c.cancelled += 1,
+            }
+        }
+        let mut gone: BTreeMap<&str, u64> = BTreeMap::new();
+        for (id, job) in &b {
+            if !a.contains_key(id) && !job.state.is_terminal() {
+                *gone.entry(job.request.model.as_str()).or_default() += 1;
+            }
+        }
+        let ended = |c: &JobCounts| c.succeeded + c.failed + c.cancelled;
+        if expect.keys().ne(after.counts().keys()) {
+            return Err(format!("count keys {:?}, expected {:?}", after.counts().keys(), expect.keys()));
+        }
+        for (model, got) in after.counts() {
+            let want = expect[model];
+            let gone = gone.get(model.as_str()).copied().unwrap_or(0);
+            let ok = if gone == 0 {
+                *got == want
+            } else {
+                got.submitted == want.submitted && ended(got) == ended(&want) + gone
+            };
+            if !ok {
+                return Err(format!("model {model}: counts {got:?}, expected {want:?} (+{gone} ended and forgotten)"));
+            }
+        }
+
         // The response, checked against the state before.
         let unchanged = || -> Result<(), String> {
             if before == after {
@@ -1277,6 +1318,43 @@ fn a_job_runs_to_success_with_its_image() {
         h.apply(Command::Cancel { job: id }),
         Response::Rejected(Rejection::NotCancellable { state: JobState::Succeeded })
     );
+}
+
+#[test]
+fn counts_per_model_survive_retention_and_match_on_replay() {
+    let config = ClusterConfig { max_finished_jobs: 1, max_attempts: 1, ..ClusterConfig::default() };
+    let mut h = Harness::new(config);
+    h.register(1, 4, &["m1", "m2"]);
+    let ok = h.submit_ok(1, request("a", "m1", 0));
+    let bad = h.submit_ok(2, request("b", "m1", 0));
+    let lost = h.submit_ok(3, request("c", "m2", 0));
+    let cancelled = h.submit_ok(4, request("d", "m2", 5));
+    let queued = h.submit_ok(5, request("e", "m2", 5));
+    let low = h.submit_ok(6, request("f", "m1", -3));
+    assert_eq!(h.sm.queue_depth_by_priority(), BTreeMap::from([(-3, 1), (0, 3), (5, 2)]));
+    for (job, n) in [(ok, 1), (bad, 1), (lost, 1)] {
+        assert_eq!(h.assign(job, 1, 1), n);
+    }
+    let first_finish = h.sm.next_finish_seq();
+    assert_eq!(h.complete(ok, 1, 1, png(3, 1)), Response::Ok);
+    assert_eq!(h.complete(bad, 1, 1, failed("boom")), Response::Ok);
+    assert_eq!(h.requeue(lost, 1), 1, "gives up: max_attempts is 1");
+    assert_eq!(h.apply(Command::Cancel { job: cancelled }), Response::Ok);
+    // Retention kept only the last finished job; the counts keep them all.
+    let kept: Vec<JobId> = h.sm.finished_since(first_finish).map(|j| j.id).collect();
+    assert_eq!(kept, vec![cancelled]);
+    assert_eq!(h.sm.next_finish_seq(), first_finish + 4);
+    let counts = h.sm.counts();
+    assert_eq!(counts["m1"], JobCounts { submitted: 3, succeeded: 1, failed: 1, cancelled: 0 });
+    assert_eq!(counts["m2"], JobCounts { submitted: 3, succeeded: 0, failed: 1, cancelled: 1 });
+    assert_eq!(h.sm.queue_depth_by_priority(), BTreeMap::from([(-3, 1), (5, 1)]));
+    // Rejected and repeated commands count nothing.
+    let before = h.sm.counts().clone();
+    h.submit(5, request("e", "m2", 5), None);
+    h.apply(Command::Cancel { job: cancelled });
+    h.complete(ok, 1, 1, png(3, 1));
+    assert_eq!(h.sm.counts(), &before);
+    let _ = (queued, low);
 }
 
 #[test]

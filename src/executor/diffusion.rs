@@ -7,7 +7,9 @@
 //! steps, sampler and guidance run as one batch; each job keeps its own noise
 //! stream, so its image does not depend on what it was batched with.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
 use raftgen_raft::command::ModelInfo;
@@ -58,6 +60,8 @@ pub struct DiffusionExecutor {
     max_batch: usize,
     /// Loaded models, least recently used first.
     loaded: Mutex<Vec<Loaded>>,
+    /// How long the last load of each model took (kept after unloading).
+    load_times: Mutex<BTreeMap<String, Duration>>,
 }
 
 impl DiffusionExecutor {
@@ -69,6 +73,7 @@ impl DiffusionExecutor {
             budget_bytes,
             max_batch: max_batch.max(1),
             loaded: Mutex::new(Vec::new()),
+            load_times: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -103,10 +108,12 @@ impl DiffusionExecutor {
             let evicted = loaded.remove(0);
             tracing::info!("unloading model '{}' ({} MiB) to make room", evicted.name, evicted.bytes >> 20);
         }
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let pipeline = Pipeline::load(entry.family, &entry.files, &self.device, self.dtype)
             .map_err(|e| format!("loading model '{}': {e:#}", entry.name))?;
-        tracing::info!("loaded model '{}' ({} MiB) in {} ms", entry.name, bytes >> 20, started.elapsed().as_millis());
+        let took = started.elapsed();
+        tracing::info!("loaded model '{}' ({} MiB) in {} ms", entry.name, bytes >> 20, took.as_millis());
+        self.load_times.lock().unwrap_or_else(|e| e.into_inner()).insert(entry.name.clone(), took);
         let pipeline = Arc::new(pipeline);
         loaded.push(Loaded { name: entry.name.clone(), pipeline: pipeline.clone(), bytes });
         Ok(pipeline)
@@ -203,6 +210,10 @@ impl Executor for DiffusionExecutor {
 
     fn loaded_models(&self) -> Vec<String> {
         self.loaded.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|l| l.name.clone()).collect()
+    }
+
+    fn model_load_times(&self) -> Vec<(String, Duration)> {
+        self.load_times.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(m, d)| (m.clone(), *d)).collect()
     }
 
     fn lanes(&self) -> usize {

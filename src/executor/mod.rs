@@ -12,6 +12,7 @@ pub mod test_pattern;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use raftgen_raft::command::ModelInfo;
 use raftgen_raft::job::{JobId, JobRequest};
@@ -72,6 +73,11 @@ pub trait Executor: Send + Sync + 'static {
     fn models(&self) -> Vec<ModelInfo>;
     /// Models currently loaded (for the scheduler's affinity).
     fn loaded_models(&self) -> Vec<String>;
+    /// How long the last load of each model took on this node (for
+    /// `/metrics`); empty for executors that load nothing.
+    fn model_load_times(&self) -> Vec<(String, Duration)> {
+        Vec::new()
+    }
     /// How many batches may run at once (the host also caps jobs at `--slots`).
     fn lanes(&self) -> usize {
         usize::MAX

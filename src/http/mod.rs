@@ -1,9 +1,11 @@
-//! The node's one HTTP port: the public JSON API and, under `/raft/`, the
-//! node-to-node RPCs (refused without the cluster secret).
+//! The node's one HTTP port: the public JSON API, `/metrics` (open to any
+//! scraper) and, under `/raft/`, the node-to-node RPCs (refused without the
+//! cluster secret).
 
 mod api;
 mod error;
 mod internal;
+mod metrics;
 pub mod views;
 
 use std::sync::Arc;
@@ -15,7 +17,7 @@ pub use error::ApiError;
 use crate::app::App;
 
 pub fn router(app: Arc<App>) -> Router {
-    api::routes().merge(internal::routes()).with_state(app)
+    api::routes().merge(internal::routes()).merge(metrics::routes()).with_state(app)
 }
 
 /// Constant-time comparison of a presented secret with ours.

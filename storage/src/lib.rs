@@ -19,6 +19,8 @@ mod log_store;
 mod state_machine;
 
 use std::path::Path;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 
 pub use log_store::LogStore;
 pub use state_machine::{SmData, StateMachineStore, StateView};
@@ -33,8 +35,11 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), std::io::Error>
         .open()
         .map_err(std::io::Error::other)?;
     let flusher = flusher::Flusher::start(db.clone())?;
-    let log = LogStore::new(db.clone(), flusher.clone())?;
-    let sm = StateMachineStore::new(db, flusher)?;
+    // The last committed index: written by the log store when openraft
+    // commits, read through the state machine's `StateView` (metrics).
+    let committed = Arc::new(AtomicU64::new(0));
+    let log = LogStore::new(db.clone(), flusher.clone(), committed.clone())?;
+    let sm = StateMachineStore::new(db, flusher, committed)?;
     Ok((log, sm))
 }
 

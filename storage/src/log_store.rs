@@ -2,6 +2,8 @@
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, OptionalSend, StorageError, StorageIOError, Vote};
@@ -21,6 +23,9 @@ pub struct LogStore {
     flusher: crate::flusher::Flusher,
     logs: sled::Tree,
     meta: sled::Tree,
+    /// The last committed log index, as openraft last reported it (see
+    /// `save_committed`), shared with [`crate::StateView::committed_index`].
+    committed: Arc<AtomicU64>,
 }
 
 fn key(index: u64) -> [u8; 8] {
@@ -36,10 +41,17 @@ fn write_err(subject: ErrorSubject<NodeId>, e: impl std::fmt::Display) -> Storag
 }
 
 impl LogStore {
-    pub(crate) fn new(db: sled::Db, flusher: crate::flusher::Flusher) -> Result<Self, std::io::Error> {
+    pub(crate) fn new(
+        db: sled::Db,
+        flusher: crate::flusher::Flusher,
+        committed: Arc<AtomicU64>,
+    ) -> Result<Self, std::io::Error> {
         let logs = db.open_tree("logs").map_err(crate::io_err)?;
         let meta = db.open_tree("meta").map_err(crate::io_err)?;
-        Ok(LogStore { db, flusher, logs, meta })
+        let store = LogStore { db, flusher, logs, meta, committed };
+        let persisted = store.get_meta::<Option<LogId>>(KEY_COMMITTED).map_err(crate::io_err)?.flatten();
+        store.committed.store(persisted.map_or(0, |l| l.index), Ordering::Relaxed);
+        Ok(store)
     }
 
     // openraft's own error type; boxing it here would only be unboxed again.
@@ -129,7 +141,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError<NodeId>> {
         // Not flushed on purpose: it only shortens replay after a restart, and
         // the next flush (every append) makes it durable anyway.
-        self.put_meta(KEY_COMMITTED, &committed)
+        self.put_meta(KEY_COMMITTED, &committed)?;
+        self.committed.store(committed.map_or(0, |l| l.index), Ordering::Relaxed);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError<NodeId>> {

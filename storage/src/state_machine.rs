@@ -62,6 +62,8 @@ struct Shared {
     data: RwLock<SmData>,
     /// The last applied log index, for anyone waiting on a change.
     applied: watch::Sender<u64>,
+    /// The last committed log index (written by the log store).
+    committed: Arc<AtomicU64>,
     /// Bytes of entries applied since the last snapshot (snapshot-by-size).
     bytes_since_snapshot: AtomicU64,
     snapshot_counter: AtomicU64,
@@ -88,7 +90,11 @@ fn sm_err(verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError<NodeId> {
 }
 
 impl StateMachineStore {
-    pub(crate) fn new(db: sled::Db, flusher: crate::flusher::Flusher) -> Result<Self, std::io::Error> {
+    pub(crate) fn new(
+        db: sled::Db,
+        flusher: crate::flusher::Flusher,
+        committed: Arc<AtomicU64>,
+    ) -> Result<Self, std::io::Error> {
         let snapshots = db.open_tree("snapshot").map_err(crate::io_err)?;
         let (data, persisted) = match read_stored(&snapshots).map_err(crate::io_err)? {
             Some(stored) => {
@@ -106,6 +112,7 @@ impl StateMachineStore {
                 snapshots,
                 data: RwLock::new(data),
                 applied,
+                committed,
                 bytes_since_snapshot: AtomicU64::new(0),
                 snapshot_counter: AtomicU64::new(0),
                 persisted: Mutex::new(persisted),
@@ -146,6 +153,18 @@ impl StateView {
     /// Changes to the last applied log index.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.shared.applied.subscribe()
+    }
+
+    /// The last applied log index (0 before the first).
+    pub fn applied_index(&self) -> u64 {
+        *self.shared.applied.borrow()
+    }
+
+    /// The last log index this node knows to be committed (0 before the
+    /// first). It runs ahead of [`Self::applied_index`] while entries wait
+    /// to be applied, e.g. during the replay after a restart.
+    pub fn committed_index(&self) -> u64 {
+        self.shared.committed.load(Ordering::Relaxed)
     }
 
     pub fn bytes_since_snapshot(&self) -> u64 {
