@@ -1,0 +1,424 @@
+//! One simulated raftgen node: real openraft and the real state machine on the
+//! simulated storage and network, with the node's duties as production runs
+//! them (`src/node.rs`, `src/app.rs`, `src/scheduler.rs`, `src/host.rs`):
+//!
+//! - the write path: propose on the leader (stamping the leader's clock and a
+//!   seed), or forward to the leader, retrying across leader changes until a
+//!   deadline;
+//! - the scheduler loop: on the leader, the real `schedule::plan` on the
+//!   applied state and the health clock (last answer to a Raft call within
+//!   `node_timeout_ms`; a new leader resets every clock), proposing `Requeue`
+//!   and `Assign`, and `Configure` on new leadership;
+//! - the executor host: runs the attempts assigned to this node (`Start`, a
+//!   simulated run, `Complete`), failing some on purpose;
+//! - registration of the node's executor, and the server for Raft calls,
+//!   forwarded writes and client operations.
+//!
+//! What is simplified: one command per proposal and per forward (production
+//! batches them), no membership changes (the members are fixed), and no
+//! election guard while a snapshot is received (snapshots here are one small
+//! chunk). Every loop waits on simulated time or an event: a loop that spun
+//! would stop the simulated clock.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::BasicNode;
+use raftgen_raft::command::{ModelInfo, NodeRegistration, Outcome};
+use raftgen_raft::job::JobId;
+use raftgen_raft::schedule::plan;
+use raftgen_raft::{codec, Command, Request, Response};
+use rand::Rng;
+use sha2::{Digest, Sha256};
+use tokio::time::Instant;
+use turmoil::net::{TcpListener, TcpStream};
+
+use super::network::{
+    self, encode_reply, node_addr, read_frame, write_frame, Call, ClientOp, ClientReply, ForwardReject, Forwarded,
+    Network, PeerHealth, PORT,
+};
+use super::runtime::{self, SimRaft, SimRng};
+use super::store::Store;
+use super::world::{now_ms, NodeHandle, Shared};
+use crate::history::Record;
+
+/// The one model every simulated executor serves.
+pub const MODEL: &str = "sim-model";
+/// Most assignments proposed in one entry (production's `MAX_ASSIGN_PER_ENTRY`).
+const MAX_ASSIGN_PER_ENTRY: usize = 256;
+/// Longest a server waits for a call's bytes on an accepted connection.
+const SERVE_READ_TIMEOUT_MS: u64 = 2_000;
+/// How often a running job checks that its attempt is still current.
+const RUN_CHECK_MS: u64 = 20;
+/// First and largest pause between two tries of a write.
+const WRITE_RETRY_MIN_MS: u64 = 5;
+const WRITE_RETRY_MAX_MS: u64 = 100;
+/// How often a waiting write checks whether the leader changed.
+const LEADER_POLL_MS: u64 = 5;
+/// How long a registration write is retried.
+const REGISTER_TIMEOUT_MS: u64 = 5_000;
+
+pub struct Node {
+    pub id: u64,
+    raft: SimRaft,
+    store: Store,
+    health: PeerHealth,
+    shared: Arc<Shared>,
+}
+
+/// The host software of node `id`: what a node process does from start to
+/// crash. Runs until the simulation crashes it.
+pub async fn run(shared: Arc<Shared>, id: u64) -> turmoil::Result {
+    shared.record(Record::NodeStart { at_ms: now_ms(), node: id });
+    let store = Store::open(shared.disk(id), shared.counters.clone())
+        .map_err(|e| format!("node {id}: opening storage: {e}"))?;
+    let health = PeerHealth::default();
+    let network = Network { id, health: health.clone() };
+    let config = Arc::new(shared.params.raft_config().validate()?);
+    let raft = SimRaft::new(id, config, network, store.clone(), store.clone()).await?;
+    let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, PORT)).await?;
+    shared.set_running(id, NodeHandle { raft: raft.clone(), store: store.clone() });
+    let node = Arc::new(Node { id, raft, store, health, shared: shared.clone() });
+
+    if id == shared.members[0] && !node.raft.is_initialized().await? {
+        let members: BTreeMap<u64, BasicNode> =
+            shared.members.iter().map(|m| (*m, BasicNode { addr: node_addr(*m) })).collect();
+        if let Err(e) = node.raft.initialize(members).await {
+            tracing::debug!("node {id}: initialize: {e}");
+        }
+    }
+    tokio::task::spawn_local(scheduler(node.clone()));
+    tokio::task::spawn_local(executor(node.clone()));
+    tokio::task::spawn_local(register(node.clone()));
+    loop {
+        let (stream, _) = listener.accept().await?;
+        tokio::task::spawn_local(serve(node.clone(), stream));
+    }
+}
+
+/// Answers one call on an accepted connection.
+async fn serve(node: Arc<Node>, mut stream: TcpStream) {
+    let read = tokio::time::timeout(Duration::from_millis(SERVE_READ_TIMEOUT_MS), read_frame(&mut stream)).await;
+    let Ok(Ok(bytes)) = read else { return };
+    let Ok(call) = codec::decode::<Call>(&bytes) else { return };
+    let reply = match call {
+        Call::Append(rpc) => encode_reply(&node.raft.append_entries(rpc).await),
+        Call::Vote(rpc) => encode_reply(&node.raft.vote(rpc).await),
+        Call::Snapshot(rpc) => encode_reply(&node.raft.install_snapshot(rpc).await),
+        Call::Forward(cmd) => encode_reply(&node.propose_local(cmd).await),
+        Call::Client(op) => encode_reply(&node.client(op).await),
+    };
+    let _ = write_frame(&mut stream, &reply).await;
+}
+
+impl Node {
+    fn params(&self) -> &super::world::Params {
+        &self.shared.params
+    }
+
+    /// Proposes on this node, which must lead. The leader's clock and random
+    /// choices enter the log here, never inside `apply` (as in production).
+    async fn propose_local(&self, mut cmd: Command) -> Forwarded {
+        let leader = self.leader();
+        if leader != Some(self.id) {
+            return Err(ForwardReject::NotLeader { leader });
+        }
+        if let Command::Submit { seed, request, .. } = &mut cmd {
+            if seed.is_none() {
+                *seed = Some(request.seed.unwrap_or_else(|| SimRng.gen()));
+            }
+        }
+        let request = Request { at_ms: now_ms(), cmd };
+        let timeout = Duration::from_millis(self.params().propose_timeout_ms);
+        match tokio::time::timeout(timeout, self.raft.client_write(request)).await {
+            Err(_) => Err(ForwardReject::Fatal(format!("not committed within {} ms", timeout.as_millis()))),
+            Ok(Ok(written)) => Ok(written.data),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                Err(ForwardReject::NotLeader { leader: f.leader_id })
+            }
+            Ok(Err(e)) => Err(ForwardReject::Fatal(e.to_string())),
+        }
+    }
+
+    /// Commits `cmd` through whichever node leads, retrying across leader
+    /// changes until `timeout_ms` has passed (production's `App::write`).
+    async fn write(&self, cmd: Command, timeout_ms: u64) -> Result<Response, String> {
+        let deadline = Instant::now() + Duration::from_millis(timeout_ms);
+        let mut delay = Duration::from_millis(WRITE_RETRY_MIN_MS);
+        loop {
+            let leader = self.leader();
+            let answer = tokio::select! {
+                biased;
+                a = self.try_once(leader, &cmd, deadline) => a,
+                _ = self.leader_changed(leader) => None,
+                _ = tokio::time::sleep_until(deadline) => None,
+            };
+            if let Some(response) = answer {
+                return Ok(response);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(format!("no leader committed the write within {timeout_ms} ms"));
+            }
+            tokio::time::sleep(delay.min(deadline - now)).await;
+            delay = (delay * 2).min(Duration::from_millis(WRITE_RETRY_MAX_MS));
+        }
+    }
+
+    async fn try_once(&self, leader: Option<u64>, cmd: &Command, deadline: Instant) -> Option<Response> {
+        match leader {
+            None => None,
+            Some(id) if id == self.id => self.propose_local(cmd.clone()).await.ok(),
+            Some(id) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let timeout = left.min(Duration::from_millis(self.params().forward_timeout_ms));
+                match network::call::<Forwarded>(&node_addr(id), &Call::Forward(cmd.clone()), timeout).await {
+                    Ok(Ok(response)) => Some(response),
+                    Ok(Err(reject)) => {
+                        tracing::debug!("node {}: leader {id} did not take the write: {reject:?}", self.id);
+                        None
+                    }
+                    Err(e) => {
+                        tracing::debug!("node {}: forwarding to leader {id}: {e}", self.id);
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    /// A client's operation, as production's HTTP API answers it.
+    async fn client(&self, op: ClientOp) -> ClientReply {
+        let timeout_ms = self.params().submit_timeout_ms;
+        match op {
+            ClientOp::Submit { key, request } => {
+                // 128 random bits chosen by the receiving node, as in production.
+                let id = JobId(SimRng.gen());
+                let cmd = Command::Submit { id, request, seed: None, idempotency_key: Some(key) };
+                match self.write(cmd, timeout_ms).await {
+                    Ok(Response::Submitted { job, created }) => ClientReply::Submitted { job: job.id, created },
+                    Ok(Response::Rejected(r)) => ClientReply::Rejected(r.to_string()),
+                    Ok(other) => ClientReply::Unavailable(format!("unexpected answer {other:?}")),
+                    Err(e) => ClientReply::Unavailable(e),
+                }
+            }
+            ClientOp::Poll { job } => {
+                let sm = self.store.read();
+                ClientReply::Job { state: sm.jobs.job(&job).map(|j| (j.state.as_str().to_string(), j.attempt)) }
+            }
+            ClientOp::Cancel { job } => match self.write(Command::Cancel { job }, timeout_ms).await {
+                Ok(Response::Ok) => ClientReply::Cancelled,
+                Ok(Response::Rejected(r)) => ClientReply::Rejected(r.to_string()),
+                Ok(other) => ClientReply::Unavailable(format!("unexpected answer {other:?}")),
+                Err(e) => ClientReply::Unavailable(e),
+            },
+        }
+    }
+
+    fn leader(&self) -> Option<u64> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    /// Resolves when the known leader is no longer `leader`. It polls the
+    /// metrics on the simulated clock instead of waiting on openraft's watch
+    /// channel, whose waiters tokio wakes in a random order (see
+    /// `store::Applied`).
+    async fn leader_changed(&self, leader: Option<u64>) {
+        loop {
+            tokio::time::sleep(Duration::from_millis(LEADER_POLL_MS)).await;
+            if self.leader() != leader {
+                return;
+            }
+        }
+    }
+
+    /// Whether `attempt` of `job` is still this node's current attempt.
+    fn is_current(&self, job: &JobId, attempt: u32) -> bool {
+        let sm = self.store.read();
+        sm.jobs.job(job).is_some_and(|j| j.state.is_active() && j.node == Some(self.id) && j.attempt == attempt)
+    }
+}
+
+/// The leader's scheduler (production's `scheduler::run`).
+async fn scheduler(node: Arc<Node>) {
+    let params = node.params().clone();
+    let tick = Duration::from_millis(params.scheduler_tick_ms);
+    let node_timeout = Duration::from_millis(params.node_timeout_ms);
+    let applied = node.store.subscribe();
+    let mut led_term: Option<u64> = None;
+    loop {
+        tokio::select! {
+            biased;
+            _ = applied.changed() => {}
+            _ = tokio::time::sleep(tick) => {}
+        }
+        let (leader, term, members) = {
+            let m = node.raft.metrics();
+            let m = m.borrow();
+            let members: BTreeSet<u64> = m.membership_config.membership().nodes().map(|(id, _)| *id).collect();
+            (m.current_leader, m.current_term, members)
+        };
+        if leader != Some(node.id) {
+            led_term = None;
+            continue;
+        }
+        if led_term != Some(term) {
+            // New leadership: every node gets a full timeout from now.
+            node.health.reset_all(members.iter().copied());
+            led_term = Some(term);
+            if node.store.read().jobs.config() != &params.cluster {
+                if let Err(e) = node.propose_local(Command::Configure(params.cluster)).await {
+                    tracing::debug!("node {}: configure: {e:?}", node.id);
+                }
+            }
+        }
+        let healthy = |n: u64| {
+            n == node.id
+                || (members.contains(&n) && node.health.last_ack(n).is_some_and(|t| t.elapsed() < node_timeout))
+        };
+        let decision = plan(&node.store.read().jobs, healthy, MAX_ASSIGN_PER_ENTRY);
+        if !decision.requeue.is_empty() {
+            let cmd = Command::Requeue { jobs: decision.requeue, reason: "node stopped answering".into() };
+            if let Err(e) = node.propose_local(cmd).await {
+                tracing::debug!("node {}: requeue: {e:?}", node.id);
+            }
+        }
+        if !decision.assign.is_empty() {
+            if let Err(e) = node.propose_local(Command::Assign { assignments: decision.assign }).await {
+                tracing::debug!("node {}: assign: {e:?}", node.id);
+            }
+        }
+    }
+}
+
+/// The executor host (production's `host::run`): runs the attempts assigned
+/// to this node, at most `slots` at once, never one attempt twice per
+/// incarnation. A restarted node runs its still-assigned attempts again.
+async fn executor(node: Arc<Node>) {
+    let slots = node.params().slots as usize;
+    let applied = node.store.subscribe();
+    let mut running: BTreeMap<JobId, u32> = BTreeMap::new();
+    let mut finished: BTreeSet<(JobId, u32)> = BTreeSet::new();
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(JobId, u32)>();
+    loop {
+        let mine: Vec<(JobId, u32, u64)> =
+            node.store.read().jobs.active_on(node.id).map(|j| (j.id, j.attempt, j.seed)).collect();
+        finished.retain(|(id, attempt)| mine.iter().any(|(i, a, _)| i == id && a == attempt));
+        for (id, attempt, seed) in &mine {
+            if running.len() >= slots {
+                break;
+            }
+            if running.contains_key(id) || finished.contains(&(*id, *attempt)) {
+                continue;
+            }
+            running.insert(*id, *attempt);
+            tokio::task::spawn_local(run_attempt(node.clone(), *id, *attempt, *seed, done_tx.clone()));
+        }
+        tokio::select! {
+            biased;
+            Some((id, attempt)) = done_rx.recv() => {
+                if running.get(&id) == Some(&attempt) {
+                    running.remove(&id);
+                }
+                finished.insert((id, attempt));
+            }
+            _ = applied.changed() => {}
+        }
+    }
+}
+
+/// The result image of a job: deterministic in the simulation seed and the
+/// job (every attempt of a job makes the same bytes, as a seeded model would).
+pub fn image_bytes(sim_seed: u64, job: JobId, job_seed: u64) -> Vec<u8> {
+    let digest = Sha256::digest(format!("raftgen-sim:{sim_seed}:{job}:{job_seed}").as_bytes());
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend_from_slice(&digest);
+    png.extend_from_slice(&digest);
+    png
+}
+
+async fn run_attempt(
+    node: Arc<Node>,
+    job: JobId,
+    attempt: u32,
+    seed: u64,
+    done: tokio::sync::mpsc::UnboundedSender<(JobId, u32)>,
+) {
+    let report_timeout_ms = node.params().report_timeout_ms;
+    let started = node.write(Command::Start { job, node: node.id, attempt }, report_timeout_ms).await;
+    if matches!(started, Ok(Response::Ok)) {
+        let run_ms = runtime::gen_range(node.params().run_min_ms..node.params().run_max_ms + 1);
+        let fails = runtime::chance_per_mille(node.shared.exec_fail_per_mille());
+        let end = Instant::now() + Duration::from_millis(run_ms);
+        // A run stops, unreported, once its attempt is no longer current
+        // (cancelled, or re-queued while the leader could not hear us).
+        let mut current = true;
+        while Instant::now() < end {
+            if !node.is_current(&job, attempt) {
+                current = false;
+                break;
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            tokio::time::sleep(left.min(Duration::from_millis(RUN_CHECK_MS))).await;
+        }
+        if current {
+            let outcome = if fails {
+                Outcome::Failed { error: "simulated executor failure".into() }
+            } else {
+                let png = image_bytes(node.shared.seed, job, seed);
+                Outcome::Succeeded { png, model_hash: "sim".into(), notes: Vec::new() }
+            };
+            let cmd = Command::Complete { job, node: node.id, attempt, outcome };
+            if let Err(e) = node.write(cmd, report_timeout_ms).await {
+                tracing::debug!("node {}: job {job} attempt {attempt}: could not report: {e}", node.id);
+            }
+        }
+    }
+    let _ = done.send((job, attempt));
+}
+
+/// What every simulated executor announces.
+pub fn registration(slots: u32) -> NodeRegistration {
+    NodeRegistration {
+        slots,
+        models: vec![ModelInfo {
+            name: MODEL.into(),
+            hash: "sim".into(),
+            family: "sim".into(),
+            pixel_multiple: 8,
+            max_prompt_tokens: 77,
+            default_side_px: 64,
+            default_steps: 4,
+            default_guidance_centi: 750,
+            default_sampler: "euler".into(),
+            samplers: vec!["euler".into()],
+        }],
+        loaded_models: vec![MODEL.into()],
+        executor: "sim".into(),
+    }
+}
+
+/// Keeps this node's registration in the replicated state (production's
+/// `host::register`).
+async fn register(node: Arc<Node>) {
+    let info = registration(node.params().slots);
+    let interval = Duration::from_millis(node.params().register_interval_ms);
+    loop {
+        let (member, leader) = {
+            let m = node.raft.metrics();
+            let m = m.borrow();
+            (m.membership_config.membership().get_node(&node.id).is_some(), m.current_leader)
+        };
+        let current = node.store.read().jobs.nodes().get(&node.id).map(|n| n.registration.clone());
+        if member && leader.is_some() && current.as_ref() != Some(&info) {
+            let cmd = Command::RegisterNode { node: node.id, info: info.clone() };
+            if let Err(e) = node.write(cmd, REGISTER_TIMEOUT_MS).await {
+                tracing::debug!("node {}: registration: {e}", node.id);
+            }
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
