@@ -11,9 +11,9 @@
 //! [`PeerHealth`]: the leader's scheduler judges a node lost when it has not
 //! answered for `node_timeout_ms`, by this clock and no other.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable};
 use openraft::network::RPCTypes;
@@ -25,6 +25,7 @@ use openraft::raft::{
 use openraft::BasicNode;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio::time::Instant;
 
 use crate::codec;
 use crate::job::NodeId;
@@ -36,9 +37,11 @@ pub const PATH_APPEND: &str = "/raft/append";
 pub const PATH_VOTE: &str = "/raft/vote";
 pub const PATH_SNAPSHOT: &str = "/raft/snapshot";
 
-/// When each peer last answered a Raft RPC (heartbeats included).
+/// When each peer last answered a Raft RPC (heartbeats included), on tokio's
+/// clock: the wall clock in a node, simulated time in the chaos simulation,
+/// which uses this same type to judge nodes lost.
 #[derive(Clone, Default)]
-pub struct PeerHealth(Arc<Mutex<HashMap<NodeId, Instant>>>);
+pub struct PeerHealth(Arc<Mutex<BTreeMap<NodeId, Instant>>>);
 
 impl PeerHealth {
     pub fn record_ack(&self, node: NodeId) {

@@ -131,7 +131,7 @@ impl DiffusionExecutor {
     fn request(&self, entry: &ModelEntry, job: &JobSpec) -> Result<GenRequest, String> {
         let r = &job.request;
         let m = entry.meta.pixel_multiple;
-        if r.width % m != 0 || r.height % m != 0 {
+        if !r.width.is_multiple_of(m) || !r.height.is_multiple_of(m) {
             return Err(format!("width and height must be multiples of {m} for model '{}'", entry.name));
         }
         Ok(GenRequest {

@@ -105,7 +105,7 @@ fn render(job: &JobSpec) -> Result<Vec<u8>, png::EncodingError> {
     let mut pixels = Vec::with_capacity((w * h * 3) as usize);
     for y in 0..h {
         for x in 0..w {
-            let band = ((x + slope * y) / period) % 2 == 0;
+            let band = ((x + slope * y) / period).is_multiple_of(2);
             pixels.extend_from_slice(if band { &base } else { &accent });
         }
     }

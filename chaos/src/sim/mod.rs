@@ -239,7 +239,7 @@ pub fn run_seed(opts: &SimOptions) -> anyhow::Result<SimResult> {
                 }
             }
             Some(at) => {
-                if clients_done && now % CONVERGE_CHECK_MS == 0 && settled(&shared).is_ok() {
+                if clients_done && now.is_multiple_of(CONVERGE_CHECK_MS) && settled(&shared).is_ok() {
                     break;
                 }
                 if now >= at + CONVERGE_TIMEOUT_MS || now >= MAX_SIM_MS {

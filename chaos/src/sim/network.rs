@@ -11,10 +11,9 @@
 //! `Unreachable`, so openraft backs off ([`backoff`] is production's); a call
 //! that outlived its deadline is `Timeout`, which openraft retries without
 //! backing off. Every successful answer is recorded in [`PeerHealth`], by the
-//! node's simulated clock: the leader's scheduler judges health by it.
+//! node's simulated clock (production's `PeerHealth`, which runs on tokio's
+//! clock): the leader's scheduler judges health by it.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openraft::error::{InstallSnapshotError, RPCError, RaftError, RemoteError, Timeout, Unreachable};
@@ -29,8 +28,9 @@ use raftgen_raft::{codec, Command, Response};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::time::Instant;
 use turmoil::net::TcpStream;
+
+pub use raftgen_raft::network::PeerHealth;
 
 use super::runtime::SimTypeConfig;
 
@@ -154,28 +154,6 @@ pub async fn call<T: DeserializeOwned>(addr: &str, call: &Call, timeout: Duratio
     match tokio::time::timeout(timeout, exchange).await {
         Ok(result) => result,
         Err(_) => Err(CallError::Timeout),
-    }
-}
-
-/// When each peer last answered a Raft call, on this node's simulated clock.
-#[derive(Clone, Default)]
-pub struct PeerHealth(Arc<Mutex<BTreeMap<u64, Instant>>>);
-
-impl PeerHealth {
-    pub fn record_ack(&self, node: u64) {
-        self.0.lock().expect("health lock").insert(node, Instant::now());
-    }
-
-    pub fn last_ack(&self, node: u64) -> Option<Instant> {
-        self.0.lock().expect("health lock").get(&node).copied()
-    }
-
-    /// A new leader gives every node a full timeout before judging it.
-    pub fn reset_all(&self, nodes: impl IntoIterator<Item = u64>) {
-        let now = Instant::now();
-        let mut map = self.0.lock().expect("health lock");
-        map.clear();
-        map.extend(nodes.into_iter().map(|n| (n, now)));
     }
 }
 

@@ -85,7 +85,7 @@ impl ClipTextModel {
             "gelu" => Act::Gelu,
             other => anyhow::bail!("text encoder: unsupported hidden_act '{other}'"),
         };
-        if cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             anyhow::bail!("text encoder: hidden_size is not a multiple of num_attention_heads");
         }
         let tm = vb.pp("text_model");

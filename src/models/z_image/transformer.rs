@@ -81,7 +81,10 @@ impl ZImageTransformer {
             cfg.all_patch_size.iter().zip(&cfg.all_f_patch_size).any(|(&p, &f)| p == PATCH_SIZE && f == F_PATCH_SIZE),
             "transformer config: the pipeline uses patch size {key}, which all_patch_size/all_f_patch_size lack"
         );
-        ensure!(cfg.n_heads > 0 && cfg.dim % cfg.n_heads == 0, "transformer config: dim must be a multiple of n_heads");
+        ensure!(
+            cfg.n_heads > 0 && cfg.dim.is_multiple_of(cfg.n_heads),
+            "transformer config: dim must be a multiple of n_heads"
+        );
         let head_dim = cfg.dim / cfg.n_heads;
         ensure!(
             cfg.axes_dims.len() == 3 && cfg.axes_dims.iter().sum::<usize>() == head_dim,
