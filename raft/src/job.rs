@@ -248,6 +248,24 @@ pub enum EventKind {
     ResultEvicted,
 }
 
+impl EventKind {
+    /// The event's name in the API and in chaos histories (`submitted`,
+    /// `assigned`, ..., `result_evicted`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventKind::Submitted => "submitted",
+            EventKind::Assigned { .. } => "assigned",
+            EventKind::Started { .. } => "started",
+            EventKind::Requeued { .. } => "requeued",
+            EventKind::Succeeded { .. } => "succeeded",
+            EventKind::Failed { .. } => "failed",
+            EventKind::Cancelled => "cancelled",
+            EventKind::CompletionRejected { .. } => "completion_rejected",
+            EventKind::ResultEvicted => "result_evicted",
+        }
+    }
+}
+
 /// Execution progress, as last reported by the executing node.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Progress {

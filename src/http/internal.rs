@@ -102,7 +102,7 @@ async fn dump(State(app): State<Arc<App>>, headers: HeaderMap) -> Result<axum::J
                 "state": job.state.as_str(),
                 "attempt": job.attempt,
                 "node": job.node,
-                "events": job.history.iter().map(|e| super::views::event_name(&e.kind)).collect::<Vec<_>>(),
+                "events": job.history.iter().map(|e| e.kind.name()).collect::<Vec<_>>(),
                 "image_sha256": data.jobs.image(&job.id).map(|png| format!("{:x}", Sha256::digest(png))),
             })
         })

@@ -41,40 +41,18 @@ pub fn job_json(job: &Job) -> Value {
     })
 }
 
-/// The event's name in the API (`submitted`, `assigned`, ..., `result_evicted`).
-pub fn event_name(kind: &EventKind) -> &'static str {
-    match kind {
-        EventKind::Submitted => "submitted",
-        EventKind::Assigned { .. } => "assigned",
-        EventKind::Started { .. } => "started",
-        EventKind::Requeued { .. } => "requeued",
-        EventKind::Succeeded { .. } => "succeeded",
-        EventKind::Failed { .. } => "failed",
-        EventKind::Cancelled => "cancelled",
-        EventKind::CompletionRejected { .. } => "completion_rejected",
-        EventKind::ResultEvicted => "result_evicted",
-    }
-}
-
 fn event_json(e: &Event) -> Value {
-    let (name, mut v) = match &e.kind {
-        EventKind::Submitted => ("submitted", json!({})),
-        EventKind::Assigned { node, attempt } => ("assigned", json!({ "node": node, "attempt": attempt })),
-        EventKind::Started { node, attempt } => ("started", json!({ "node": node, "attempt": attempt })),
-        EventKind::Requeued { node, attempt, reason } => {
-            ("requeued", json!({ "node": node, "attempt": attempt, "reason": reason }))
+    let mut v = match &e.kind {
+        EventKind::Submitted | EventKind::Cancelled | EventKind::ResultEvicted => json!({}),
+        EventKind::Assigned { node, attempt }
+        | EventKind::Started { node, attempt }
+        | EventKind::Succeeded { node, attempt } => json!({ "node": node, "attempt": attempt }),
+        EventKind::Requeued { node, attempt, reason } | EventKind::CompletionRejected { node, attempt, reason } => {
+            json!({ "node": node, "attempt": attempt, "reason": reason })
         }
-        EventKind::Succeeded { node, attempt } => ("succeeded", json!({ "node": node, "attempt": attempt })),
-        EventKind::Failed { node, attempt, error } => {
-            ("failed", json!({ "node": node, "attempt": attempt, "error": error }))
-        }
-        EventKind::Cancelled => ("cancelled", json!({})),
-        EventKind::CompletionRejected { node, attempt, reason } => {
-            ("completion_rejected", json!({ "node": node, "attempt": attempt, "reason": reason }))
-        }
-        EventKind::ResultEvicted => ("result_evicted", json!({})),
+        EventKind::Failed { node, attempt, error } => json!({ "node": node, "attempt": attempt, "error": error }),
     };
-    v["event"] = json!(name);
+    v["event"] = json!(e.kind.name());
     v["at_ms"] = json!(e.at_ms);
     v
 }

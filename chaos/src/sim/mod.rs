@@ -48,7 +48,6 @@ use std::sync::Once;
 use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
-use raftgen_raft::job::EventKind;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -332,20 +331,6 @@ fn settled(shared: &Shared) -> Result<(), String> {
     Ok(())
 }
 
-fn event_name(kind: &EventKind) -> &'static str {
-    match kind {
-        EventKind::Submitted => "submitted",
-        EventKind::Assigned { .. } => "assigned",
-        EventKind::Started { .. } => "started",
-        EventKind::Requeued { .. } => "requeued",
-        EventKind::Succeeded { .. } => "succeeded",
-        EventKind::Failed { .. } => "failed",
-        EventKind::Cancelled => "cancelled",
-        EventKind::CompletionRejected { .. } => "completion_rejected",
-        EventKind::ResultEvicted => "result_evicted",
-    }
-}
-
 fn final_node(id: u64, sm: &store::SmData) -> FinalNode {
     let mut jobs: Vec<FinalJob> = sm
         .jobs
@@ -357,7 +342,7 @@ fn final_node(id: u64, sm: &store::SmData) -> FinalNode {
             state: j.state.as_str().to_string(),
             attempt: j.attempt,
             node: j.node,
-            events: j.history.iter().map(|e| event_name(&e.kind).to_string()).collect(),
+            events: j.history.iter().map(|e| e.kind.name().to_string()).collect(),
             image_sha256: sm
                 .jobs
                 .image(&j.id)
