@@ -110,24 +110,29 @@ pub struct Report {
 }
 
 impl Report {
+    /// Every category with its name, and whether any count in it breaks a
+    /// guarantee (`recovered` is allowed and only counted).
+    fn categories(&self) -> [(&'static str, &Finding, bool); 9] {
+        [
+            ("lost", &self.lost, true),
+            ("duplicated", &self.duplicated, true),
+            ("unexpected", &self.unexpected, true),
+            ("recovered", &self.recovered, false),
+            ("two states", &self.two_states, true),
+            ("backwards", &self.backwards, true),
+            ("double leaders", &self.double_leaders, true),
+            ("diverged", &self.diverged, true),
+            ("image mismatch", &self.image_mismatch, true),
+        ]
+    }
+
     /// Every violated guarantee, one line each; empty means the run passed.
     pub fn violations(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        for (name, f) in [
-            ("lost", &self.lost),
-            ("duplicated", &self.duplicated),
-            ("unexpected", &self.unexpected),
-            ("two states", &self.two_states),
-            ("backwards", &self.backwards),
-            ("double leaders", &self.double_leaders),
-            ("diverged replicas", &self.diverged),
-            ("image mismatch", &self.image_mismatch),
-        ] {
-            if f.count > 0 {
-                out.push(format!("{name}: {} ({})", f.count, f.examples.join("; ")));
-            }
-        }
-        out
+        self.categories()
+            .into_iter()
+            .filter(|(_, f, violation)| *violation && f.count > 0)
+            .map(|(name, f, _)| format!("{name}: {} ({})", f.count, f.examples.join("; ")))
+            .collect()
     }
 
     pub fn is_ok(&self) -> bool {
@@ -145,17 +150,7 @@ impl Report {
             "final jobs: {} ({} succeeded, {} failed, {} cancelled, {} unfinished)\n",
             self.final_jobs, self.succeeded, self.job_failed, self.cancelled, self.unfinished
         );
-        for (name, f) in [
-            ("lost", &self.lost),
-            ("duplicated", &self.duplicated),
-            ("unexpected", &self.unexpected),
-            ("recovered", &self.recovered),
-            ("two states", &self.two_states),
-            ("backwards", &self.backwards),
-            ("double leaders", &self.double_leaders),
-            ("diverged", &self.diverged),
-            ("image mismatch", &self.image_mismatch),
-        ] {
+        for (name, f, _) in self.categories() {
             s += &format!("{name:>15}: {}\n", f.count);
         }
         if !self.fault_kinds.is_empty() {

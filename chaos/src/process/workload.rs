@@ -150,7 +150,8 @@ async fn submit(
     let invoke_ms = rec.now_ms();
     let mut tried = Vec::new();
     let mut backoff_ms = 50;
-    let mut last_error = String::new();
+    let mut outcome = Outcome::Info { error: String::new() };
+    let mut job = None;
     for _ in 0..MAX_SUBMIT_TRIES {
         let (node, url) = pick(w, rng);
         tried.push(node);
@@ -161,42 +162,28 @@ async fn submit(
             .json(&body)
             .send()
             .await;
-        match resp {
+        let error = match resp {
             Ok(r) if r.status().is_success() => {
                 let v: Value = r.json().await.unwrap_or_default();
                 if let Some(id) = v["id"].as_str() {
-                    rec.push(Record::Submit {
-                        client,
-                        key,
-                        nodes: tried,
-                        invoke_ms,
-                        complete_ms: rec.now_ms(),
-                        outcome: Outcome::Ok,
-                        job: Some(id.to_string()),
-                    });
-                    return Some(id.to_string());
+                    (outcome, job) = (Outcome::Ok, Some(id.to_string()));
+                    break;
                 }
-                last_error = "a 2xx answer without a job id".into();
+                "a 2xx answer without a job id".to_string()
             }
             // A 4xx other than 408/429 rejects the request itself: it did
             // not happen, and retrying it would not help.
             Ok(r) if r.status().is_client_error() && ![408, 429].contains(&r.status().as_u16()) => {
                 let status = r.status();
                 let text = r.text().await.unwrap_or_default();
-                rec.push(Record::Submit {
-                    client,
-                    key,
-                    nodes: tried,
-                    invoke_ms,
-                    complete_ms: rec.now_ms(),
-                    outcome: Outcome::Fail { error: format!("HTTP {status}: {text}") },
-                    job: None,
-                });
-                return None;
+                outcome = Outcome::Fail { error: format!("HTTP {status}: {text}") };
+                break;
             }
-            Ok(r) => last_error = format!("HTTP {}", r.status()),
-            Err(e) => last_error = e.to_string(),
-        }
+            Ok(r) => format!("HTTP {}", r.status()),
+            Err(e) => e.to_string(),
+        };
+        // Tries exhausted with this as the last error: the outcome is unknown.
+        outcome = Outcome::Info { error };
         tokio::time::sleep(Duration::from_millis(rng.gen_range(backoff_ms / 2..=backoff_ms))).await;
         backoff_ms = (backoff_ms * 2).min(MAX_BACKOFF_MS);
     }
@@ -206,10 +193,10 @@ async fn submit(
         nodes: tried,
         invoke_ms,
         complete_ms: rec.now_ms(),
-        outcome: Outcome::Info { error: last_error },
-        job: None,
+        outcome,
+        job: job.clone(),
     });
-    None
+    job
 }
 
 async fn cancel(http: &reqwest::Client, w: &Workload, client: u32, id: &str, rng: &mut StdRng, rec: &Recorder) {
