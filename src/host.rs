@@ -199,7 +199,7 @@ async fn execute(app: &Arc<App>, batch: Vec<JobSpec>, cancels: Vec<Arc<AtomicBoo
                     tracing::info!("job {id} attempt {attempt} stopped: no longer current");
                     return;
                 }
-                Err(ExecError::Failed(error)) => Outcome::Failed { error },
+                Err(ExecError::Failed(error)) => Outcome::Failed { error, retryable: false },
             };
             let ok = matches!(outcome, Outcome::Succeeded { .. });
             match app.write(Command::Complete { job: id, node, attempt, outcome }, timeout).await {

@@ -201,8 +201,12 @@ async fn idempotency_key_stale_completion_and_bad_input() {
     let answer = one_answer(&resp.bytes().await.unwrap());
     assert!(matches!(answer, Err(raftgen::app::ForwardReject::NotLeader { leader: Some(l) }) if l == leader));
     // An older attempt number is rejected too.
-    let older =
-        Command::Complete { job: job_id, node, attempt: attempt - 1, outcome: Outcome::Failed { error: "x".into() } };
+    let older = Command::Complete {
+        job: job_id,
+        node,
+        attempt: attempt - 1,
+        outcome: Outcome::Failed { error: "x".into(), retryable: false },
+    };
     let resp = internal_write(&cluster.url(leader), &cluster.secret, &older).await;
     let answer = one_answer(&resp.bytes().await.unwrap());
     assert!(matches!(answer, Ok(Response::Rejected(Rejection::StaleAttempt { .. }))), "{answer:?}");

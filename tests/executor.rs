@@ -37,6 +37,8 @@ fn job(model: &str, size: u32) -> (JobSpec, RunControl) {
         model: model.into(),
         priority: 0,
         sampler: None,
+        cache: true,
+        webhook: None,
     };
     let spec = JobSpec { id: JobId(1), attempt: 1, request, seed: 1 };
     (spec, RunControl::new(Arc::new(AtomicBool::new(false)), Box::new(|_, _| {})))

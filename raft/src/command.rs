@@ -119,6 +119,9 @@ pub enum Outcome {
     },
     Failed {
         error: String,
+        /// A transient failure (the executor broke, not the input): the job
+        /// is queued again while it has attempts left.
+        retryable: bool,
     },
 }
 

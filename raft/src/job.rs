@@ -85,6 +85,11 @@ pub struct JobRequest {
     /// Overrides the model's default sampler (`ddim`, `euler`, `euler_a`,
     /// `flow_match_euler`); checked against the model by the API.
     pub sampler: Option<String>,
+    /// May the result of an identical earlier job (same model hash, every
+    /// generation parameter, a fixed seed) be returned without running again?
+    pub cache: bool,
+    /// Where to POST the job when it ends (see the webhook deliverer).
+    pub webhook: Option<String>,
 }
 
 /// A request field that breaks a rule.

@@ -303,7 +303,7 @@ impl JobStateMachine {
                 job.push_event(at, EventKind::Failed { node: Some(node), attempt, error: error.clone() });
                 self.finish(at, id, JobState::Failed, Some(error), None);
             }
-            Outcome::Failed { error } => {
+            Outcome::Failed { error, .. } => {
                 let error = bounded_message(error);
                 job.push_event(at, EventKind::Failed { node: Some(node), attempt, error: error.clone() });
                 self.finish(at, id, JobState::Failed, Some(error), None);

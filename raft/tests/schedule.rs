@@ -52,6 +52,8 @@ impl Cluster {
             model: model.to_string(),
             priority,
             sampler: None,
+            cache: true,
+            webhook: None,
         };
         let resp = self.apply(Command::Submit { id: JobId(id), request, seed: Some(1), idempotency_key: None });
         assert!(matches!(resp, Response::Submitted { created: true, .. }), "{resp:?}");
@@ -271,6 +273,8 @@ fn scan_is_bounded_to_max_queue_scan() {
         model: "nobody".into(),
         priority: 0,
         sampler: None,
+        cache: true,
+        webhook: None,
     };
     for id in 0..=MAX_QUEUE_SCAN as u128 {
         if id == MAX_QUEUE_SCAN as u128 {
@@ -322,7 +326,7 @@ fn random_cluster(rng: &mut StdRng) -> Cluster {
                     let outcome = if rng.gen_bool(0.5) {
                         Outcome::Succeeded { png: vec![1; 4], model_hash: "h".into(), notes: Vec::new() }
                     } else {
-                        Outcome::Failed { error: "x".into() }
+                        Outcome::Failed { error: "x".into(), retryable: false }
                     };
                     assert_eq!(c.apply(Command::Complete { job, node, attempt, outcome }), Response::Ok);
                 }

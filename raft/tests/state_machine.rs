@@ -34,6 +34,8 @@ fn request(prompt: &str, model: &str, priority: i32) -> JobRequest {
         model: model.to_string(),
         priority,
         sampler: None,
+        cache: true,
+        webhook: None,
     }
 }
 
@@ -123,7 +125,7 @@ fn png(len: usize, fill: u8) -> Outcome {
 }
 
 fn failed(msg: &str) -> Outcome {
-    Outcome::Failed { error: msg.to_string() }
+    Outcome::Failed { error: msg.to_string(), retryable: false }
 }
 
 fn count_events(job: &Job, pred: impl Fn(&EventKind) -> bool) -> usize {
@@ -180,6 +182,8 @@ impl Gen {
             model: MODELS.choose(r).unwrap().to_string(),
             priority: r.gen_range(-1..=1),
             sampler: None,
+            cache: true,
+            webhook: None,
         }
     }
 

@@ -159,6 +159,8 @@ fn parse_submit(bytes: &[u8], served_models: &[ModelInfo]) -> Result<JobRequest,
         model: model.name.clone(),
         priority,
         sampler,
+        cache: true,
+        webhook: None,
     };
     request.validate().map_err(|e| ApiError::field(&e.field, e.message))?;
     let m = model.pixel_multiple.max(1);

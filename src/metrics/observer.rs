@@ -165,6 +165,8 @@ mod tests {
             model: "m".into(),
             priority: 0,
             sampler: None,
+            cache: true,
+            webhook: None,
         };
         log.apply(at_ms, Command::Submit { id: JobId(id), request, seed: None, idempotency_key: None });
     }
@@ -173,7 +175,7 @@ mod tests {
         let outcome = if ok {
             Outcome::Succeeded { png: vec![1], model_hash: "h".into(), notes: Vec::new() }
         } else {
-            Outcome::Failed { error: "boom".into() }
+            Outcome::Failed { error: "boom".into(), retryable: false }
         };
         log.apply(at_ms, Command::Complete { job: JobId(id), node, attempt: 1, outcome });
     }

@@ -57,6 +57,8 @@ fn request(i: u64) -> JobRequest {
         model: "m".into(),
         priority: (i % 3) as i32,
         sampler: None,
+        cache: true,
+        webhook: None,
     }
 }
 

@@ -366,7 +366,7 @@ async fn run_attempt(
         }
         if current {
             let outcome = if fails {
-                Outcome::Failed { error: "simulated executor failure".into() }
+                Outcome::Failed { error: "simulated executor failure".into(), retryable: false }
             } else {
                 let png = image_bytes(node.shared.seed, job, seed);
                 Outcome::Succeeded { png, model_hash: "sim".into(), notes: Vec::new() }

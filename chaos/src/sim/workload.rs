@@ -83,6 +83,8 @@ async fn submit(shared: &Shared, rng: &mut StdRng, client: u32, k: usize) -> Opt
         model: MODEL.into(),
         priority: rng.gen_range(-1..=1),
         sampler: None,
+        cache: true,
+        webhook: None,
     };
     let invoke_ms = now_ms();
     let mut nodes = Vec::new();
