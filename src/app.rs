@@ -36,7 +36,11 @@ pub struct App {
     pub executor: Arc<dyn Executor>,
     /// Pool for forwarded writes and proxied reads (separate from Raft's).
     pub client: reqwest::Client,
+    /// How `client` reaches other nodes: `http`, or `https` when this node serves TLS.
+    pub scheme: raftgen_raft::network::Scheme,
     pub secret: Arc<str>,
+    /// `--api-keys`: when set, the public API needs a key (see [`crate::http::auth`]).
+    pub api_keys: Option<Arc<crate::http::auth::ApiKeys>>,
     /// Leader-side group commit of proposals.
     pub proposer: crate::proposer::Proposer,
     /// Follower-side batching of forwarded commands.

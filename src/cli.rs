@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use crate::config::NodeSettings;
 use crate::executor::diffusion::DiffusionExecutor;
-use crate::executor::test_pattern::TestPatternExecutor;
+use crate::executor::test_pattern::{Faults, TestPatternExecutor};
 use crate::executor::{Executor, NoExecutor};
 use crate::models::catalog::HashCache;
 
@@ -27,6 +27,10 @@ pub const DEV_SECRET: &str = "raftgen-insecure-dev-secret";
 pub struct Cli {
     #[command(subcommand)]
     pub command: Cmd,
+    /// Log lines as text, or one JSON object per line (with `node_id`, and
+    /// `job_id` on job-related lines).
+    #[arg(long, global = true, value_enum, env = "RAFTGEN_LOG_FORMAT", default_value_t = crate::logging::LogFormat::Text)]
+    pub log_format: crate::logging::LogFormat,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -96,6 +100,10 @@ pub enum Cmd {
     Status {
         #[arg(long, default_value = "http://127.0.0.1:7001")]
         server: String,
+        #[command(flatten)]
+        key: ApiKeyArg,
+        #[command(flatten)]
+        tls: crate::tls::ClientTls,
         #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
         output: OutputFormat,
     },
@@ -107,6 +115,10 @@ pub enum Cmd {
         state: Option<String>,
         #[arg(long, default_value_t = 20)]
         limit: usize,
+        #[command(flatten)]
+        key: ApiKeyArg,
+        #[command(flatten)]
+        tls: crate::tls::ClientTls,
         #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
         output: OutputFormat,
     },
@@ -118,9 +130,25 @@ pub enum Cmd {
         id: u64,
         #[arg(long, env = "RAFTGEN_CLUSTER_SECRET", default_value = DEV_SECRET, hide_env_values = true)]
         cluster_secret: String,
+        /// An admin key does instead of the cluster secret.
+        #[command(flatten)]
+        key: ApiKeyArg,
+        #[command(flatten)]
+        tls: crate::tls::ClientTls,
     },
     /// Start a local 3-node cluster, generate a few images through a follower, stop it.
     Demo(crate::demo::DemoArgs),
+    /// Write a test CA and node certificates for trying TLS (see docs/tls.md).
+    Certs(crate::certs::CertsArgs),
+}
+
+/// The client side of `raftgen node --api-keys`.
+#[derive(clap::Args)]
+pub struct ApiKeyArg {
+    /// API key, sent as `Authorization: Bearer KEY` (needed when the nodes run
+    /// with --api-keys).
+    #[arg(long, env = "RAFTGEN_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -142,6 +170,25 @@ pub struct NodeArgs {
     pub join: Option<String>,
     #[arg(long, env = "RAFTGEN_CLUSTER_SECRET", hide_env_values = true)]
     pub cluster_secret: Option<String>,
+    /// Serve TLS on --listen with this certificate chain (PEM, leaf first) and
+    /// reach the other nodes over https (see docs/tls.md).
+    #[arg(long, requires = "tls_key", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Require every connection (nodes and clients) to present a certificate
+    /// signed by this CA (PEM), and trust only it for connections to other nodes.
+    #[arg(long, requires = "tls_cert", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// Longest a TLS handshake on this node's port may take.
+    #[arg(long, default_value_t = 5_000)]
+    pub tls_handshake_timeout_ms: u64,
+    /// Require an API key on the public API: one `NAME KEY [rate=N] [admin]`
+    /// a line (see docs/api-keys.md). `/healthz`, `/readyz` and `/metrics`
+    /// stay open.
+    #[arg(long, value_name = "FILE")]
+    pub api_keys: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = ExecutorKind::Diffusion)]
     pub executor: ExecutorKind,
     /// Serve every diffusers model folder under DIR (besides the built-in
@@ -164,6 +211,14 @@ pub struct NodeArgs {
     /// Simulated run time per job of the test-pattern executor.
     #[arg(long, default_value_t = 500)]
     pub test_pattern_delay_ms: u64,
+    /// TEST DOUBLE fault (only with --executor test-pattern): the first N
+    /// jobs this node runs hang until cancelled (exercises --job-timeout-ms).
+    #[arg(long, default_value_t = 0)]
+    pub test_pattern_stall_first: u32,
+    /// TEST DOUBLE fault (only with --executor test-pattern): the next N jobs
+    /// fail with a retryable error (exercises retries, --max-attempts).
+    #[arg(long, default_value_t = 0)]
+    pub test_pattern_fail_first: u32,
     /// Jobs assigned to this node at once (default: --max-batch for the
     /// diffusion executor, at least 2 so the next job is ready; 1 for the
     /// test pattern).
@@ -177,6 +232,14 @@ pub struct NodeArgs {
     pub report_timeout_ms: u64,
     #[arg(long, default_value_t = 600_000)]
     pub drain_timeout_ms: u64,
+    /// Longest one job may run on this node: beyond it the run is stopped
+    /// and the job fails ("execution timed out"). 100 ms to 7 days.
+    #[arg(long, default_value_t = 1_800_000, value_parser = clap::value_parser!(u64).range(100..=604_800_000))]
+    pub job_timeout_ms: u64,
+    /// On SIGTERM: how long to let running jobs finish before handing them
+    /// back to the queue (keep it under the supervisor's stop timeout).
+    #[arg(long, default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+    pub shutdown_timeout_ms: u64,
     #[arg(long, default_value_t = 64 * 1024)]
     pub max_body_bytes: usize,
     #[arg(long, default_value_t = ClusterConfig::default().max_queue_depth)]
@@ -203,12 +266,18 @@ pub struct NodeArgs {
     pub election_timeout_min_ms: u64,
     #[arg(long, default_value_t = 100)]
     pub election_timeout_max_ms: u64,
+    #[command(flatten)]
+    pub webhook: crate::webhook::WebhookArgs,
 }
 
 #[derive(clap::Args)]
 pub struct SubmitArgs {
     #[arg(long, default_value = "http://127.0.0.1:7001")]
     pub server: String,
+    #[command(flatten)]
+    pub key: ApiKeyArg,
+    #[command(flatten)]
+    pub tls: crate::tls::ClientTls,
     pub prompt: String,
     #[arg(long)]
     pub negative_prompt: Option<String>,
@@ -254,8 +323,33 @@ impl NodeArgs {
             tracing::warn!("no --cluster-secret or RAFTGEN_CLUSTER_SECRET: using the insecure development secret");
             DEV_SECRET.to_string()
         });
+        let api_keys = match &self.api_keys {
+            Some(path) => Some(Arc::new(crate::http::auth::ApiKeys::load(path)?)),
+            None => None,
+        };
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => {
+                if self.tls_handshake_timeout_ms == 0 {
+                    bail!("--tls-handshake-timeout-ms must be at least 1");
+                }
+                Some(crate::tls::NodeTls::load(cert, key, self.tls_ca.as_deref(), self.tls_handshake_timeout_ms)?)
+            }
+            _ => None,
+        };
+        if let Some(join) = &self.join {
+            match (tls.is_some(), join.starts_with("https://")) {
+                (true, false) => bail!("--join {join}: a node with --tls-cert joins through an https:// URL"),
+                (false, true) => bail!("--join {join}: an https:// URL needs --tls-cert and --tls-key on this node"),
+                _ => {}
+            }
+        }
         if self.max_batch == 0 || self.max_batch > MAX_BATCH {
             bail!("--max-batch must be between 1 and {MAX_BATCH}");
+        }
+        let faults =
+            Faults { stall_first: self.test_pattern_stall_first, fail_first: self.test_pattern_fail_first };
+        if self.executor != ExecutorKind::TestPattern && (faults.stall_first > 0 || faults.fail_first > 0) {
+            bail!("--test-pattern-stall-first and --test-pattern-fail-first need --executor test-pattern");
         }
         let executor: Arc<dyn Executor> = match self.executor {
             ExecutorKind::Diffusion => Arc::new(diffusion_executor(&self)?),
@@ -265,7 +359,10 @@ impl NodeArgs {
             }
             ExecutorKind::TestPattern => {
                 tracing::warn!("--executor test-pattern: a TEST DOUBLE drawing synthetic images, not a model");
-                Arc::new(TestPatternExecutor { delay_ms: self.test_pattern_delay_ms })
+                if faults.stall_first > 0 || faults.fail_first > 0 {
+                    tracing::warn!("test pattern: injecting faults into the first jobs: {faults:?}");
+                }
+                Arc::new(TestPatternExecutor::new(self.test_pattern_delay_ms, faults))
             }
         };
         let slots = match self.executor {
@@ -281,6 +378,8 @@ impl NodeArgs {
             init: self.init,
             join: self.join,
             secret,
+            api_keys,
+            tls,
             executor,
             settings: NodeSettings {
                 slots,
@@ -288,6 +387,8 @@ impl NodeArgs {
                 submit_timeout_ms: self.submit_timeout_ms,
                 report_timeout_ms: self.report_timeout_ms,
                 drain_timeout_ms: self.drain_timeout_ms,
+                job_timeout_ms: self.job_timeout_ms,
+                shutdown_timeout_ms: self.shutdown_timeout_ms,
                 max_body_bytes: self.max_body_bytes,
                 snapshot_max_bytes: self.snapshot_max_bytes,
                 snapshot_logs: self.snapshot_logs,
@@ -302,6 +403,7 @@ impl NodeArgs {
                 heartbeat_interval_ms: self.heartbeat_interval_ms,
                 election_timeout_min_ms: self.election_timeout_min_ms,
                 election_timeout_max_ms: self.election_timeout_max_ms,
+                webhook: self.webhook.settings(),
             },
         })
     }
@@ -311,12 +413,38 @@ impl NodeArgs {
 pub struct Client {
     http: reqwest::Client,
     pub server: String,
+    api_key: Option<String>,
 }
 
 impl Client {
+    fn builder() -> reqwest::ClientBuilder {
+        reqwest::Client::builder().timeout(Duration::from_secs(60))
+    }
+
     pub fn new(server: &str) -> Self {
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("http client");
-        Client { http, server: server.trim_end_matches('/').to_string() }
+        let http = Self::builder().build().expect("http client");
+        Client { http, server: server.trim_end_matches('/').to_string(), api_key: None }
+    }
+
+    /// Trusts `tls.tls_ca` (or the system's roots) for an `https` server and
+    /// presents `tls.tls_cert` when the server asks for a client certificate.
+    pub fn with_tls(mut self, tls: &crate::tls::ClientTls) -> anyhow::Result<Self> {
+        self.http = tls.apply(Self::builder(), &self.server)?.build().context("http client")?;
+        Ok(self)
+    }
+
+    /// Sends `key` as `Authorization: Bearer` on every request.
+    pub fn with_api_key(mut self, key: Option<String>) -> Self {
+        self.api_key = key;
+        self
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let req = self.http.request(method, self.url(path));
+        match &self.api_key {
+            Some(key) => req.bearer_auth(key),
+            None => req,
+        }
     }
 
     async fn check(resp: reqwest::Response) -> anyhow::Result<reqwest::Response> {
@@ -337,19 +465,25 @@ impl Client {
     }
 
     pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
-        let resp =
-            self.http.get(self.url(path)).send().await.with_context(|| format!("cannot reach {}", self.server))?;
+        let resp = self
+            .request(reqwest::Method::GET, path)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {}", self.server))?;
         Ok(Self::check(resp).await?.json().await?)
     }
 
     pub async fn get_bytes(&self, path: &str) -> anyhow::Result<Vec<u8>> {
-        let resp =
-            self.http.get(self.url(path)).send().await.with_context(|| format!("cannot reach {}", self.server))?;
+        let resp = self
+            .request(reqwest::Method::GET, path)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {}", self.server))?;
         Ok(Self::check(resp).await?.bytes().await?.to_vec())
     }
 
     pub async fn submit(&self, body: &Value, key: Option<&str>) -> anyhow::Result<Value> {
-        let mut req = self.http.post(self.url("/v1/jobs")).json(body);
+        let mut req = self.request(reqwest::Method::POST, "/v1/jobs").json(body);
         if let Some(k) = key {
             req = req.header("idempotency-key", k);
         }
@@ -358,7 +492,7 @@ impl Client {
     }
 
     pub async fn delete(&self, path: &str, secret: Option<&str>) -> anyhow::Result<Value> {
-        let mut req = self.http.delete(self.url(path)).timeout(Duration::from_secs(3600));
+        let mut req = self.request(reqwest::Method::DELETE, path).timeout(Duration::from_secs(3600));
         if let Some(s) = secret {
             req = req.header(SECRET_HEADER, s);
         }
@@ -394,21 +528,30 @@ impl Client {
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Cmd::Node(args) => crate::node::run(args.into_options()?).await,
+        Cmd::Node(args) => {
+            crate::logging::set_node_id(args.id);
+            crate::node::run(args.into_options()?).await
+        }
         Cmd::Submit(args) => submit(args).await,
-        Cmd::Status { server, output } => status(&server, output).await,
-        Cmd::Jobs { server, state, limit, output } => jobs(&server, state, limit, output).await,
-        Cmd::Leave { server, id, cluster_secret } => {
-            let v = Client::new(&server).delete(&format!("/v1/cluster/nodes/{id}"), Some(&cluster_secret)).await?;
+        Cmd::Status { server, key, tls, output } => {
+            status(&Client::new(&server).with_api_key(key.api_key).with_tls(&tls)?, output).await
+        }
+        Cmd::Jobs { server, state, limit, key, tls, output } => {
+            jobs(&Client::new(&server).with_api_key(key.api_key).with_tls(&tls)?, state, limit, output).await
+        }
+        Cmd::Leave { server, id, cluster_secret, key, tls } => {
+            let client = Client::new(&server).with_api_key(key.api_key).with_tls(&tls)?;
+            let v = client.delete(&format!("/v1/cluster/nodes/{id}"), Some(&cluster_secret)).await?;
             println!("node {id} left the cluster (drained: {})", v["drained"]);
             Ok(())
         }
         Cmd::Demo(args) => crate::demo::run(args).await,
+        Cmd::Certs(args) => crate::certs::run(args),
     }
 }
 
 async fn submit(a: SubmitArgs) -> anyhow::Result<()> {
-    let client = Client::new(&a.server);
+    let client = Client::new(&a.server).with_api_key(a.key.api_key).with_tls(&a.tls)?;
     let mut body = json!({ "prompt": a.prompt });
     let fields: [(&str, Option<Value>); 9] = [
         ("negative_prompt", a.negative_prompt.map(Value::from)),
@@ -474,8 +617,8 @@ fn cell(v: &Value) -> String {
     }
 }
 
-async fn status(server: &str, output: OutputFormat) -> anyhow::Result<()> {
-    let c = Client::new(server).get("/v1/cluster").await?;
+async fn status(client: &Client, output: OutputFormat) -> anyhow::Result<()> {
+    let c = client.get("/v1/cluster").await?;
     if output == OutputFormat::Json {
         println!("{c}");
         return Ok(());
@@ -503,12 +646,12 @@ async fn status(server: &str, output: OutputFormat) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn jobs(server: &str, state: Option<String>, limit: usize, output: OutputFormat) -> anyhow::Result<()> {
+async fn jobs(client: &Client, state: Option<String>, limit: usize, output: OutputFormat) -> anyhow::Result<()> {
     let mut path = format!("/v1/jobs?limit={limit}");
     if let Some(s) = state {
         path.push_str(&format!("&state={s}"));
     }
-    let v = Client::new(server).get(&path).await?;
+    let v = client.get(&path).await?;
     if output == OutputFormat::Json {
         println!("{v}");
         return Ok(());

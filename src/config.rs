@@ -18,6 +18,12 @@ pub struct NodeSettings {
     pub report_timeout_ms: u64,
     /// How long a leave waits for the node's running jobs before removing it.
     pub drain_timeout_ms: u64,
+    /// Longest one job (one attempt) may run on this node's executor before
+    /// it is stopped and the job fails (see `crate::host`).
+    pub job_timeout_ms: u64,
+    /// How long a stopping node (SIGTERM) waits for its running jobs before
+    /// handing them back to the queue.
+    pub shutdown_timeout_ms: u64,
     /// Largest accepted JSON body on the public API.
     pub max_body_bytes: usize,
     /// Snapshot once this many bytes of commands were applied since the last one.
@@ -29,6 +35,8 @@ pub struct NodeSettings {
     pub snapshot_keep_logs: u64,
     /// Cluster-wide limits this node writes to the log when it leads.
     pub cluster: ClusterConfig,
+    /// Webhook deliveries, made by this node while it leads.
+    pub webhook: WebhookSettings,
     pub heartbeat_interval_ms: u64,
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
@@ -41,6 +49,10 @@ impl NodeSettings {
 
     pub fn report_timeout(&self) -> Duration {
         Duration::from_millis(self.report_timeout_ms)
+    }
+
+    pub fn job_timeout(&self) -> Duration {
+        Duration::from_millis(self.job_timeout_ms)
     }
 
     pub fn raft_config(&self) -> openraft::Config {
@@ -58,6 +70,32 @@ impl NodeSettings {
             max_in_snapshot_log_to_keep: self.snapshot_keep_logs,
             ..Default::default()
         }
+    }
+}
+
+/// How the leader delivers webhooks (see `crate::webhook`).
+#[derive(Clone)]
+pub struct WebhookSettings {
+    /// HMAC-SHA256 key of the `X-Raftgen-Signature` header; `None`: the
+    /// cluster secret. Every node should have the same one, since any node may
+    /// come to lead.
+    pub secret: Option<std::sync::Arc<str>>,
+    /// Longest one delivery try may take (connecting, sending, the answer's status).
+    pub timeout_ms: u64,
+    /// Tries per job before it gives up (clamped to `MAX_WEBHOOK_ATTEMPTS`).
+    pub max_attempts: u32,
+    /// Deliveries in flight at once.
+    pub max_concurrent: usize,
+}
+
+impl std::fmt::Debug for WebhookSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookSettings")
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("timeout_ms", &self.timeout_ms)
+            .field("max_attempts", &self.max_attempts)
+            .field("max_concurrent", &self.max_concurrent)
+            .finish()
     }
 }
 

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use raftgen_raft::command::MAX_BATCH_COMMANDS;
-use raftgen_raft::network::SECRET_HEADER;
+use raftgen_raft::network::{Scheme, SECRET_HEADER};
 use raftgen_raft::{codec, Command, Response};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
@@ -38,9 +38,10 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
-    pub fn start(client: reqwest::Client, secret: Arc<str>) -> Self {
+    /// `scheme` says how `client` reaches the leader's port.
+    pub fn start(client: reqwest::Client, scheme: Scheme, secret: Arc<str>) -> Self {
         let (tx, rx) = mpsc::channel(MAX_QUEUED_COMMANDS);
-        tokio::spawn(run(client, secret, rx));
+        tokio::spawn(run(client, scheme, secret, rx));
         Forwarder { tx }
     }
 
@@ -52,7 +53,12 @@ impl Forwarder {
     }
 }
 
-async fn run(client: reqwest::Client, secret: Arc<str>, mut rx: mpsc::Receiver<(String, Command, Reply)>) {
+async fn run(
+    client: reqwest::Client,
+    scheme: Scheme,
+    secret: Arc<str>,
+    mut rx: mpsc::Receiver<(String, Command, Reply)>,
+) {
     let limits = crate::batch::Limits {
         max_in_flight: MAX_IN_FLIGHT,
         max_count: MAX_BATCH_COMMANDS,
@@ -65,14 +71,14 @@ async fn run(client: reqwest::Client, secret: Arc<str>, mut rx: mpsc::Receiver<(
             by_leader.entry(addr).or_default().push((cmd, reply));
         }
         for (addr, batch) in by_leader {
-            in_flight.spawn(send(client.clone(), secret.clone(), addr, batch));
+            in_flight.spawn(send(client.clone(), scheme.url(&addr, PATH_FORWARD), secret.clone(), batch));
         }
     }
 }
 
-async fn send(client: reqwest::Client, secret: Arc<str>, addr: String, batch: Vec<(Command, Reply)>) {
+async fn send(client: reqwest::Client, url: String, secret: Arc<str>, batch: Vec<(Command, Reply)>) {
     let (cmds, replies): (Vec<Command>, Vec<Reply>) = batch.into_iter().unzip();
-    let answers = post(&client, &secret, &addr, &cmds).await;
+    let answers = post(&client, &url, &secret, &cmds).await;
     match answers {
         Ok(answers) if answers.len() == replies.len() => {
             for (reply, answer) in replies.into_iter().zip(answers) {
@@ -89,13 +95,13 @@ async fn send(client: reqwest::Client, secret: Arc<str>, addr: String, batch: Ve
 
 async fn post(
     client: &reqwest::Client,
+    url: &str,
     secret: &str,
-    addr: &str,
     cmds: &[Command],
 ) -> Result<Vec<Result<Response, ForwardReject>>, String> {
     let body = codec::encode(cmds).map_err(|e| e.to_string())?;
     let resp = client
-        .post(format!("http://{addr}{PATH_FORWARD}"))
+        .post(url)
         .header(SECRET_HEADER, secret)
         .timeout(Duration::from_millis(FORWARD_TIMEOUT_MS))
         .body(body)

@@ -7,6 +7,24 @@
 //! leader lost contact), the run is told to stop and its late report, if any,
 //! is rejected by the state machine's fencing. After a restart, attempts still
 //! assigned to this node are simply run again under the same attempt number.
+//!
+//! Failures are reported as the executor classifies them ([`ExecError`]): a
+//! job that cannot run as asked fails for good; a broken run (an internal
+//! error, out of memory, a panic of the executor thread) is reported
+//! retryable, and the state machine queues the job again while it has
+//! attempts left (`--max-attempts`).
+//!
+//! Execution timeout: a run that lasts longer than `--job-timeout-ms` is told
+//! to stop (its cancel flag; executors look at it between steps) and its jobs
+//! are reported failed at once ("execution timed out after N ms", not
+//! retryable: the same job would most likely take as long again), so the
+//! state machine frees their slots and the scheduler can plan with them right
+//! away. The executor lane, however, stays busy until the blocking run has
+//! really returned: starting another run beside one that is still winding
+//! down would oversubscribe the CPU/GPU and the memory that a lane stands
+//! for. A job assigned to the freed slot meanwhile waits, assigned, for the
+//! lane; normally that is at most one step. A run that never returns (stuck
+//! outside its step loop) keeps its lane until the node restarts.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -179,8 +197,28 @@ async fn execute(app: &Arc<App>, batch: Vec<JobSpec>, cancels: Vec<Arc<AtomicBoo
         })
         .collect();
     let n = work.len();
-    let result = tokio::task::spawn_blocking(move || executor.generate_batch(&work)).await;
+    let mut run = tokio::task::spawn_blocking(move || executor.generate_batch(&work));
+    let result = tokio::select! {
+        result = &mut run => Some(result),
+        _ = tokio::time::sleep(app.settings.job_timeout()) => None,
+    };
     reporter.abort();
+    let Some(result) = result else {
+        for (_, cancel) in &started {
+            cancel.store(true, Ordering::Relaxed);
+        }
+        let error = format!("execution timed out after {} ms", app.settings.job_timeout_ms);
+        let reports = started.iter().map(|(spec, _)| {
+            let outcome = Outcome::Failed { error: error.clone(), retryable: false };
+            complete(app, spec.id, spec.attempt, outcome, format!("failed: {error}"))
+        });
+        futures_util::future::join_all(reports).await;
+        // The slots are free in the cluster's state; this lane is not until
+        // the run has returned (see the module docs).
+        let _ = run.await;
+        tracing::info!("a timed-out run stopped {} ms after it began", started_at.elapsed().as_millis());
+        return;
+    };
     let outcomes: Vec<Result<JobOutput, ExecError>> = match result {
         Ok(v) if v.len() == n => v,
         Ok(v) => (0..n)
@@ -190,34 +228,45 @@ async fn execute(app: &Arc<App>, batch: Vec<JobSpec>, cancels: Vec<Arc<AtomicBoo
     };
     app.metrics.images_generated(outcomes.iter().filter(|o| o.is_ok()).count() as u64);
     let elapsed_ms = started_at.elapsed().as_millis();
-    let reports = started.iter().zip(outcomes).map(|((spec, _), result)| {
+    let reports = started.iter().zip(outcomes).filter_map(|((spec, _), result)| {
         let (id, attempt) = (spec.id, spec.attempt);
-        async move {
-            let outcome = match result {
-                Ok(out) => Outcome::Succeeded { png: out.png, model_hash: out.model_hash, notes: out.notes },
-                Err(ExecError::Cancelled) => {
-                    tracing::info!("job {id} attempt {attempt} stopped: no longer current");
-                    return;
-                }
-                Err(ExecError::Failed(error)) => Outcome::Failed { error, retryable: false },
-            };
-            let ok = matches!(outcome, Outcome::Succeeded { .. });
-            match app.write(Command::Complete { job: id, node, attempt, outcome }, timeout).await {
-                Ok(Response::Ok) => tracing::info!(
-                    "job {id} attempt {attempt} {} in {elapsed_ms} ms (batch of {n})",
-                    if ok { "succeeded" } else { "failed" },
-                ),
-                Ok(other) => tracing::info!("job {id} attempt {attempt}: completion not accepted: {other:?}"),
-                Err(e) => tracing::warn!("job {id} attempt {attempt}: could not report completion: {e}"),
+        let (outcome, how) = match result {
+            Ok(out) => (
+                Outcome::Succeeded { png: out.png, model_hash: out.model_hash, notes: out.notes },
+                format!("succeeded in {elapsed_ms} ms (batch of {n})"),
+            ),
+            Err(ExecError::Cancelled) => {
+                tracing::info!("job {id} attempt {attempt} stopped: no longer current");
+                return None;
             }
-        }
+            Err(e) => {
+                let retryable = e.is_retryable();
+                let how = format!("failed{} in {elapsed_ms} ms: {e}", if retryable { " (retryable)" } else { "" });
+                (Outcome::Failed { error: e.to_string(), retryable }, how)
+            }
+        };
+        Some(complete(app, id, attempt, outcome, how))
     });
     futures_util::future::join_all(reports).await;
+}
+
+/// Reports the outcome of one attempt (`how` says it in the log).
+async fn complete(app: &App, id: JobId, attempt: u32, outcome: Outcome, how: String) {
+    let cmd = Command::Complete { job: id, node: app.id, attempt, outcome };
+    match app.write(cmd, app.settings.report_timeout()).await {
+        Ok(Response::Ok) => tracing::info!("job {id} attempt {attempt} {how}"),
+        Ok(other) => tracing::info!("job {id} attempt {attempt}: completion not accepted: {other:?}"),
+        Err(e) => tracing::warn!("job {id} attempt {attempt}: could not report completion: {e}"),
+    }
 }
 
 /// Keeps this node's registration (slots, models) in the replicated state.
 pub async fn register(app: Arc<App>) {
     let mut shutdown = app.shutdown.clone();
+    // A node that drained on its last stop (see `drain`) takes jobs again once
+    // it is back; checked once, at the first registration seen, so a later
+    // `leave` (which drains the node on purpose) is left alone.
+    let mut startup_checked = false;
     loop {
         let info = NodeRegistration {
             slots: app.settings.slots,
@@ -227,6 +276,22 @@ pub async fn register(app: Arc<App>) {
         };
         let member = app.is_member();
         let current = app.view.read().jobs.nodes().get(&app.id).map(|n| n.registration.clone());
+        let draining = app.view.read().jobs.nodes().get(&app.id).map(|n| n.draining);
+        if member && app.leader().is_some() && !startup_checked && !*app.shutdown.borrow() {
+            if let Some(draining) = draining {
+                startup_checked = true;
+                if draining {
+                    let cmd = Command::SetDraining { node: app.id, draining: false };
+                    match app.write(cmd, Duration::from_secs(5)).await {
+                        Ok(_) => tracing::info!("resumed: taking jobs again after the last stop's drain"),
+                        Err(e) => {
+                            startup_checked = false;
+                            tracing::debug!("clearing the drain mark: {e}");
+                        }
+                    }
+                }
+            }
+        }
         if member && app.leader().is_some() && current.as_ref() != Some(&info) {
             let cmd = Command::RegisterNode { node: app.id, info };
             if let Err(e) = app.write(cmd, Duration::from_secs(5)).await {

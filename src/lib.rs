@@ -11,14 +11,17 @@
 
 pub mod app;
 pub mod batch;
+pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod drain;
 pub mod executor;
 pub mod forwarder;
 pub mod host;
 pub mod http;
 pub mod local;
+pub mod logging;
 pub mod membership;
 pub mod metrics;
 pub mod models;
@@ -26,3 +29,5 @@ pub mod node;
 pub mod proposer;
 pub mod scheduler;
 pub mod snapshot_guard;
+pub mod tls;
+pub mod webhook;

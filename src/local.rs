@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 use crate::cli::Client;
+use crate::tls::ClientTls;
 
 pub struct NodeProc {
     pub id: u64,
@@ -22,6 +23,9 @@ pub struct LocalCluster {
     pub dir: PathBuf,
     pub secret: String,
     pub nodes: Vec<NodeProc>,
+    /// When the nodes serve TLS: what this side trusts and presents (URLs are
+    /// then `https://`). The nodes' own TLS flags go in their `extra` args.
+    pub tls: Option<ClientTls>,
 }
 
 /// A port that is free right now, chosen below Linux's ephemeral range
@@ -50,18 +54,32 @@ impl LocalCluster {
     /// `extra` is added to every node's command line. Ports are given by
     /// `ports` (or chosen free ones when empty).
     pub fn start(exe: &Path, dir: &Path, n: u64, ports: &[u16], extra: &[&str]) -> anyhow::Result<Self> {
+        Self::start_tls(exe, dir, n, ports, extra, None)
+    }
+
+    /// As [`LocalCluster::start`], for nodes serving TLS (given their TLS
+    /// flags in `extra`) when `tls` is set.
+    pub fn start_tls(
+        exe: &Path,
+        dir: &Path,
+        n: u64,
+        ports: &[u16],
+        extra: &[&str],
+        tls: Option<ClientTls>,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let mut cluster = LocalCluster {
             exe: exe.to_path_buf(),
             dir: dir.to_path_buf(),
             secret: "raftgen-local-cluster".into(),
             nodes: Vec::new(),
+            tls,
         };
         let ports: Vec<u16> = match ports {
             [] => (0..n).map(|_| free_port()).collect::<Result<_, _>>()?,
             p => p.to_vec(),
         };
-        let first = format!("http://127.0.0.1:{}", ports[0]);
+        let first = format!("{}://127.0.0.1:{}", cluster.scheme(), ports[0]);
         for (i, port) in (1..=n).zip(ports) {
             let join = (i != 1).then_some(first.as_str());
             cluster.push_node(i, port, join, extra)?;
@@ -124,13 +142,25 @@ impl LocalCluster {
         Ok(())
     }
 
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     pub fn url(&self, id: u64) -> String {
         let node = self.nodes.iter().find(|n| n.id == id).expect("known node id");
-        format!("http://127.0.0.1:{}", node.port)
+        format!("{}://127.0.0.1:{}", self.scheme(), node.port)
     }
 
     pub fn client(&self, id: u64) -> Client {
-        Client::new(&self.url(id))
+        let client = Client::new(&self.url(id));
+        match &self.tls {
+            Some(tls) => client.with_tls(tls).expect("the cluster client's TLS files"),
+            None => client,
+        }
     }
 
     pub fn pid(&self, id: u64) -> Option<u32> {
@@ -164,6 +194,29 @@ impl LocalCluster {
             child.wait()?;
         }
         Ok(())
+    }
+
+    /// SIGTERM without waiting: the node drains, then exits (see `drain`).
+    pub fn terminate(&self, id: u64) -> anyhow::Result<()> {
+        signal(self.pid(id).context("node not running")?, libc::SIGTERM)
+    }
+
+    /// Waits for node `id` to exit by itself (after [`Self::terminate`]),
+    /// polling for at most `timeout`; returns its exit status.
+    pub fn wait_exit(&mut self, id: u64, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let node = self.node(id);
+        let child = node.child.as_mut().context("node not running")?;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                node.child = None;
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("node {id} still running after {} ms", timeout.as_millis());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn running_ids(&self) -> Vec<u64> {

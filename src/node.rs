@@ -1,8 +1,9 @@
 //! Starting and stopping one node: storage, Raft, the HTTP port, and the
 //! background tasks (scheduler, executor host, registration, join, snapshots,
 //! job timing metrics).
-//! Shutdown is handled here and only here: SIGINT/SIGTERM stop the HTTP server,
-//! flip the shared shutdown flag, then shut Raft down.
+//! Shutdown is handled here and only here: SIGINT/SIGTERM start the drain
+//! (`drain`: no new jobs, finish or hand back the running ones), then the HTTP
+//! server stops, the shared shutdown flag flips and Raft shuts down.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -12,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use openraft::BasicNode;
-use raftgen_raft::network::{NetworkFactory, PeerHealth, SECRET_HEADER};
+use raftgen_raft::network::{NetworkFactory, PeerHealth, Scheme, SECRET_HEADER};
 use raftgen_raft::{NodeId, Raft};
 use tokio::sync::watch;
 
@@ -29,8 +30,13 @@ pub struct NodeOptions {
     pub init: bool,
     pub join: Option<String>,
     pub secret: String,
+    /// `--api-keys`, read at start-up; `None`: the public API is open.
+    pub api_keys: Option<Arc<crate::http::auth::ApiKeys>>,
     pub settings: NodeSettings,
     pub executor: Arc<dyn Executor>,
+    /// `--tls-cert`/`--tls-key`(/`--tls-ca`), loaded at start-up: serve TLS
+    /// and reach the other nodes over `https`.
+    pub tls: Option<crate::tls::NodeTls>,
 }
 
 /// Refuses to open another node's data directory under a different id.
@@ -49,20 +55,28 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
         bail!("--id must be at least 1");
     }
     check_node_id(&opts)?;
+    crate::logging::set_node_id(opts.id);
     let addr = opts.advertise.clone().unwrap_or_else(|| opts.listen.to_string());
     let (log, sm) = raftgen_storage::open(&opts.data).with_context(|| format!("opening {}", opts.data.display()))?;
     let view = sm.view();
     let health = PeerHealth::default();
-    let network = NetworkFactory::new(opts.id, &opts.secret, health.clone());
+    let (scheme, with_tls) = match &opts.tls {
+        Some(tls) => (Scheme::Https, Some(tls)),
+        None => (Scheme::Http, None),
+    };
+    let tls_client = |b: reqwest::ClientBuilder| match with_tls {
+        Some(tls) => tls.client(b),
+        None => b,
+    };
+    let raft_client = tls_client(raftgen_raft::network::client_builder()).build().context("raft http client")?;
+    let network = NetworkFactory::new(opts.id, &opts.secret, health.clone(), raft_client, scheme);
     let config = Arc::new(opts.settings.raft_config().validate().context("raft settings")?);
     let raft = Raft::new(opts.id, config, network, log, sm).await.context("starting raft")?;
     let listener =
         tokio::net::TcpListener::bind(opts.listen).await.with_context(|| format!("binding {}", opts.listen))?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let client = reqwest::Client::builder()
-        .connect_timeout(Duration::from_millis(500))
-        .tcp_nodelay(true)
+    let client = tls_client(reqwest::Client::builder().connect_timeout(Duration::from_millis(500)).tcp_nodelay(true))
         .build()
         .context("http client")?;
     let app = Arc::new(App {
@@ -74,9 +88,11 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
         health,
         executor: opts.executor.clone(),
         client: client.clone(),
+        scheme,
         secret: opts.secret.clone().into(),
+        api_keys: opts.api_keys.clone(),
         proposer: crate::proposer::Proposer::start(raft.clone()),
-        forwarder: crate::forwarder::Forwarder::start(client.clone(), opts.secret.clone().into()),
+        forwarder: crate::forwarder::Forwarder::start(client.clone(), scheme, opts.secret.clone().into()),
         snapshot_guard: crate::snapshot_guard::SnapshotGuard::new(
             raft.clone(),
             Duration::from_millis(2 * opts.settings.election_timeout_max_ms),
@@ -97,6 +113,7 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
         tokio::spawn(join_loop(app.clone(), url));
     }
     tokio::spawn(crate::scheduler::run(app.clone()));
+    tokio::spawn(crate::webhook::run(app.clone()));
     tokio::spawn(crate::host::run(app.clone()));
     tokio::spawn(crate::host::register(app.clone()));
     tokio::spawn(snapshot_by_size(app.clone()));
@@ -109,22 +126,24 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
         app.executor.name(),
         app.settings.slots
     );
-    axum::serve(listener, crate::http::router(app.clone()))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("http server")?;
+    serve(listener, crate::http::router(app.clone()), opts.tls.as_ref(), crate::drain::on_signal(app.clone())).await?;
     tracing::info!("shutting down");
     let _ = shutdown_tx.send(true);
     raft.shutdown().await.ok();
     Ok(())
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+/// Serves the port (TLS when configured) until `shutdown`, then lets open
+/// connections finish their requests.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    tls: Option<&crate::tls::NodeTls>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    match tls {
+        None => axum::serve(listener, router).with_graceful_shutdown(shutdown).await.context("http server"),
+        Some(tls) => crate::tls::serve(listener, router, tls, shutdown).await.context("https server"),
     }
 }
 
@@ -160,7 +179,7 @@ async fn join_loop(app: Arc<App>, url: String) {
                 let text = r.text().await.unwrap_or_default();
                 tracing::warn!("join through {url} refused: {status} {text}");
             }
-            Err(e) => tracing::warn!("join through {url}: {e}"),
+            Err(e) => tracing::warn!("join through {url}: {:#}", anyhow::Error::from(e)),
         }
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}

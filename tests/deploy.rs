@@ -41,6 +41,7 @@ const METRICS: &[&str] = &[
     "raftgen_jobs_succeeded_total",
     "raftgen_jobs_failed_total",
     "raftgen_jobs_cancelled_total",
+    "raftgen_cache_hits_total",
     "raftgen_queue_depth",
     "raftgen_queue_depth_total",
     "raftgen_job_queue_wait_seconds",

@@ -61,7 +61,8 @@ fn models_are_loaded_once_and_the_least_recently_used_is_unloaded_beyond_the_bud
     // tiny-sdxl was the least recently used when tiny-z-image needed room.
     assert_eq!(ex.loaded_models(), vec!["tiny-sd".to_string(), "tiny-z-image".to_string()]);
 
-    // A model larger than the whole budget fails its job; the executor goes on.
+    // A model larger than the whole budget fails its job, for good (no retry
+    // would fit it); the executor goes on.
     let small = DiffusionExecutor::new(
         vec![entry("tiny-sdxl"), entry("tiny-sd")],
         Device::Cpu,
@@ -70,13 +71,13 @@ fn models_are_loaded_once_and_the_least_recently_used_is_unloaded_beyond_the_bud
         1,
     );
     match &small.generate_batch(&[job("tiny-sdxl", 64)])[0] {
-        Err(ExecError::Failed(msg)) => assert!(msg.contains("memory budget"), "{msg}"),
+        Err(ExecError::Invalid(msg)) => assert!(msg.contains("memory budget"), "{msg}"),
         other => panic!("expected a clear failure, got {:?}", other.as_ref().map(|o| o.png.len())),
     }
     assert!(small.generate_batch(&[job("tiny-sd", 64)])[0].is_ok());
-    // A size the model cannot make (Z-Image needs multiples of 16) fails cleanly too.
+    // A size the model cannot make (Z-Image needs multiples of 16) is bad input: not retried either.
     let z = DiffusionExecutor::new(vec![entry("tiny-z-image")], Device::Cpu, DType::F32, 1 << 30, 1);
-    assert!(matches!(&z.generate_batch(&[job("tiny-z-image", 72)])[0], Err(ExecError::Failed(m)) if m.contains("16")));
+    assert!(matches!(&z.generate_batch(&[job("tiny-z-image", 72)])[0], Err(ExecError::Invalid(m)) if m.contains("16")));
 }
 
 async fn post(url: &str, body: Value) -> (u16, Value) {

@@ -194,8 +194,16 @@ fn rank(state: &str) -> u8 {
     }
 }
 
-fn is_terminal_event(e: &str) -> bool {
-    matches!(e, "succeeded" | "failed" | "cancelled")
+/// The state an event ends a job in, if it ends one. A job answered from the
+/// result cache (`cache_hit`) succeeds without running; an attempt that failed
+/// worth retrying (`attempt_failed`) ends nothing.
+fn ending(e: &str) -> Option<&'static str> {
+    match e {
+        "succeeded" | "cache_hit" => Some("succeeded"),
+        "failed" => Some("failed"),
+        "cancelled" => Some("cancelled"),
+        _ => None,
+    }
 }
 
 fn is_terminal_state(s: &str) -> bool {
@@ -269,17 +277,16 @@ pub fn check(history: &[Record], finals: &[FinalNode]) -> Report {
                 Some(k) => r.unexpected.add(format!("job {} has key {k}, which no client submitted", job.id)),
                 None => r.unexpected.add(format!("job {} has no idempotency key", job.id)),
             }
-            let completions = job.events.iter().filter(|e| e.as_str() == "succeeded").count();
+            let completions = job.events.iter().filter(|e| ending(e) == Some("succeeded")).count();
             if completions > 1 {
                 r.duplicated.add(format!("job {} succeeded {completions} times", job.id));
             }
-            let endings: BTreeSet<&str> =
-                job.events.iter().map(String::as_str).filter(|e| is_terminal_event(e)).collect();
-            let last_ending = job.events.iter().rev().find(|e| is_terminal_event(e));
+            let endings: BTreeSet<&str> = job.events.iter().filter_map(|e| ending(e)).collect();
+            let last_ending = job.events.iter().rev().find_map(|e| ending(e));
             if endings.len() > 1 {
                 r.two_states.add(format!("job {} ended as {endings:?}", job.id));
             } else if is_terminal_state(&job.state) != last_ending.is_some()
-                || last_ending.is_some_and(|e| e != &job.state)
+                || last_ending.is_some_and(|e| e != job.state)
             {
                 r.two_states.add(format!("job {} is {} but its history ends {:?}", job.id, job.state, last_ending));
             }
@@ -627,6 +634,26 @@ mod tests {
         let (h, mut f) = clean();
         f[2].jobs[1].image_sha256 = Some("other".into());
         assert_eq!(check(&h, &f).image_mismatch.count, 1);
+    }
+
+    #[test]
+    fn retried_attempts_and_cache_hits_are_clean_endings() {
+        let (h, mut f) = clean();
+        for n in &mut f {
+            n.jobs[0].events =
+                ["submitted", "assigned", "started", "attempt_failed", "assigned", "started", "succeeded"]
+                    .map(String::from)
+                    .to_vec();
+            n.jobs[1].events = ["submitted", "cache_hit"].map(String::from).to_vec();
+        }
+        let r = check(&h, &f);
+        assert!(r.is_ok(), "{}", r.summary());
+
+        // A cache hit that also ran is a job completed twice.
+        for n in &mut f {
+            n.jobs[1].events.extend(["assigned", "started", "succeeded"].map(String::from));
+        }
+        assert_eq!(check(&h, &f).duplicated.count, 1);
     }
 
     #[test]

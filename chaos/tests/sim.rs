@@ -53,8 +53,9 @@ const DOUBLE_LEADER_NOTE: &str = "note: two leaders in one term with different n
 default leader ids (term, node id); see the checker's double-leader rule";
 
 /// The runs must do real work, meet every fault and take the paths that
-/// faults open (re-queues, fenced completions, snapshots sent to followers,
-/// truncated logs, writes lost to crashes), or passing means little.
+/// faults open (re-queues, retried attempts, fenced completions, snapshots
+/// sent to followers, truncated logs, writes lost to crashes), or passing
+/// means little.
 fn assert_exercised(results: &[SimResult], expect_faults: &[&str]) {
     let sum = |f: &dyn Fn(&SimResult) -> u64| results.iter().map(f).sum::<u64>();
     assert!(sum(&|r| r.report.acknowledged as u64) > 0, "nothing was acknowledged");
@@ -68,7 +69,7 @@ fn assert_exercised(results: &[SimResult], expect_faults: &[&str]) {
         .iter()
         .flat_map(|r| r.finals.iter().flat_map(|n| n.jobs.iter().flat_map(|j| j.events.iter().map(String::as_str))))
         .collect();
-    for event in ["requeued", "completion_rejected", "result_evicted"] {
+    for event in ["requeued", "attempt_failed", "completion_rejected", "result_evicted"] {
         assert!(events.contains(event), "no job was {event}");
     }
     let seen: BTreeSet<&str> = results.iter().flat_map(|r| r.faults.iter().map(String::as_str)).collect();

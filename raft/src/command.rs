@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::job::{FieldError, Job, JobId, JobRequest, JobState, NodeId};
+use crate::job::{Delivery, FieldError, Job, JobId, JobRequest, JobState, NodeId};
 
 /// The log payload: a command plus the leader's wall clock when it proposed it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -76,6 +76,15 @@ pub enum Command {
     },
     /// Cluster-wide limits, written by the leader.
     Configure(ClusterConfig),
+    /// The outcome of one webhook delivery try for a finished job. After
+    /// `max_attempts` failed tries (the delivering node's setting, clamped to
+    /// [`MAX_WEBHOOK_ATTEMPTS`](crate::job::MAX_WEBHOOK_ATTEMPTS)) the job gives
+    /// up; a record of a try already recorded is acknowledged and ignored.
+    WebhookDelivery {
+        job: JobId,
+        delivery: Delivery,
+        max_attempts: u32,
+    },
     /// Several commands in one log entry, applied in order (the leader's group
     /// commit). At most [`MAX_BATCH_COMMANDS`]; batches do not nest.
     Batch(Vec<Command>),
@@ -168,8 +177,8 @@ pub struct ClusterConfig {
     /// Finished job records kept; the oldest are forgotten beyond it (with
     /// their idempotency keys).
     pub max_finished_jobs: u64,
-    /// Assignments per job before a lost node makes the job fail instead of
-    /// being re-queued again.
+    /// Assignments per job before a lost node or a retryable executor
+    /// failure makes the job fail instead of being re-queued again.
     pub max_attempts: u32,
 }
 

@@ -40,6 +40,13 @@ pub const MAX_ERROR_CHARS: usize = 1_000;
 /// Most history events kept per job (attempts are bounded, so this only caps
 /// repeated stale completions).
 pub const MAX_EVENTS_PER_JOB: usize = 64;
+/// Longest accepted webhook URL, in bytes.
+pub const MAX_WEBHOOK_URL_BYTES: usize = 2_048;
+/// Most webhook delivery tries recorded per job, whatever a node is configured
+/// with (its `--webhook-max-attempts` is clamped to this).
+pub const MAX_WEBHOOK_ATTEMPTS: u32 = 32;
+/// Longest error kept for one webhook delivery try, in characters.
+pub const MAX_DELIVERY_ERROR_CHARS: usize = 200;
 
 /// A job id: 128 random bits chosen by the node that first received the
 /// submission. It doubles as the internal idempotency key while the node keeps
@@ -153,12 +160,66 @@ impl JobRequest {
                 format!("must be between {MIN_PRIORITY} and {MAX_PRIORITY}, got {}", self.priority),
             ));
         }
+        if let Some(url) = &self.webhook {
+            validate_webhook_url(url).map_err(|m| FieldError::new("webhook", m))?;
+        }
         Ok(())
     }
 }
 
+/// Checks a webhook URL without a URL library (this crate stays small): an
+/// absolute `http://` or `https://` URL of visible ASCII with a host, an
+/// optional numeric port, and no credentials (`user:pass@` would be stored in
+/// the replicated log and shown in the job view).
+fn validate_webhook_url(url: &str) -> Result<(), String> {
+    if url.len() > MAX_WEBHOOK_URL_BYTES {
+        return Err(format!("longer than {MAX_WEBHOOK_URL_BYTES} bytes"));
+    }
+    if let Some(c) = url.chars().find(|c| !c.is_ascii_graphic()) {
+        return Err(format!("must be visible ASCII without spaces (percent-encode {c:?})"));
+    }
+    let lower = url.to_ascii_lowercase();
+    let rest = ["http://", "https://"]
+        .iter()
+        .find(|p| lower.starts_with(*p))
+        .map(|p| &url[p.len()..])
+        .ok_or("must be an absolute http:// or https:// URL")?;
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    if authority.contains('@') {
+        return Err("must not contain credentials (user:password@)".into());
+    }
+    let (host, port, host_char): (_, _, fn(char) -> bool) = match authority.strip_prefix('[') {
+        Some(v6) => {
+            let (host, after) = v6.split_once(']').ok_or("has an unclosed IPv6 address")?;
+            let port = match after {
+                "" => None,
+                _ => Some(after.strip_prefix(':').ok_or("has something other than a port after the IPv6 address")?),
+            };
+            (host, port, |c| c.is_ascii_hexdigit() || c == ':' || c == '.')
+        }
+        None => match authority.split_once(':') {
+            Some((host, port)) => (host, Some(port), |c| c.is_ascii_alphanumeric() || "-._~%".contains(c)),
+            None => (authority, None, |c| c.is_ascii_alphanumeric() || "-._~%".contains(c)),
+        },
+    };
+    if host.is_empty() {
+        return Err("has no host".into());
+    }
+    if !host.chars().all(host_char) {
+        return Err(format!("has an invalid host '{host}'"));
+    }
+    if let Some(port) = port {
+        if port.parse::<u16>().map_or(true, |p| p == 0) {
+            return Err(format!("has an invalid port '{port}'"));
+        }
+    }
+    Ok(())
+}
+
 /// Where a job is in its life. `Queued → Assigned → Running → terminal`, with
-/// `Assigned|Running → Queued` only through a re-queue (node lost).
+/// `Assigned|Running → Queued` only through a re-queue (node lost, or an
+/// attempt failed in a way worth retrying). A job answered from the result
+/// cache is created `Succeeded`.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum JobState {
     Queued,
@@ -251,6 +312,18 @@ pub enum EventKind {
     },
     /// The result image was dropped by the retention limit.
     ResultEvicted,
+    /// The attempt failed in a way worth retrying (the executor broke, not
+    /// the input); the job went back to the queue.
+    AttemptFailed {
+        node: NodeId,
+        attempt: u32,
+        error: String,
+    },
+    /// The job was answered from the result cache with the image of `source`,
+    /// an identical earlier job; it succeeded without running.
+    CacheHit {
+        source: JobId,
+    },
 }
 
 impl EventKind {
@@ -267,6 +340,8 @@ impl EventKind {
             EventKind::Cancelled => "cancelled",
             EventKind::CompletionRejected { .. } => "completion_rejected",
             EventKind::ResultEvicted => "result_evicted",
+            EventKind::AttemptFailed { .. } => "attempt_failed",
+            EventKind::CacheHit { .. } => "cache_hit",
         }
     }
 }
@@ -308,6 +383,56 @@ pub struct Job {
     /// What the executor said about the run (e.g. a truncated prompt).
     pub notes: Vec<String>,
     pub history: Vec<Event>,
+    /// Delivery of the request's webhook: `Some` exactly when the request
+    /// names one (from submission on; tries start once the job ends).
+    pub webhook: Option<WebhookStatus>,
+}
+
+/// Where a job's webhook delivery stands. Replicated, so any leader knows
+/// whether the job still owes its receiver a POST (see `src/webhook.rs`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookStatus {
+    /// Every recorded try, oldest first, numbered from 1; at most
+    /// [`MAX_WEBHOOK_ATTEMPTS`].
+    pub deliveries: Vec<Delivery>,
+    /// A try was answered with a 2xx status.
+    pub delivered: bool,
+    /// The tries ran out without a 2xx answer; nobody tries again.
+    pub gave_up: bool,
+}
+
+impl WebhookStatus {
+    /// Neither delivered nor given up: a finished job's webhook is still owed.
+    pub fn is_open(&self) -> bool {
+        !self.delivered && !self.gave_up
+    }
+}
+
+/// One webhook delivery try, as the node that made it reported it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivery {
+    /// The try's number, from 1; with the job id it names the delivery
+    /// (`X-Raftgen-Delivery`) and makes a retried record idempotent.
+    pub attempt: u32,
+    /// The delivering leader's clock when the try ended; the next try's
+    /// backoff counts from it.
+    pub at_ms: u64,
+    /// The node that made the try (the leader at the time).
+    pub node: NodeId,
+    /// The receiver's HTTP status, if it answered.
+    pub status: Option<u16>,
+    /// Why the try failed without a status (connection refused, timeout),
+    /// at most [`MAX_DELIVERY_ERROR_CHARS`] characters.
+    pub error: Option<String>,
+    /// How long the try took.
+    pub took_ms: u64,
+}
+
+impl Delivery {
+    /// The receiver took it: a 2xx answer.
+    pub fn succeeded(&self) -> bool {
+        self.error.is_none() && self.status.is_some_and(|s| (200..300).contains(&s))
+    }
 }
 
 impl Job {

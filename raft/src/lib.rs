@@ -5,6 +5,7 @@
 //! Nothing in `job`, `command`, `state` or `schedule` does I/O or reads a clock;
 //! that is what makes them replayable and testable in isolation.
 
+pub mod cache;
 pub mod codec;
 pub mod command;
 pub mod job;

@@ -1,5 +1,7 @@
 //! Node-to-node Raft RPCs over HTTP/1.1 (bincode bodies, `/raft/*` on each
-//! node's one port), authenticated by the cluster secret.
+//! node's one port), authenticated by the cluster secret; over TLS when the
+//! nodes serve it ([`Scheme`]; the node builds the client with its
+//! certificates).
 //!
 //! A peer that cannot be reached (connection refused or reset, a wrong
 //! status) is reported to openraft as `Unreachable`, so it backs off (see
@@ -62,24 +64,53 @@ impl PeerHealth {
     }
 }
 
+/// How every node of a cluster reaches the others' ports: all plain HTTP, or
+/// all TLS. The membership stores bare `host:port` addresses; the scheme is
+/// the node's own setting, added when a URL is made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Scheme {
+    #[default]
+    Http,
+    Https,
+}
+
+impl Scheme {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+
+    /// The URL of `path` on the node at `addr` (`host:port`).
+    pub fn url(self, addr: &str, path: &str) -> String {
+        format!("{}://{addr}{path}", self.as_str())
+    }
+}
+
+/// The HTTP client settings for Raft RPCs; the node adds its TLS settings
+/// before building (see [`NetworkFactory::new`]).
+pub fn client_builder() -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_millis(500))
+        .pool_idle_timeout(Duration::from_secs(30))
+        .tcp_nodelay(true)
+}
+
 /// Builds one [`PeerClient`] per target; connections are pooled by `reqwest`.
 #[derive(Clone)]
 pub struct NetworkFactory {
     id: NodeId,
     client: reqwest::Client,
+    scheme: Scheme,
     secret: Arc<str>,
     health: PeerHealth,
 }
 
 impl NetworkFactory {
-    pub fn new(id: NodeId, secret: &str, health: PeerHealth) -> Self {
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_millis(500))
-            .pool_idle_timeout(Duration::from_secs(30))
-            .tcp_nodelay(true)
-            .build()
-            .expect("building an HTTP client with static settings");
-        NetworkFactory { id, client, secret: secret.into(), health }
+    /// `client` is built from [`client_builder`]; `scheme` says how it reaches peers.
+    pub fn new(id: NodeId, secret: &str, health: PeerHealth, client: reqwest::Client, scheme: Scheme) -> Self {
+        NetworkFactory { id, client, scheme, secret: secret.into(), health }
     }
 }
 
@@ -90,7 +121,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
         PeerClient {
             id: self.id,
             target,
-            base: format!("http://{}", node.addr),
+            base: self.scheme.url(&node.addr, ""),
             client: self.client.clone(),
             secret: self.secret.clone(),
             health: self.health.clone(),

@@ -10,12 +10,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
+use crate::cache::{self, ResultCache};
 use crate::command::{
     Assignment, ClusterConfig, Command, NodeRegistration, Outcome, Rejection, Request, Response, MAX_BATCH_COMMANDS,
 };
 use crate::job::{
-    bounded_message, EventKind, FieldError, Job, JobId, JobRequest, JobState, NodeId, Progress,
-    MAX_IDEMPOTENCY_KEY_BYTES, MAX_IMAGE_BYTES, MAX_NOTES, MAX_NOTE_CHARS,
+    bounded_message, Delivery, EventKind, FieldError, Job, JobId, JobRequest, JobState, NodeId, Progress,
+    WebhookStatus, MAX_DELIVERY_ERROR_CHARS, MAX_IDEMPOTENCY_KEY_BYTES, MAX_IMAGE_BYTES, MAX_NOTES, MAX_NOTE_CHARS,
+    MAX_WEBHOOK_ATTEMPTS,
 };
 
 /// A node's executor as the cluster sees it.
@@ -50,6 +52,14 @@ pub struct JobStateMachine {
     next_finish_seq: u64,
     /// Jobs created and finished per model since the cluster began.
     counts: BTreeMap<String, JobCounts>,
+    /// Finished jobs whose webhook is neither delivered nor given up, so the
+    /// deliverer does not scan every job. A job leaves it when a try succeeds,
+    /// when its tries run out, or when retention forgets the job (a forgotten
+    /// job's webhook is dropped with it).
+    webhooks_pending: BTreeSet<JobId>,
+    /// Succeeded fixed-seed jobs whose image is still stored, by what they
+    /// answer (see [`crate::cache`]).
+    cache: ResultCache,
 }
 
 /// How many jobs of one model were created and how many ended in each terminal
@@ -62,6 +72,8 @@ pub struct JobCounts {
     pub succeeded: u64,
     pub failed: u64,
     pub cancelled: u64,
+    /// Of the succeeded jobs, those answered from the result cache.
+    pub cache_hits: u64,
 }
 
 impl JobStateMachine {
@@ -138,6 +150,9 @@ impl JobStateMachine {
                 self.forget_unserved_models();
                 Response::Ok
             }
+            Command::WebhookDelivery { job, delivery, max_attempts } => {
+                self.webhook_delivery(*job, delivery, *max_attempts)
+            }
             Command::Configure(config) => {
                 self.config = *config;
                 self.enforce_retention(at);
@@ -195,11 +210,13 @@ impl JobStateMachine {
             // The receiving node retried a forward whose first try did commit.
             return Response::Submitted { job: Box::new(job.clone()), created: false };
         }
-        if self.queue.len() as u64 >= self.config.max_queue_depth {
-            return Response::Rejected(Rejection::QueueFull { max_queue_depth: self.config.max_queue_depth });
-        }
         // The leader always fills the seed; this fallback is deterministic too.
         let seed = seed.or(request.seed).unwrap_or((id.0 as u64) ^ ((id.0 >> 64) as u64));
+        // A job answered from the cache takes no room in the queue.
+        let hit = self.cache_hit(request, seed);
+        if hit.is_none() && self.queue.len() as u64 >= self.config.max_queue_depth {
+            return Response::Rejected(Rejection::QueueFull { max_queue_depth: self.config.max_queue_depth });
+        }
         let mut job = Job {
             id,
             request: request.clone(),
@@ -220,15 +237,52 @@ impl JobStateMachine {
             model_hash: None,
             notes: Vec::new(),
             history: Vec::new(),
+            webhook: request.webhook.as_ref().map(|_| WebhookStatus::default()),
         };
         job.push_event(at, EventKind::Submitted);
         self.counts.entry(request.model.clone()).or_default().submitted += 1;
-        self.queue.insert(queue_key(&job), id);
         self.by_seq.insert(seq, id);
         if let Some(key) = key {
             self.idempotency.insert(key.to_string(), id);
         }
+        if let Some(source) = hit {
+            return self.serve_from_cache(at, job, source);
+        }
+        self.queue.insert(queue_key(&job), id);
         self.jobs.insert(id, job.clone());
+        Response::Submitted { job: Box::new(job), created: true }
+    }
+
+    /// The succeeded job whose image answers `request` run with `seed`, if
+    /// the request allows the cache, has a fixed seed, and its model's
+    /// current bytes made that image.
+    fn cache_hit(&self, request: &JobRequest, seed: u64) -> Option<JobId> {
+        if !request.cache {
+            return None;
+        }
+        let key = cache::key(request, seed, self.model_hashes.get(&request.model)?)?;
+        self.cache.get(&key).filter(|source| self.images.contains_key(source))
+    }
+
+    /// Finishes a new job at once with a copy of `source`'s image (a copy, so
+    /// each job's image lives and is evicted on its own, like any result).
+    fn serve_from_cache(&mut self, at: u64, mut job: Job, source: JobId) -> Response {
+        let png = self.images[&source].to_vec();
+        let src = &self.jobs[&source];
+        job.push_event(at, EventKind::CacheHit { source });
+        job.progress.step = job.progress.steps;
+        job.result_bytes = Some(png.len() as u64);
+        job.model_hash = src.model_hash.clone();
+        job.notes = src.notes.clone();
+        let id = job.id;
+        // What the client is answered should retention forget the job at once.
+        let mut answer = job.clone();
+        answer.state = JobState::Succeeded;
+        answer.finished_at_ms = Some(at);
+        self.counts.entry(job.request.model.clone()).or_default().cache_hits += 1;
+        self.jobs.insert(id, job);
+        self.finish(at, id, JobState::Succeeded, None, Some(png));
+        let job = self.jobs.get(&id).cloned().unwrap_or(answer);
         Response::Submitted { job: Box::new(job), created: true }
     }
 
@@ -275,14 +329,16 @@ impl JobStateMachine {
         if !(current && job.state.is_active()) {
             // The same completion, retried after its first commit. Only a
             // completion that was accepted (not a job that gave up while this
-            // node was judged lost) is acknowledged.
+            // node was judged lost) is acknowledged. An attempt number is
+            // assigned once per job, so (node, attempt) names the attempt even
+            // after a retryable failure sent the job back to the queue.
             let accepted = job.history.iter().any(|e| match e.kind {
-                EventKind::Succeeded { node: n, attempt: a } | EventKind::Failed { node: Some(n), attempt: a, .. } => {
-                    n == node && a == attempt
-                }
+                EventKind::Succeeded { node: n, attempt: a }
+                | EventKind::Failed { node: Some(n), attempt: a, .. }
+                | EventKind::AttemptFailed { node: n, attempt: a, .. } => n == node && a == attempt,
                 _ => false,
             });
-            if current && accepted {
+            if accepted {
                 return Response::Ok;
             }
             let rejection = Rejection::StaleAttempt { current_attempt: job.attempt, state: job.state };
@@ -303,8 +359,17 @@ impl JobStateMachine {
                 job.push_event(at, EventKind::Failed { node: Some(node), attempt, error: error.clone() });
                 self.finish(at, id, JobState::Failed, Some(error), None);
             }
-            Outcome::Failed { error, .. } => {
+            Outcome::Failed { error, retryable: true } if attempt < self.config.max_attempts => {
                 let error = bounded_message(error);
+                job.push_event(at, EventKind::AttemptFailed { node, attempt, error });
+                self.return_to_queue(id);
+            }
+            Outcome::Failed { error, retryable } => {
+                let error = if *retryable {
+                    bounded_message(&format!("gave up after {attempt} attempts: {error}"))
+                } else {
+                    bounded_message(error)
+                };
                 job.push_event(at, EventKind::Failed { node: Some(node), attempt, error: error.clone() });
                 self.finish(at, id, JobState::Failed, Some(error), None);
             }
@@ -326,12 +391,19 @@ impl JobStateMachine {
             self.finish(at, id, JobState::Failed, Some(error), None);
             return true;
         }
+        self.return_to_queue(id);
+        true
+    }
+
+    /// Puts an active job back in the queue, freeing its slot; the next
+    /// assignment makes the next attempt.
+    fn return_to_queue(&mut self, id: JobId) {
+        let job = self.jobs.get_mut(&id).expect("a known job");
+        let node = job.node.take().expect("active jobs have a node");
         job.state = JobState::Queued;
-        job.node = None;
         job.progress = Progress { step: 0, steps: job.request.steps };
         self.queue.insert(queue_key(job), id);
         remove_active(&mut self.active, node, id);
-        true
     }
 
     fn cancel(&mut self, at: u64, id: JobId) -> Response {
@@ -346,6 +418,40 @@ impl JobStateMachine {
         }
         job.push_event(at, EventKind::Cancelled);
         self.finish(at, id, JobState::Cancelled, None, None);
+        Response::Ok
+    }
+
+    /// Records one webhook delivery try. Tries are numbered: the next one must
+    /// be `recorded + 1`; an earlier number is a record retried after its first
+    /// commit (or the same try made by two leaders across a change), and is
+    /// acknowledged without being recorded twice. Once the job is delivered or
+    /// gave up, further records are acknowledged and ignored.
+    fn webhook_delivery(&mut self, id: JobId, delivery: &Delivery, max_attempts: u32) -> Response {
+        let Some(job) = self.jobs.get_mut(&id) else { return Response::Rejected(Rejection::UnknownJob) };
+        let invalid = |msg: String| Response::Rejected(Rejection::Invalid(FieldError::new("webhook", msg)));
+        let state = job.state;
+        let Some(webhook) = job.webhook.as_mut() else { return invalid("the job has no webhook".into()) };
+        if !state.is_terminal() {
+            return invalid(format!("the job is {}; its webhook is not due", state.as_str()));
+        }
+        let recorded = webhook.deliveries.len() as u32;
+        if !webhook.is_open() || (1..=recorded).contains(&delivery.attempt) {
+            return Response::Ok;
+        }
+        if delivery.attempt != recorded + 1 {
+            return invalid(format!("try {} does not follow try {recorded}", delivery.attempt));
+        }
+        let delivery = Delivery {
+            error: delivery.error.as_ref().map(|e| e.chars().take(MAX_DELIVERY_ERROR_CHARS).collect()),
+            ..delivery.clone()
+        };
+        webhook.delivered = delivery.succeeded();
+        webhook.deliveries.push(delivery);
+        let max_attempts = max_attempts.clamp(1, MAX_WEBHOOK_ATTEMPTS);
+        webhook.gave_up = !webhook.delivered && webhook.deliveries.len() as u32 >= max_attempts;
+        if !webhook.is_open() {
+            self.webhooks_pending.remove(&id);
+        }
         Response::Ok
     }
 
@@ -369,10 +475,14 @@ impl JobStateMachine {
         let seq = self.next_finish_seq;
         self.next_finish_seq += 1;
         self.finished.insert(seq, id);
+        if job.webhook.is_some() {
+            self.webhooks_pending.insert(id);
+        }
         if let Some(png) = png {
             self.result_bytes += png.len() as u64;
             self.images.insert(id, ByteBuf::from(png));
             self.image_order.insert(seq, id);
+            self.cache.remember(job);
         }
         self.enforce_retention(at);
     }
@@ -385,6 +495,7 @@ impl JobStateMachine {
             let bytes = self.images.remove(&id).map_or(0, |b| b.len() as u64);
             self.result_bytes -= bytes;
             let job = self.jobs.get_mut(&id).expect("images belong to known jobs");
+            self.cache.forget(job);
             job.result_evicted = true;
             job.push_event(at, EventKind::ResultEvicted);
         }
@@ -395,10 +506,12 @@ impl JobStateMachine {
                 self.result_bytes -= bytes;
             }
             let job = self.jobs.remove(&id).expect("finished jobs are known");
+            self.cache.forget(&job);
             self.by_seq.remove(&job.seq);
             if let Some(key) = &job.idempotency_key {
                 self.idempotency.remove(key);
             }
+            self.webhooks_pending.remove(&id);
         }
     }
 
@@ -479,6 +592,12 @@ impl JobStateMachine {
         &self.nodes
     }
 
+    /// Finished jobs whose webhook is still owed (neither delivered nor given
+    /// up), by job id.
+    pub fn webhooks_pending(&self) -> impl Iterator<Item = &Job> {
+        self.webhooks_pending.iter().map(|id| &self.jobs[id])
+    }
+
     pub fn result_bytes(&self) -> u64 {
         self.result_bytes
     }
@@ -503,7 +622,12 @@ impl JobStateMachine {
             if assigned_events != job.attempt {
                 return Err(format!("{id}: attempt {} but {assigned_events} assignments", job.attempt));
             }
-            let successes = job.history.iter().filter(|e| matches!(e.kind, EventKind::Succeeded { .. })).count();
+            // A job succeeds by running or by being answered from the cache.
+            let successes = job
+                .history
+                .iter()
+                .filter(|e| matches!(e.kind, EventKind::Succeeded { .. } | EventKind::CacheHit { .. }))
+                .count();
             match job.state {
                 JobState::Queued => {
                     queued += 1;
@@ -585,6 +709,83 @@ impl JobStateMachine {
         }
         if let Some(model) = unfinished.keys().next() {
             return Err(format!("model {model} has unfinished jobs but no counts"));
+        }
+        self.check_webhooks()?;
+        self.check_cache()?;
+        Ok(())
+    }
+
+    /// Every cache entry names a succeeded job with a stored image that
+    /// answers the entry's key, and every such job's key has an entry (the
+    /// newest result of a key is the last one evicted).
+    fn check_cache(&self) -> Result<(), String> {
+        for (key, id) in self.cache.iter() {
+            let job = self.jobs.get(id).ok_or_else(|| format!("cache entry for unknown job {id}"))?;
+            if job.state != JobState::Succeeded || !self.images.contains_key(id) {
+                return Err(format!("{id}: cached but {:?} with image={}", job.state, self.images.contains_key(id)));
+            }
+            if cache::job_key(job).as_ref() != Some(key) {
+                return Err(format!("{id}: cached under a key it does not answer"));
+            }
+        }
+        for id in self.images.keys() {
+            if let Some(key) = cache::job_key(&self.jobs[id]) {
+                if self.cache.get(&key).is_none() {
+                    return Err(format!("{id}: a stored fixed-seed result is not in the cache"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl JobStateMachine {
+    /// Webhook records are numbered and bounded, and the pending index holds
+    /// exactly the finished jobs whose webhook is still owed.
+    fn check_webhooks(&self) -> Result<(), String> {
+        let mut pending = 0;
+        for (id, job) in &self.jobs {
+            if job.webhook.is_some() != job.request.webhook.is_some() {
+                return Err(format!(
+                    "{id}: webhook status present={} but url present={}",
+                    job.webhook.is_some(),
+                    job.request.webhook.is_some()
+                ));
+            }
+            let Some(w) = &job.webhook else { continue };
+            let owed = job.state.is_terminal() && w.is_open();
+            if owed != self.webhooks_pending.contains(id) {
+                return Err(format!("{id}: webhook owed={owed} but pending index disagrees"));
+            }
+            pending += owed as usize;
+            if !job.state.is_terminal() && (!w.deliveries.is_empty() || !w.is_open()) {
+                return Err(format!("{id}: {:?} with webhook deliveries", job.state));
+            }
+            if w.deliveries.len() as u32 > MAX_WEBHOOK_ATTEMPTS || (w.delivered && w.gave_up) {
+                return Err(format!(
+                    "{id}: {} webhook deliveries, delivered={} gave_up={}",
+                    w.deliveries.len(),
+                    w.delivered,
+                    w.gave_up
+                ));
+            }
+            for (n, d) in w.deliveries.iter().enumerate() {
+                if d.attempt as usize != n + 1 {
+                    return Err(format!("{id}: webhook try {} recorded in place {}", d.attempt, n + 1));
+                }
+                let last = n + 1 == w.deliveries.len();
+                if d.succeeded() != (last && w.delivered) {
+                    return Err(format!(
+                        "{id}: webhook try {} succeeded={} but delivered={}",
+                        d.attempt,
+                        d.succeeded(),
+                        w.delivered
+                    ));
+                }
+            }
+        }
+        if pending != self.webhooks_pending.len() {
+            return Err("the webhook pending index holds unknown or finished jobs".into());
         }
         Ok(())
     }

@@ -182,7 +182,7 @@ impl Gen {
             model: MODELS.choose(r).unwrap().to_string(),
             priority: r.gen_range(-1..=1),
             sampler: None,
-            cache: true,
+            cache: r.gen_bool(0.8),
             webhook: None,
         }
     }
@@ -232,12 +232,17 @@ impl Gen {
     }
 
     fn outcome(&mut self) -> Outcome {
-        if self.rng.gen_bool(0.6) {
-            let len = self.rng.gen_range(0..=120);
-            let fill = self.rng.gen();
-            png(len, fill)
-        } else {
-            failed("executor crashed")
+        match self.rng.gen_range(0..10) {
+            0..=5 => {
+                let len = self.rng.gen_range(0..=120);
+                let fill = self.rng.gen();
+                // Mostly the hash the nodes registered (so the cache can hit),
+                // sometimes other bytes.
+                let model_hash = if self.rng.gen_bool(0.9) { String::new() } else { "other".into() };
+                Outcome::Succeeded { png: vec![fill; len], model_hash, notes: Vec::new() }
+            }
+            6..=7 => failed("bad input"),
+            _ => Outcome::Failed { error: "executor crashed".into(), retryable: true },
         }
     }
 
@@ -357,10 +362,15 @@ impl Gen {
         let existing = key
             .as_ref()
             .and_then(|k| sm.recent_jobs(None, usize::MAX).into_iter().find(|j| j.idempotency_key.as_ref() == Some(k)));
+        let succeeded = sm.recent_jobs(Some(JobState::Succeeded), usize::MAX);
         let request = match existing {
             // A retry with the same key and request (the common client retry).
             Some(j) if self.rng.gen_bool(0.5) => j.request.clone(),
             _ if self.rng.gen_bool(0.08) => self.invalid_request(),
+            // The same request as a finished job (the result cache's case).
+            _ if !succeeded.is_empty() && self.rng.gen_bool(0.3) => {
+                succeeded[self.rng.gen_range(0..succeeded.len())].request.clone()
+            }
             _ => self.valid_request(),
         };
         let id = if !self.ids.is_empty() && self.rng.gen_bool(0.2) {
@@ -370,7 +380,12 @@ impl Gen {
             self.ids.push(id);
             id
         };
-        let seed = if self.rng.gen_bool(0.8) { Some(self.rng.gen()) } else { None };
+        // The leader fills the request's seed when it has one (mostly, here).
+        let seed = match request.seed {
+            Some(s) if self.rng.gen_bool(0.85) => Some(s),
+            _ if self.rng.gen_bool(0.8) => Some(self.rng.gen()),
+            _ => None,
+        };
         Command::Submit { id, request, seed, idempotency_key: key }
     }
 }
@@ -388,6 +403,32 @@ struct Observer {
     accepted: HashSet<(JobId, u32, NodeId, u32)>,
     /// Transitions into Succeeded/Failed per job incarnation.
     finals: HashMap<(JobId, u32), u32>,
+}
+
+/// The stored results that answer `request` run with `seed`, found by
+/// comparing jobs (not through the state machine's cache keys).
+fn cache_sources(sm: &JobStateMachine, request: &JobRequest, seed: Option<u64>) -> Vec<JobId> {
+    let (Some(seed), Some(hash), true) = (seed, sm.model_hashes().get(&request.model), request.cache) else {
+        return Vec::new();
+    };
+    if request.seed.is_none() {
+        return Vec::new();
+    }
+    let same = |r: &JobRequest| {
+        r.seed.is_some()
+            && r.model == request.model
+            && r.prompt == request.prompt
+            && r.negative_prompt == request.negative_prompt
+            && (r.width, r.height, r.steps) == (request.width, request.height, request.steps)
+            && r.guidance.to_bits() == request.guidance.to_bits()
+            && r.sampler == request.sampler
+    };
+    sm.recent_jobs(Some(JobState::Succeeded), usize::MAX)
+        .into_iter()
+        .filter(|j| same(&j.request) && j.seed == seed && j.model_hash.as_ref() == Some(hash))
+        .filter(|j| sm.image(&j.id).is_some())
+        .map(|j| j.id)
+        .collect()
 }
 
 fn key_ok(key: &Option<String>) -> bool {
@@ -506,7 +547,7 @@ impl Observer {
             if j.state.is_active() && assigned.last().map(|a| a.0) != j.node {
                 return Err(format!("{}: active on {:?} but last assigned to {assigned:?}", j.id, j.node));
             }
-            let successes = count_events(j, |k| matches!(k, EventKind::Succeeded { .. }));
+            let successes = count_events(j, |k| matches!(k, EventKind::Succeeded { .. } | EventKind::CacheHit { .. }));
             let failures = count_events(j, |k| matches!(k, EventKind::Failed { .. }));
             let cancels = count_events(j, |k| *k == EventKind::Cancelled);
             let expect = |st: JobState| usize::from(j.state == st);
@@ -616,7 +657,17 @@ impl Observer {
             let Some(prev) = b.get(id) else {
                 // New job: only from this Submit.
                 let created = matches!(resp, Response::Submitted { created: true, job } if job.id == *id);
-                if !created || job.state != JobState::Queued || job.attempt != 0 || job.history.len() != 1 {
+                let kinds: Vec<&EventKind> = job.history.iter().map(|e| &e.kind).collect();
+                let fresh = job.state == JobState::Queued && kinds.len() == 1;
+                // Answered from the cache: succeeded at once (its image maybe
+                // already evicted by retention in the same step).
+                let cached = job.state == JobState::Succeeded
+                    && matches!(
+                        kinds[..],
+                        [EventKind::Submitted, EventKind::CacheHit { .. }]
+                            | [EventKind::Submitted, EventKind::CacheHit { .. }, EventKind::ResultEvicted]
+                    );
+                if !created || job.attempt != 0 || !(fresh || cached) {
                     return Err(format!("{id} appeared: {:?} after {resp:?}", job.state));
                 }
                 if job.seq != index * raftgen_raft::command::MAX_BATCH_COMMANDS as u64 {
@@ -651,9 +702,19 @@ impl Observer {
                     assigned_now.push(*id);
                 }
                 (_, JobState::Queued) => {
+                    // Re-queued (node lost), or its attempt failed worth retrying.
                     let ok = new.len() == 1
-                        && matches!(&new[0].kind, EventKind::Requeued { node, attempt, .. }
-                            if Some(*node) == prev.node && *attempt == prev.attempt);
+                        && match &new[0].kind {
+                            EventKind::Requeued { node, attempt, .. } => {
+                                Some(*node) == prev.node && *attempt == prev.attempt
+                            }
+                            EventKind::AttemptFailed { node, attempt, .. } => {
+                                matches!(cmd, Command::Complete { .. })
+                                    && Some(*node) == prev.node
+                                    && *attempt == prev.attempt
+                            }
+                            _ => false,
+                        };
                     if !ok || job.attempt != prev.attempt {
                         return Err(format!("{id}: back to queued with events {new:?}"));
                     }
@@ -687,7 +748,12 @@ impl Observer {
         // was forgotten in the same step is only known to have ended.
         let mut expect: BTreeMap<String, JobCounts> = before.counts().clone();
         if let Response::Submitted { job, created: true } = resp {
-            expect.entry(job.request.model.clone()).or_default().submitted += 1;
+            let c = expect.entry(job.request.model.clone()).or_default();
+            c.submitted += 1;
+            if job.state == JobState::Succeeded {
+                c.succeeded += 1;
+                c.cache_hits += 1;
+            }
         }
         for (id, job) in &a {
             if !job.state.is_terminal() || b.get(id).is_none_or(|p| p.state.is_terminal()) {
@@ -735,6 +801,9 @@ impl Observer {
             Command::Batch(_) => {
                 return Err("the random driver applies commands one by one; batches have their own test".into())
             }
+            Command::WebhookDelivery { .. } => {
+                return Err("the random driver sends no webhook records; they have their own tests".into())
+            }
             Command::Submit { id, request, seed, idempotency_key } => {
                 let by_key =
                     idempotency_key.as_ref().and_then(|k| b.values().find(|j| j.idempotency_key.as_ref() == Some(k)));
@@ -778,13 +847,48 @@ impl Observer {
                         if (before.queue_depth() as u64) < before.config().max_queue_depth {
                             return Err("queue full with room left".into());
                         }
+                        let sources = cache_sources(before, request, seed.or(request.seed));
+                        if !sources.is_empty() {
+                            return Err(format!("queue full, though {sources:?} answer it from the cache"));
+                        }
                         unchanged()?;
                     }
                     (Response::Submitted { job, created: true }, None, None) => {
-                        if (before.queue_depth() as u64) >= before.config().max_queue_depth {
-                            return Err("accepted beyond the queue depth".into());
+                        let sources = cache_sources(before, request, seed.or(request.seed));
+                        let hit = job.history.iter().find_map(|e| match e.kind {
+                            EventKind::CacheHit { source } => Some(source),
+                            _ => None,
+                        });
+                        match hit {
+                            None if !sources.is_empty() => {
+                                return Err(format!("ran again, though {sources:?} answer it from the cache"));
+                            }
+                            None if (before.queue_depth() as u64) >= before.config().max_queue_depth => {
+                                return Err("accepted beyond the queue depth".into());
+                            }
+                            None => {}
+                            Some(source) => {
+                                if !sources.contains(&source) {
+                                    return Err(format!("served from {source}; the answers are {sources:?}"));
+                                }
+                                let image = before.image(&source).unwrap();
+                                let source_job = before.job(&source).unwrap();
+                                if job.state != JobState::Succeeded
+                                    || job.result_bytes != Some(image.len() as u64)
+                                    || job.model_hash != source_job.model_hash
+                                    || after.image(id).is_some_and(|i| i != image)
+                                {
+                                    return Err(format!("cache hit {job:?} does not carry {source}'s result"));
+                                }
+                            }
                         }
-                        if a.get(id) != Some(job) || job.idempotency_key != *idempotency_key {
+                        // A job answered from the cache may be forgotten by
+                        // retention in the same step.
+                        let stored_or_forgotten = match a.get(id) {
+                            Some(stored) => stored == &**job,
+                            None => hit.is_some(),
+                        };
+                        if !stored_or_forgotten || job.idempotency_key != *idempotency_key {
                             return Err("created job differs from the stored one".into());
                         }
                         if let Some(s) = seed.or(request.seed) {
@@ -859,16 +963,33 @@ impl Observer {
                     _ => return Err(format!("progress: {resp:?}")),
                 }
             }
-            Command::Complete { job, node, attempt, .. } => {
+            Command::Complete { job, node, attempt, outcome } => {
                 let prev = b.get(job);
                 let key = (*job, self.generation(*job), *node, *attempt);
                 let current =
                     prev.is_some_and(|p| p.state.is_active() && p.node == Some(*node) && p.attempt == *attempt);
                 match (resp, prev) {
                     (Response::Rejected(Rejection::UnknownJob), None) => unchanged()?,
-                    (Response::Ok, Some(_)) if current => {
-                        if a.get(job).is_some_and(|j| !matches!(j.state, JobState::Succeeded | JobState::Failed)) {
-                            return Err("accepted completion did not finish the job".into());
+                    (Response::Ok, Some(p)) if current => {
+                        let max_attempts = before.config().max_attempts;
+                        let expected = match outcome {
+                            Outcome::Succeeded { png, .. } if png.len() <= MAX_IMAGE_BYTES => JobState::Succeeded,
+                            Outcome::Failed { retryable: true, .. } if p.attempt < max_attempts => JobState::Queued,
+                            _ => JobState::Failed,
+                        };
+                        match a.get(job) {
+                            Some(j) if j.state != expected => {
+                                return Err(format!("accepted completion left {:?}, expected {expected:?}", j.state));
+                            }
+                            Some(j)
+                                if matches!(outcome, Outcome::Failed { retryable: true, .. })
+                                    && expected == JobState::Failed
+                                    && !j.error.as_ref().is_some_and(|e| e.starts_with("gave up after")) =>
+                            {
+                                return Err(format!("gave up with error {:?}", j.error));
+                            }
+                            None if expected == JobState::Queued => return Err("a re-queued job was forgotten".into()),
+                            _ => {}
                         }
                         if !a.contains_key(job) {
                             // Finished and forgotten in the same step: count it here.
@@ -1024,6 +1145,9 @@ fn randomized_commands_keep_every_invariant() {
         assert_eq!(log.len(), 300);
         for (req, resp) in log.iter().zip(&responses) {
             let name = match (&req.cmd, resp) {
+                (Command::Submit { .. }, Response::Submitted { created: true, job }) if job.state.is_terminal() => {
+                    "submit cached"
+                }
                 (Command::Submit { .. }, Response::Submitted { created: true, .. }) => "submit created",
                 (Command::Submit { .. }, Response::Submitted { created: false, .. }) => "submit retried",
                 (Command::Submit { .. }, Response::Rejected(Rejection::Invalid(_))) => "submit invalid",
@@ -1047,6 +1171,7 @@ fn randomized_commands_keep_every_invariant() {
     // The generator must reach every interesting branch, or the test proves little.
     for name in [
         "submit created",
+        "submit cached",
         "submit retried",
         "submit invalid",
         "submit queue full",
@@ -1070,8 +1195,8 @@ fn randomized_commands_keep_every_invariant() {
 
 #[test]
 fn randomized_runs_also_evict_forget_and_give_up() {
-    // Coverage of retention and max_attempts paths across the random runs.
-    let (mut evicted, mut forgotten_keys, mut gave_up) = (0, 0, 0);
+    // Coverage of retention, retry and max_attempts paths across the random runs.
+    let (mut evicted, mut forgotten_keys, mut gave_up, mut retried) = (0, 0, 0, 0);
     for seed in 1_000..1_040 {
         let (log, _, sm) = run_seed(seed, 300);
         let mut replay = JobStateMachine::default();
@@ -1088,13 +1213,17 @@ fn randomized_runs_also_evict_forget_and_give_up() {
         for j in sm.recent_jobs(None, usize::MAX) {
             evicted += usize::from(j.result_evicted);
             gave_up += usize::from(j.error.as_deref().is_some_and(|e| e.starts_with("gave up")));
+            retried += count_events(j, |k| matches!(k, EventKind::AttemptFailed { .. }));
         }
         forgotten_keys += keyed
             .iter()
             .filter(|k| sm.recent_jobs(None, usize::MAX).iter().all(|j| j.idempotency_key.as_ref() != Some(k)))
             .count();
     }
-    assert!(evicted > 0 && forgotten_keys > 0 && gave_up > 0, "{evicted} {forgotten_keys} {gave_up}");
+    assert!(
+        evicted > 0 && forgotten_keys > 0 && gave_up > 0 && retried > 0,
+        "{evicted} {forgotten_keys} {gave_up} {retried}"
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -1349,8 +1478,8 @@ fn counts_per_model_survive_retention_and_match_on_replay() {
     assert_eq!(kept, vec![cancelled]);
     assert_eq!(h.sm.next_finish_seq(), first_finish + 4);
     let counts = h.sm.counts();
-    assert_eq!(counts["m1"], JobCounts { submitted: 3, succeeded: 1, failed: 1, cancelled: 0 });
-    assert_eq!(counts["m2"], JobCounts { submitted: 3, succeeded: 0, failed: 1, cancelled: 1 });
+    assert_eq!(counts["m1"], JobCounts { submitted: 3, succeeded: 1, failed: 1, cancelled: 0, cache_hits: 0 });
+    assert_eq!(counts["m2"], JobCounts { submitted: 3, succeeded: 0, failed: 1, cancelled: 1, cache_hits: 0 });
     assert_eq!(h.sm.queue_depth_by_priority(), BTreeMap::from([(-3, 1), (5, 1)]));
     // Rejected and repeated commands count nothing.
     let before = h.sm.counts().clone();
@@ -1804,4 +1933,280 @@ fn a_node_with_other_bytes_under_a_model_name_gets_none_of_its_jobs() {
     assert!(h.sm.model_hashes().is_empty());
     assert_eq!(h.apply(Command::RegisterNode { node: 3, info: with_hash(1, "cccc") }), Response::Ok);
     assert!(h.sm.serves(3, "m"));
+}
+
+// ---------------------------------------------------------------------------
+// Retries of failed attempts
+// ---------------------------------------------------------------------------
+
+fn retryable(msg: &str) -> Outcome {
+    Outcome::Failed { error: msg.to_string(), retryable: true }
+}
+
+#[test]
+fn a_retryable_failure_requeues_until_max_attempts() {
+    let mut h = Harness::new(ClusterConfig { max_attempts: 3, ..Default::default() });
+    h.register(1, 1, &["m1"]);
+    let id = h.submit_ok(1, request("a cat", "m1", 0));
+    for attempt in 1..=2 {
+        assert_eq!(h.assign(id, 1, attempt), 1);
+        assert_eq!(h.complete(id, 1, attempt, retryable(&format!("out of memory {attempt}"))), Response::Ok);
+        let job = h.job(id);
+        assert_eq!((job.state, job.node, job.attempt, job.error.as_deref()), (JobState::Queued, None, attempt, None));
+        assert_eq!(
+            job.history.last().unwrap().kind,
+            EventKind::AttemptFailed { node: 1, attempt, error: format!("out of memory {attempt}") }
+        );
+        assert_eq!(h.sm.active_count(1), 0, "the slot is free again");
+        assert_eq!(h.sm.queue_depth(), 1);
+        // The host retrying its report of that attempt is acknowledged, once.
+        let events = job.history.len();
+        assert_eq!(h.complete(id, 1, attempt, retryable("out of memory")), Response::Ok);
+        assert_eq!(h.job(id).history.len(), events);
+    }
+    assert_eq!(h.assign(id, 1, 3), 1);
+    assert_eq!(h.complete(id, 1, 3, retryable("out of memory 3")), Response::Ok);
+    let job = h.job(id);
+    assert_eq!(job.state, JobState::Failed);
+    assert_eq!(job.error.as_deref(), Some("gave up after 3 attempts: out of memory 3"));
+    assert_eq!(count_events(job, |k| matches!(k, EventKind::AttemptFailed { .. })), 2);
+    assert_eq!(h.sm.queue_depth(), 0);
+    assert_eq!(h.sm.counts()["m1"].failed, 1);
+    assert_eq!(h.complete(id, 1, 3, retryable("out of memory 3")), Response::Ok, "a repeat is acknowledged");
+
+    // A retry that succeeds: attempt 2 makes the image.
+    let id = h.submit_ok(2, request("a dog", "m1", 0));
+    assert_eq!(h.assign(id, 1, 1), 1);
+    assert_eq!(h.complete(id, 1, 1, retryable("executor crashed")), Response::Ok);
+    assert_eq!(h.assign(id, 1, 2), 1);
+    assert_eq!(h.complete(id, 1, 2, png(5, 1)), Response::Ok);
+    let job = h.job(id);
+    assert_eq!((job.state, job.attempt, job.error.as_deref()), (JobState::Succeeded, 2, None));
+    assert_eq!(h.sm.counts()["m1"], JobCounts { submitted: 2, succeeded: 1, failed: 1, cancelled: 0, cache_hits: 0 });
+}
+
+#[test]
+fn a_non_retryable_failure_fails_at_once() {
+    let mut h = Harness::new(ClusterConfig { max_attempts: 3, ..Default::default() });
+    h.register(1, 1, &["m1"]);
+    let id = h.submit_ok(1, request("a cat", "m1", 0));
+    assert_eq!(h.assign(id, 1, 1), 1);
+    assert_eq!(h.complete(id, 1, 1, failed("model 'm1' has no sampler 'x'")), Response::Ok);
+    let job = h.job(id);
+    assert_eq!((job.state, job.attempt), (JobState::Failed, 1));
+    assert_eq!(job.error.as_deref(), Some("model 'm1' has no sampler 'x'"));
+    assert_eq!(count_events(job, |k| matches!(k, EventKind::AttemptFailed { .. })), 0);
+    assert_eq!(h.sm.queue_depth(), 0);
+}
+
+#[test]
+fn a_stale_retryable_failure_is_fenced() {
+    let mut h = Harness::new(ClusterConfig::default());
+    h.register(1, 1, &["m1"]);
+    h.register(2, 1, &["m1"]);
+    let id = h.submit_ok(1, request("a cat", "m1", 0));
+    assert_eq!(h.assign(id, 1, 1), 1);
+    // Node 1 is judged lost; attempt 2 runs on node 2.
+    assert_eq!(h.requeue(id, 1), 1);
+    assert_eq!(h.assign(id, 2, 2), 1);
+    let resp = h.complete(id, 1, 1, retryable("executor crashed"));
+    assert_eq!(resp, Response::Rejected(Rejection::StaleAttempt { current_attempt: 2, state: JobState::Assigned }));
+    let job = h.job(id);
+    assert_eq!((job.state, job.node, job.attempt), (JobState::Assigned, Some(2), 2));
+    assert_eq!(count_events(job, |k| matches!(k, EventKind::AttemptFailed { .. })), 0);
+    assert_eq!(h.sm.active_count(2), 1);
+    assert_eq!(h.sm.queue_depth(), 0);
+    // The right node with the wrong attempt is fenced too.
+    let resp = h.complete(id, 2, 1, retryable("executor crashed"));
+    assert!(matches!(resp, Response::Rejected(Rejection::StaleAttempt { .. })), "{resp:?}");
+    assert_eq!(h.job(id).state, JobState::Assigned);
+}
+
+#[test]
+fn a_cancelled_job_is_not_requeued_by_its_failure() {
+    let mut h = Harness::new(ClusterConfig::default());
+    h.register(1, 1, &["m1"]);
+    let id = h.submit_ok(1, request("a cat", "m1", 0));
+    assert_eq!(h.assign(id, 1, 1), 1);
+    assert_eq!(h.apply(Command::Start { job: id, node: 1, attempt: 1 }), Response::Ok);
+    assert_eq!(h.apply(Command::Cancel { job: id }), Response::Ok);
+    let resp = h.complete(id, 1, 1, retryable("stopped"));
+    assert_eq!(resp, Response::Rejected(Rejection::StaleAttempt { current_attempt: 1, state: JobState::Cancelled }));
+    assert_eq!(h.job(id).state, JobState::Cancelled);
+    assert_eq!(h.sm.queue_depth(), 0);
+    assert_eq!(h.sm.counts()["m1"].cancelled, 1);
+}
+
+// ---------------------------------------------------------------------------
+// Result cache
+// ---------------------------------------------------------------------------
+
+/// A harness with node 1 serving `m1` and `m2`, both as the bytes `h`
+/// (the hash `png()` outcomes report).
+fn cache_harness(config: ClusterConfig) -> Harness {
+    let mut h = Harness::new(config);
+    let info = NodeRegistration {
+        slots: 4,
+        models: ["m1", "m2"]
+            .iter()
+            .map(|m| ModelInfo { name: m.to_string(), hash: "h".into(), ..Default::default() })
+            .collect(),
+        ..Default::default()
+    };
+    assert_eq!(h.apply(Command::RegisterNode { node: 1, info }), Response::Ok);
+    h
+}
+
+/// A fixed-seed request.
+fn seeded(prompt: &str) -> JobRequest {
+    JobRequest { seed: Some(7), ..request(prompt, "m1", 0) }
+}
+
+/// Submits as the leader does (the request's seed, when it has one).
+fn submit_as_leader(h: &mut Harness, id: u128, req: JobRequest) -> Job {
+    let seed = req.seed.or(Some(1_000 + id as u64));
+    match h.apply(Command::Submit { id: JobId(id), request: req, seed, idempotency_key: None }) {
+        Response::Submitted { job, created: true } => *job,
+        other => panic!("submit {id}: {other:?}"),
+    }
+}
+
+/// Submits, runs and succeeds one job with an image of `len` bytes of `fill`.
+fn run_to_success(h: &mut Harness, id: u128, req: JobRequest, len: usize, fill: u8) -> JobId {
+    let job = submit_as_leader(h, id, req);
+    assert_eq!(job.state, JobState::Queued);
+    assert_eq!(h.assign(job.id, 1, 1), 1);
+    assert_eq!(h.complete(job.id, 1, 1, png(len, fill)), Response::Ok);
+    job.id
+}
+
+fn cache_source(job: &Job) -> Option<JobId> {
+    job.history.iter().find_map(|e| match e.kind {
+        EventKind::CacheHit { source } => Some(source),
+        _ => None,
+    })
+}
+
+#[test]
+fn an_identical_fixed_seed_job_is_answered_from_the_cache() {
+    let mut h = cache_harness(ClusterConfig { max_queue_depth: 1, ..Default::default() });
+    let first = run_to_success(&mut h, 1, seeded("a cat"), 10, 3);
+    // A queued job fills the queue: a hit needs no room in it.
+    submit_as_leader(&mut h, 2, seeded("something else"));
+    // Priority is not a generation parameter.
+    let again = JobRequest { priority: 5, ..seeded("a cat") };
+    let hit = submit_as_leader(&mut h, 3, again);
+    assert_eq!((hit.state, hit.attempt, hit.node), (JobState::Succeeded, 0, None));
+    assert_eq!(cache_source(&hit), Some(first));
+    let kinds: Vec<&EventKind> = hit.history.iter().map(|e| &e.kind).collect();
+    assert_eq!(kinds, [&EventKind::Submitted, &EventKind::CacheHit { source: first }]);
+    assert_eq!(hit.model_hash.as_deref(), Some("h"));
+    assert_eq!(hit.result_bytes, Some(10));
+    assert_eq!(hit.progress.step, hit.progress.steps);
+    assert_eq!(hit.finished_at_ms, Some(hit.submitted_at_ms));
+    assert_eq!(h.sm.image(&hit.id), Some(&[3u8; 10][..]));
+    assert_eq!(h.job(hit.id), &hit, "the answer is the stored job");
+    assert_eq!(h.sm.queue_depth(), 1, "the hit was never queued");
+    assert_eq!(h.sm.counts()["m1"], JobCounts { submitted: 3, succeeded: 2, failed: 0, cancelled: 0, cache_hits: 1 });
+    // Identical again (the queue still full): another hit.
+    let hit2 = submit_as_leader(&mut h, 4, seeded("a cat"));
+    assert_eq!(hit2.state, JobState::Succeeded);
+    assert_eq!(h.sm.counts()["m1"].cache_hits, 2);
+}
+
+#[test]
+fn any_generation_parameter_change_misses_the_cache() {
+    let mut h = cache_harness(ClusterConfig::default());
+    run_to_success(&mut h, 1, seeded("a cat"), 10, 3);
+    let base = seeded("a cat");
+    let changes: Vec<(&str, JobRequest)> = vec![
+        ("prompt", JobRequest { prompt: "a cat ".into(), ..base.clone() }),
+        ("negative_prompt", JobRequest { negative_prompt: "dog".into(), ..base.clone() }),
+        ("width", JobRequest { width: 128, ..base.clone() }),
+        ("height", JobRequest { height: 128, ..base.clone() }),
+        ("steps", JobRequest { steps: 21, ..base.clone() }),
+        ("guidance", JobRequest { guidance: 7.25, ..base.clone() }),
+        ("seed", JobRequest { seed: Some(8), ..base.clone() }),
+        ("sampler", JobRequest { sampler: Some("euler".into()), ..base.clone() }),
+        ("model", JobRequest { model: "m2".into(), ..base.clone() }),
+    ];
+    for (n, (what, req)) in changes.into_iter().enumerate() {
+        let job = submit_as_leader(&mut h, 100 + n as u128, req);
+        assert_eq!(job.state, JobState::Queued, "another {what} was answered from the cache");
+    }
+    assert_eq!(h.sm.counts()["m1"].cache_hits + h.sm.counts()["m2"].cache_hits, 0);
+
+    // Other bytes under the model's name: a miss, though every parameter is the same.
+    assert_eq!(h.apply(Command::ForgetNode { node: 1 }), Response::Ok);
+    let info = NodeRegistration {
+        slots: 1,
+        models: vec![ModelInfo { name: "m1".into(), hash: "h2".into(), ..Default::default() }],
+        ..Default::default()
+    };
+    assert_eq!(h.apply(Command::RegisterNode { node: 1, info }), Response::Ok);
+    assert_eq!(submit_as_leader(&mut h, 200, seeded("a cat")).state, JobState::Queued, "new model bytes");
+}
+
+#[test]
+fn a_job_without_a_fixed_seed_never_uses_the_cache() {
+    let mut h = cache_harness(ClusterConfig::default());
+    // The leader's seed (7) makes the image, but the client did not fix it.
+    let unseeded = |id: u128| Command::Submit {
+        id: JobId(id),
+        request: request("a cat", "m1", 0),
+        seed: Some(7),
+        idempotency_key: None,
+    };
+    assert!(matches!(h.apply(unseeded(1)), Response::Submitted { created: true, .. }));
+    assert_eq!(h.assign(JobId(1), 1, 1), 1);
+    assert_eq!(h.complete(JobId(1), 1, 1, png(10, 3)), Response::Ok);
+    // The same request again, even with the same leader seed: it runs again.
+    match h.apply(unseeded(2)) {
+        Response::Submitted { job, created: true } => assert_eq!(job.state, JobState::Queued),
+        other => panic!("{other:?}"),
+    }
+    // And a request fixing that seed does not take the unseeded job's result.
+    assert_eq!(submit_as_leader(&mut h, 3, seeded("a cat")).state, JobState::Queued);
+}
+
+#[test]
+fn cache_false_runs_again_and_its_result_answers_later_jobs() {
+    let mut h = cache_harness(ClusterConfig::default());
+    let first = run_to_success(&mut h, 1, seeded("a cat"), 10, 3);
+    let no_cache = JobRequest { cache: false, ..seeded("a cat") };
+    let second = run_to_success(&mut h, 2, no_cache, 10, 3);
+    assert_ne!(first, second);
+    assert_eq!(h.sm.counts()["m1"].cache_hits, 0);
+    // The newest result of the request answers from now on.
+    let hit = submit_as_leader(&mut h, 3, seeded("a cat"));
+    assert_eq!(cache_source(&hit), Some(second));
+}
+
+#[test]
+fn an_evicted_or_forgotten_result_is_no_longer_served() {
+    let mut h = cache_harness(ClusterConfig { max_results: 1, ..Default::default() });
+    run_to_success(&mut h, 1, seeded("a cat"), 10, 3);
+    // Another result evicts the first image: the cache forgets it.
+    run_to_success(&mut h, 2, seeded("a dog"), 10, 4);
+    assert_eq!(submit_as_leader(&mut h, 3, seeded("a cat")).state, JobState::Queued);
+    assert_eq!(submit_as_leader(&mut h, 4, seeded("a dog")).state, JobState::Succeeded, "the kept one still hits");
+
+    let mut h = cache_harness(ClusterConfig { max_finished_jobs: 1, ..Default::default() });
+    run_to_success(&mut h, 1, seeded("a cat"), 10, 3);
+    run_to_success(&mut h, 2, seeded("a dog"), 10, 4);
+    assert!(h.sm.job(&JobId(1)).is_none(), "forgotten");
+    assert_eq!(submit_as_leader(&mut h, 3, seeded("a cat")).state, JobState::Queued);
+}
+
+#[test]
+fn the_cache_survives_a_snapshot_restore() {
+    let mut h = cache_harness(ClusterConfig::default());
+    let first = run_to_success(&mut h, 1, seeded("a cat"), 10, 3);
+    let restored: JobStateMachine = codec::decode(&codec::encode(&h.sm).unwrap()).unwrap();
+    restored.check_invariants().unwrap();
+    assert_eq!(restored, h.sm);
+    let mut h = Harness { sm: restored, index: h.index };
+    let hit = submit_as_leader(&mut h, 2, seeded("a cat"));
+    assert_eq!((hit.state, cache_source(&hit)), (JobState::Succeeded, Some(first)));
+    assert_eq!(h.sm.image(&hit.id), Some(&[3u8; 10][..]));
 }

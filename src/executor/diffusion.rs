@@ -87,7 +87,9 @@ impl DiffusionExecutor {
     }
 
     /// The pipeline for `name`, loading it (and evicting others) if needed.
-    fn pipeline(&self, entry: &ModelEntry) -> Result<Arc<Pipeline>, String> {
+    /// A model larger than the budget never fits here (`Invalid`); a load
+    /// that fails (I/O, memory) may work next time (`Failed`).
+    fn pipeline(&self, entry: &ModelEntry) -> Result<Arc<Pipeline>, ExecError> {
         let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(pos) = loaded.iter().position(|l| l.name == entry.name) {
             let l = loaded.remove(pos);
@@ -97,12 +99,12 @@ impl DiffusionExecutor {
         }
         let bytes = self.footprint(entry);
         if bytes > self.budget_bytes {
-            return Err(format!(
+            return Err(ExecError::Invalid(format!(
                 "model '{}' needs {} MiB, more than this node's model memory budget of {} MiB (--model-memory-mb)",
                 entry.name,
                 bytes >> 20,
                 self.budget_bytes >> 20
-            ));
+            )));
         }
         while loaded.iter().map(|l| l.bytes).sum::<u64>() + bytes > self.budget_bytes {
             let evicted = loaded.remove(0);
@@ -110,7 +112,7 @@ impl DiffusionExecutor {
         }
         let started = Instant::now();
         let pipeline = Pipeline::load(entry.family, &entry.files, &self.device, self.dtype)
-            .map_err(|e| format!("loading model '{}': {e:#}", entry.name))?;
+            .map_err(|e| ExecError::Failed(format!("loading model '{}': {e:#}", entry.name)))?;
         let took = started.elapsed();
         tracing::info!("loaded model '{}' ({} MiB) in {} ms", entry.name, bytes >> 20, took.as_millis());
         self.load_times.lock().unwrap_or_else(|e| e.into_inner()).insert(entry.name.clone(), took);
@@ -119,20 +121,23 @@ impl DiffusionExecutor {
         Ok(pipeline)
     }
 
-    fn sampler(&self, entry: &ModelEntry, job: &JobSpec) -> Result<SamplerKind, String> {
+    fn sampler(&self, entry: &ModelEntry, job: &JobSpec) -> Result<SamplerKind, ExecError> {
         match &job.request.sampler {
             None => Ok(entry.meta.default_sampler),
             Some(name) => SamplerKind::parse(name)
                 .filter(|k| entry.meta.samplers.contains(k))
-                .ok_or_else(|| format!("model '{}' has no sampler '{name}'", entry.name)),
+                .ok_or_else(|| ExecError::Invalid(format!("model '{}' has no sampler '{name}'", entry.name))),
         }
     }
 
-    fn request(&self, entry: &ModelEntry, job: &JobSpec) -> Result<GenRequest, String> {
+    fn request(&self, entry: &ModelEntry, job: &JobSpec) -> Result<GenRequest, ExecError> {
         let r = &job.request;
         let m = entry.meta.pixel_multiple;
         if !r.width.is_multiple_of(m) || !r.height.is_multiple_of(m) {
-            return Err(format!("width and height must be multiples of {m} for model '{}'", entry.name));
+            return Err(ExecError::Invalid(format!(
+                "width and height must be multiples of {m} for model '{}'",
+                entry.name
+            )));
         }
         Ok(GenRequest {
             prompt: r.prompt.clone(),
@@ -146,11 +151,11 @@ impl DiffusionExecutor {
         })
     }
 
-    fn run(&self, jobs: &[(JobSpec, RunControl)]) -> Result<Vec<Result<JobOutput, ExecError>>, String> {
+    fn run(&self, jobs: &[(JobSpec, RunControl)]) -> Result<Vec<Result<JobOutput, ExecError>>, ExecError> {
         let first = &jobs[0].0;
         let entry = self
             .entry(&first.request.model)
-            .ok_or_else(|| format!("this node has no model '{}'", first.request.model))?;
+            .ok_or_else(|| ExecError::Invalid(format!("this node has no model '{}'", first.request.model)))?;
         let reqs = jobs.iter().map(|(j, _)| self.request(entry, j)).collect::<Result<Vec<_>, _>>()?;
         let pipeline = self.pipeline(entry)?;
         let mut progress = |step: usize, steps: usize| {
@@ -162,7 +167,8 @@ impl DiffusionExecutor {
         let images = match pipeline.generate(&reqs, &mut progress) {
             Ok(images) => images,
             Err(e) if e.is::<Cancelled>() => return Ok(jobs.iter().map(|_| Err(ExecError::Cancelled)).collect()),
-            Err(e) => return Err(format!("{e:#}")),
+            // Out of memory, a backend error: the run broke, not the request.
+            Err(e) => return Err(ExecError::Failed(format!("{e:#}"))),
         };
         let mut out = Vec::with_capacity(jobs.len());
         for (((job, ctl), req), image) in jobs.iter().zip(&reqs).zip(images) {
@@ -236,7 +242,7 @@ impl Executor for DiffusionExecutor {
         }
         match self.run(jobs) {
             Ok(out) => out,
-            Err(e) => jobs.iter().map(|_| Err(ExecError::Failed(e.clone()))).collect(),
+            Err(e) => jobs.iter().map(|_| Err(e.clone())).collect(),
         }
     }
 }

@@ -48,12 +48,29 @@ impl RunControl {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+/// Why an attempt produced no image. The host reports `Invalid` as a final
+/// failure and `Failed` as a retryable one (the job is queued again while it
+/// has attempts left, see `ClusterConfig::max_attempts`).
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum ExecError {
+    /// The attempt is no longer current (cancelled, re-queued, timed out).
     #[error("cancelled")]
     Cancelled,
+    /// The job cannot run as asked: bad input for the model, or a model this
+    /// node cannot hold. Running it again would fail the same way.
+    #[error("{0}")]
+    Invalid(String),
+    /// The executor broke (an internal error, out of memory, I/O, a crash):
+    /// another attempt may well succeed.
     #[error("{0}")]
     Failed(String),
+}
+
+impl ExecError {
+    /// Whether another attempt of the job may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, ExecError::Failed(_))
+    }
 }
 
 /// A finished image and what the cluster records with it.
@@ -109,6 +126,6 @@ impl Executor for NoExecutor {
         Vec::new()
     }
     fn generate_batch(&self, jobs: &[(JobSpec, RunControl)]) -> Vec<Result<JobOutput, ExecError>> {
-        jobs.iter().map(|_| Err(ExecError::Failed("this node has no executor".into()))).collect()
+        jobs.iter().map(|_| Err(ExecError::Invalid("this node has no executor".into()))).collect()
     }
 }

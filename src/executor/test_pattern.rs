@@ -5,8 +5,11 @@
 //! cluster tests, chaos runs and scheduler benchmarks, where what matters is
 //! that the same job always yields the same bytes and that execution takes a
 //! controllable time. It is not a model and never the default: a node runs it
-//! only with `--executor test-pattern`.
+//! only with `--executor test-pattern`. It can also inject faults ([`Faults`]:
+//! runs that hang or break), for the tests of the execution timeout and of
+//! retries.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use raftgen_raft::command::ModelInfo;
@@ -18,7 +21,31 @@ pub const MODEL: &str = "test-pattern";
 
 pub struct TestPatternExecutor {
     /// Simulated run time of one job, spread evenly over its steps.
-    pub delay_ms: u64,
+    delay_ms: u64,
+    faults: Faults,
+    /// Jobs this executor began so far (what [`Faults`] counts).
+    runs: AtomicU64,
+}
+
+/// Faults injected into the first jobs a test-pattern node runs (counted per
+/// process, in the order the jobs begin).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Faults {
+    /// The first this many jobs hang: no progress until they are cancelled
+    /// (an executor stuck mid-run, for the execution timeout).
+    pub stall_first: u32,
+    /// The next this many jobs fail with a retryable error (an executor that
+    /// broke, for retries).
+    pub fail_first: u32,
+}
+
+/// How often a stalled run looks at its cancel flag.
+const STALL_CHECK: Duration = Duration::from_millis(10);
+
+impl TestPatternExecutor {
+    pub fn new(delay_ms: u64, faults: Faults) -> Self {
+        TestPatternExecutor { delay_ms, faults, runs: AtomicU64::new(0) }
+    }
 }
 
 impl Executor for TestPatternExecutor {
@@ -60,6 +87,17 @@ const HASH: &str = "test-pattern-v1";
 
 impl TestPatternExecutor {
     fn generate(&self, job: &JobSpec, ctl: &RunControl) -> Result<Vec<u8>, ExecError> {
+        let run = self.runs.fetch_add(1, Ordering::Relaxed);
+        let (stall, fail) = (u64::from(self.faults.stall_first), u64::from(self.faults.fail_first));
+        if run < stall {
+            while !ctl.is_cancelled() {
+                std::thread::sleep(STALL_CHECK);
+            }
+            return Err(ExecError::Cancelled);
+        }
+        if run - stall < fail {
+            return Err(ExecError::Failed(format!("test pattern: injected failure of run {}", run + 1)));
+        }
         let steps = job.request.steps.max(1);
         let per_step = Duration::from_micros(self.delay_ms * 1000 / steps as u64);
         for step in 1..=steps {

@@ -10,14 +10,15 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use raftgen_raft::command::{ModelInfo, Rejection};
 use raftgen_raft::job::{JobId, JobRequest, JobState, MAX_IDEMPOTENCY_KEY_BYTES};
 use raftgen_raft::{Command, NodeId, Response as SmResponse};
 use serde_json::{json, Map, Value};
 
+use super::auth::{require_admin, Caller};
 use super::views::job_json;
-use super::{secret_ok, ApiError};
+use super::ApiError;
 use crate::app::{App, WriteError};
 use crate::config::{MAX_LIST_LIMIT, MEMBERSHIP_TIMEOUT_MS};
 use crate::membership;
@@ -84,8 +85,20 @@ async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<Bytes,
 
 // ---- Jobs ----
 
-const SUBMIT_FIELDS: [&str; 10] =
-    ["prompt", "negative_prompt", "width", "height", "steps", "guidance", "seed", "model", "priority", "sampler"];
+const SUBMIT_FIELDS: &[&str] = &[
+    "prompt",
+    "negative_prompt",
+    "width",
+    "height",
+    "steps",
+    "guidance",
+    "seed",
+    "model",
+    "priority",
+    "sampler",
+    "webhook",
+    "cache",
+];
 
 fn uint(obj: &Map<String, Value>, field: &str, default: u64, max: u64) -> Result<u64, ApiError> {
     match obj.get(field) {
@@ -159,10 +172,16 @@ fn parse_submit(bytes: &[u8], served_models: &[ModelInfo]) -> Result<JobRequest,
         model: model.name.clone(),
         priority,
         sampler,
-        cache: true,
-        webhook: None,
+        cache: match obj.get("cache") {
+            None | Some(Value::Null) => true,
+            Some(v) => v.as_bool().ok_or_else(|| ApiError::field("cache", "must be true or false"))?,
+        },
+        webhook: string(&obj, "webhook")?,
     };
     request.validate().map_err(|e| ApiError::field(&e.field, e.message))?;
+    if let Some(url) = &request.webhook {
+        crate::webhook::parse_url(url).map_err(|m| ApiError::field("webhook", m))?;
+    }
     let m = model.pixel_multiple.max(1);
     for (field, side) in [("width", request.width), ("height", request.height)] {
         if side % m != 0 {
@@ -362,19 +381,25 @@ async fn healthz() -> Json<Value> {
 /// Ready when a leader is known and this node is a member of the cluster.
 async fn readyz(State(app): State<Arc<App>>) -> Response {
     let leader = app.raft.server_metrics().borrow().current_leader;
-    match (leader, app.is_member()) {
-        (Some(leader), true) => Json(json!({ "ready": true, "leader_id": leader })).into_response(),
-        (leader, member) => {
-            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "ready": false, "leader_id": leader, "member": member })))
-                .into_response()
-        }
+    // A draining node (stopping, or leaving) should get no new clients.
+    let draining = app.view.read().jobs.nodes().get(&app.id).is_some_and(|n| n.draining);
+    match (leader, app.is_member(), draining) {
+        (Some(leader), true, false) => Json(json!({ "ready": true, "leader_id": leader })).into_response(),
+        (leader, member, draining) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "ready": false, "leader_id": leader, "member": member, "draining": draining })),
+        )
+            .into_response(),
     }
 }
 
-async fn join(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    if !secret_ok(&app, &headers) {
-        return Err(ApiError::unauthorized());
-    }
+async fn join(
+    State(app): State<Arc<App>>,
+    caller: Option<Extension<Caller>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers, caller.as_deref())?;
     let bytes = read_body(body, &headers, app.settings.max_body_bytes).await?;
     if !app.is_leader() {
         return proxy_to_leader(&app, Method::POST, "/v1/cluster/nodes", &headers, bytes, MEMBERSHIP_TIMEOUT_MS).await;
@@ -389,10 +414,13 @@ async fn join(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Re
     Ok(Json(membership::add_node(&app, id, addr).await?).into_response())
 }
 
-async fn leave(State(app): State<Arc<App>>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
-    if !secret_ok(&app, &headers) {
-        return Err(ApiError::unauthorized());
-    }
+async fn leave(
+    State(app): State<Arc<App>>,
+    caller: Option<Extension<Caller>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers, caller.as_deref())?;
     let id: NodeId = id.parse().map_err(|_| ApiError::field("id", "must be a node id"))?;
     if !app.is_leader() {
         let path = format!("/v1/cluster/nodes/{id}");
@@ -403,7 +431,9 @@ async fn leave(State(app): State<Arc<App>>, headers: HeaderMap, Path(id): Path<S
 }
 
 /// Sends the same request to the leader, retrying across leader changes until
-/// `timeout_ms`, and returns its answer as is.
+/// `timeout_ms`, and returns its answer as is. This node has already
+/// authorised the request (API key, admin check), so it goes with this node's
+/// cluster secret, never with the client's credentials.
 async fn proxy_to_leader(
     app: &App,
     method: Method,
@@ -422,14 +452,13 @@ async fn proxy_to_leader(
         if let Some((leader, addr)) = app.leader().filter(|(l, _)| *l != app.id) {
             let mut req = app
                 .client
-                .request(method.clone(), format!("http://{addr}{path}"))
+                .request(method.clone(), app.scheme.url(&addr, path))
                 .header(HOPS_HEADER, (hops + 1).to_string())
                 .timeout(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)))
+                .header(raftgen_raft::network::SECRET_HEADER, &*app.secret)
                 .body(body.clone());
-            for h in [raftgen_raft::network::SECRET_HEADER, "content-type"] {
-                if let Some(v) = headers.get(h) {
-                    req = req.header(h, v);
-                }
+            if let Some(v) = headers.get(header::CONTENT_TYPE) {
+                req = req.header(header::CONTENT_TYPE, v);
             }
             match req.send().await {
                 Ok(resp) => {

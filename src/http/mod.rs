@@ -1,8 +1,9 @@
-//! The node's one HTTP port: the public JSON API, `/metrics` (open to any
-//! scraper) and, under `/raft/`, the node-to-node RPCs (refused without the
-//! cluster secret).
+//! The node's one HTTP port: the public JSON API (behind the API keys when
+//! `--api-keys` is given, see [`auth`]), `/metrics` (open to any scraper) and,
+//! under `/raft/`, the node-to-node RPCs (refused without the cluster secret).
 
 mod api;
+pub mod auth;
 mod error;
 mod internal;
 mod metrics;
@@ -17,7 +18,8 @@ pub use error::ApiError;
 use crate::app::App;
 
 pub fn router(app: Arc<App>) -> Router {
-    api::routes().merge(internal::routes()).merge(metrics::routes()).with_state(app)
+    let api = api::routes().layer(axum::middleware::from_fn_with_state(app.clone(), auth::layer));
+    api.merge(internal::routes()).merge(metrics::routes()).with_state(app)
 }
 
 /// Constant-time comparison of a presented secret with ours.

@@ -19,6 +19,7 @@ pub fn job_json(job: &Job) -> Value {
             "model": r.model,
             "priority": r.priority,
             "sampler": r.sampler,
+            "cache": r.cache,
         },
         "seed": job.seed,
         "idempotency_key": job.idempotency_key,
@@ -38,6 +39,25 @@ pub fn job_json(job: &Job) -> Value {
             "url": format!("/v1/jobs/{}/image", job.id),
         })),
         "history": job.history.iter().map(event_json).collect::<Vec<_>>(),
+        "webhook": webhook_json(job),
+    })
+}
+
+/// The webhook's URL and delivery record (`null` for a job without one).
+fn webhook_json(job: &Job) -> Value {
+    let (Some(url), Some(w)) = (&job.request.webhook, &job.webhook) else { return Value::Null };
+    json!({
+        "url": url,
+        "delivered": w.delivered,
+        "gave_up": w.gave_up,
+        "deliveries": w.deliveries.iter().map(|d| json!({
+            "attempt": d.attempt,
+            "at_ms": d.at_ms,
+            "node": d.node,
+            "status": d.status,
+            "error": d.error,
+            "took_ms": d.took_ms,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -51,6 +71,10 @@ fn event_json(e: &Event) -> Value {
             json!({ "node": node, "attempt": attempt, "reason": reason })
         }
         EventKind::Failed { node, attempt, error } => json!({ "node": node, "attempt": attempt, "error": error }),
+        EventKind::AttemptFailed { node, attempt, error } => {
+            json!({ "node": node, "attempt": attempt, "error": error })
+        }
+        EventKind::CacheHit { source } => json!({ "source": source.to_string() }),
     };
     v["event"] = json!(e.kind.name());
     v["at_ms"] = json!(e.at_ms);

@@ -19,6 +19,7 @@
 //! holds only what exists nowhere else. The text format is in [`exposition`].
 
 pub mod exposition;
+pub mod gpu;
 pub mod histogram;
 pub mod observer;
 pub mod rate;
@@ -110,6 +111,7 @@ pub fn render(app: &App) -> String {
         "Bytes this node's sled database takes on disk (Raft log, vote and snapshot).",
         app.view.disk_bytes() as f64,
     );
+    gpu::write(&mut e, &gpu::sample());
     e.finish()
 }
 
@@ -144,6 +146,15 @@ fn jobs(app: &App, e: &mut Exposition) {
             counts.iter().map(|(model, c)| ([("model", model.as_str())], field(c) as f64)),
         );
     }
+    e.family(
+        "raftgen_cache_hits_total",
+        Kind::Counter,
+        &format!(
+            "Jobs answered from the result cache (identical to a succeeded fixed-seed job; also counted as \
+             submitted and succeeded), per model. {cluster}"
+        ),
+        counts.iter().map(|(model, c)| ([("model", model.as_str())], c.cache_hits as f64)),
+    );
 
     let priorities: Vec<(String, u64)> = {
         let mut seen = app.metrics.priorities.lock().unwrap_or_else(|e| e.into_inner());

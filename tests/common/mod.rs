@@ -31,6 +31,12 @@ pub fn start(dir: &Path, n: u64, extra: &[&str]) -> LocalCluster {
     LocalCluster::start(Path::new(EXE), dir, n, &[], extra).expect("starting the cluster")
 }
 
+/// As [`start`], for nodes serving TLS (their TLS flags in `extra`): the
+/// cluster's URLs are `https://` and its clients use `tls`.
+pub fn start_tls(dir: &Path, n: u64, extra: &[&str], tls: raftgen::tls::ClientTls) -> LocalCluster {
+    LocalCluster::start_tls(Path::new(EXE), dir, n, &[], extra, Some(tls)).expect("starting the cluster")
+}
+
 pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut f: F)
 where
     F: FnMut() -> Fut,

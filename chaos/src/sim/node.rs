@@ -366,7 +366,9 @@ async fn run_attempt(
         }
         if current {
             let outcome = if fails {
-                Outcome::Failed { error: "simulated executor failure".into(), retryable: false }
+                // A broken run, not bad input: the job is queued again while
+                // it has attempts left.
+                Outcome::Failed { error: "simulated executor failure".into(), retryable: true }
             } else {
                 let png = image_bytes(node.shared.seed, job, seed);
                 Outcome::Succeeded { png, model_hash: "sim".into(), notes: Vec::new() }
