@@ -204,11 +204,11 @@ async fn execute(app: &Arc<App>, batch: Vec<JobSpec>, cancels: Vec<Arc<AtomicBoo
     };
     reporter.abort();
     let Some(result) = result else {
-        for (_, cancel) in &started {
-            cancel.store(true, Ordering::Relaxed);
-        }
+        // Attempts already stopped (no longer current) are not reported.
+        let current: Vec<&JobSpec> =
+            started.iter().filter(|(_, cancel)| !cancel.swap(true, Ordering::Relaxed)).map(|(spec, _)| spec).collect();
         let error = format!("execution timed out after {} ms", app.settings.job_timeout_ms);
-        let reports = started.iter().map(|(spec, _)| {
+        let reports = current.into_iter().map(|spec| {
             let outcome = Outcome::Failed { error: error.clone(), retryable: false };
             complete(app, spec.id, spec.attempt, outcome, format!("failed: {error}"))
         });

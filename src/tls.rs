@@ -167,13 +167,13 @@ impl NodeTls {
 #[derive(clap::Args, Clone, Default)]
 pub struct ClientTls {
     /// Trust this CA (PEM) for https servers (default: the system's roots).
-    #[arg(long)]
+    #[arg(long, value_name = "FILE")]
     pub tls_ca: Option<PathBuf>,
     /// Client certificate (PEM), for nodes that require one (started with --tls-ca).
-    #[arg(long, requires = "tls_key")]
+    #[arg(long, requires = "tls_key", value_name = "FILE")]
     pub tls_cert: Option<PathBuf>,
     /// Private key (PEM) of --tls-cert.
-    #[arg(long, requires = "tls_cert")]
+    #[arg(long, requires = "tls_cert", value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
 }
 

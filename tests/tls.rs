@@ -180,9 +180,15 @@ async fn server_tls_port_serves_https_only_to_clients_trusting_its_ca() {
     let other = certs(&dir.path.join("other-pki"), 1);
     let trusting = client_tls(&pki, None);
     // Server authentication only (no --tls-ca): clients need no certificate.
-    let cluster = start_tls(&dir.path, 1, &strs(&with(&EXECUTOR, &node_tls(&pki, 1, None))), trusting.clone());
+    let flags =
+        with(&EXECUTOR, &[node_tls(&pki, 1, None), vec!["--tls-handshake-timeout-ms".into(), "500".into()]].concat());
+    let cluster = start_tls(&dir.path, 1, &strs(&flags), trusting.clone());
     cluster.wait_ready(1, 1, 1, Duration::from_secs(60)).await.unwrap();
     let port = cluster.nodes[0].port;
+
+    // A connection that never starts its handshake holds up no one (it is
+    // dropped after --tls-handshake-timeout-ms; everything below runs meanwhile).
+    let mut idle = TcpStream::connect(("127.0.0.1", port)).unwrap();
 
     // Plain HTTP to the TLS port is never served.
     let answer = String::from_utf8_lossy(&plain_http(port)).into_owned();
@@ -209,6 +215,10 @@ async fn server_tls_port_serves_https_only_to_clients_trusting_its_ca() {
     let wrong_ca = raftgen::cli::Client::new(&url).with_tls(&client_tls(&other, None)).unwrap();
     assert!(wrong_ca.get("/v1/cluster").await.is_err(), "a client trusting another CA connected");
     submit_and_finish(&cluster, 1, "server-authenticated").await;
+
+    // The idle connection was closed by the server (the read timeout is only a backstop).
+    idle.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    assert_eq!(idle.read(&mut [0u8; 64]).expect("the server closes the idle connection"), 0);
 }
 
 fn run(args: &[&str]) -> (i32, String) {

@@ -175,6 +175,10 @@ async fn jobs_are_posted_signed_retried_and_given_up_on() {
     let down_url = receiver.hook("down", &[Answer::Status(503); 10]);
     let down = client.submit(&job_body("a storm", &down_url), None).await.unwrap();
     let down_id = down["id"].as_str().unwrap().to_string();
+    // Nobody listening: the connection error is recorded, then it gives up.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let refused = client.submit(&job_body("a closed port", &format!("http://{closed}/hook")), None).await.unwrap();
+    let refused_id = refused["id"].as_str().unwrap().to_string();
     // A cancelled job is posted too.
     let cancel_url = receiver.hook("cancelled", &[]);
     let cancelled = client.submit(&job_body("later", &cancel_url), None).await.unwrap();
@@ -228,6 +232,14 @@ async fn jobs_are_posted_signed_retried_and_given_up_on() {
     assert_eq!(job["webhook"]["delivered"], false);
     assert_eq!(job["webhook"]["deliveries"].as_array().unwrap().len(), 3, "{job}");
     assert_eq!(receiver.hits("down").len(), 3);
+
+    let job = wait_webhook(&client, &refused_id, "the refused webhook to give up", |w| w["gave_up"] == true).await;
+    let deliveries = job["webhook"]["deliveries"].as_array().unwrap();
+    assert_eq!(deliveries.len(), 3, "{job}");
+    for d in deliveries {
+        assert!(d["status"].is_null(), "{job}");
+        assert!(d["error"].as_str().unwrap().starts_with("connection failed"), "{job}");
+    }
 
     // Cancelled right after submission (or, rarely, already done): the event
     // names the job's final state, and only a success has an image URL.
