@@ -141,11 +141,11 @@ async fn execute(app: &Arc<App>, batch: Vec<JobSpec>, cancels: Vec<Arc<AtomicBoo
             match app.write(Command::Start { job: id, node, attempt }, timeout).await {
                 Ok(Response::Ok) => true,
                 Ok(other) => {
-                    tracing::info!("job {id} attempt {attempt} not started: {other:?}");
+                    tracing::info!(job_id = %id, attempt, "not started: {other:?}");
                     false
                 }
                 Err(e) => {
-                    tracing::warn!("job {id} attempt {attempt}: could not record the start: {e}");
+                    tracing::warn!(job_id = %id, attempt, "could not record the start: {e}");
                     false
                 }
             }
@@ -236,7 +236,7 @@ async fn execute(app: &Arc<App>, batch: Vec<JobSpec>, cancels: Vec<Arc<AtomicBoo
                 format!("succeeded in {elapsed_ms} ms (batch of {n})"),
             ),
             Err(ExecError::Cancelled) => {
-                tracing::info!("job {id} attempt {attempt} stopped: no longer current");
+                tracing::info!(job_id = %id, attempt, "stopped: no longer current");
                 return None;
             }
             Err(e) => {
@@ -254,9 +254,9 @@ async fn execute(app: &Arc<App>, batch: Vec<JobSpec>, cancels: Vec<Arc<AtomicBoo
 async fn complete(app: &App, id: JobId, attempt: u32, outcome: Outcome, how: String) {
     let cmd = Command::Complete { job: id, node: app.id, attempt, outcome };
     match app.write(cmd, app.settings.report_timeout()).await {
-        Ok(Response::Ok) => tracing::info!("job {id} attempt {attempt} {how}"),
-        Ok(other) => tracing::info!("job {id} attempt {attempt}: completion not accepted: {other:?}"),
-        Err(e) => tracing::warn!("job {id} attempt {attempt}: could not report completion: {e}"),
+        Ok(Response::Ok) => tracing::info!(job_id = %id, attempt, "{how}"),
+        Ok(other) => tracing::info!(job_id = %id, attempt, "completion not accepted: {other:?}"),
+        Err(e) => tracing::warn!(job_id = %id, attempt, "could not report completion: {e}"),
     }
 }
 

@@ -320,16 +320,16 @@ async fn deliver(app: &App, client: &reqwest::Client, secret: &str, job: Job) {
         took_ms: started.elapsed().as_millis() as u64,
     };
     if delivery.succeeded() {
-        tracing::info!("job {}: webhook delivered (try {attempt}, status {})", job.id, status.unwrap_or(0));
+        tracing::info!(job_id = %job.id, "webhook delivered (try {attempt}, status {})", status.unwrap_or(0));
     } else {
         let why = delivery.error.clone().unwrap_or_else(|| format!("status {}", status.unwrap_or(0)));
-        tracing::warn!("job {}: webhook try {attempt} failed: {why}", job.id);
+        tracing::warn!(job_id = %job.id, "webhook try {attempt} failed: {why}");
     }
     let cmd = Command::WebhookDelivery { job: job.id, delivery, max_attempts: settings.max_attempts };
     match app.write(cmd, app.settings.submit_timeout()).await {
         Ok(Response::Ok) => {}
-        Ok(other) => tracing::debug!("job {}: webhook record: {other:?}", job.id),
-        Err(e) => tracing::warn!("job {}: webhook try {attempt} not recorded: {e}", job.id),
+        Ok(other) => tracing::debug!(job_id = %job.id, "webhook record: {other:?}"),
+        Err(e) => tracing::warn!(job_id = %job.id, "webhook try {attempt} not recorded: {e}"),
     }
 }
 
