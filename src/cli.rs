@@ -346,8 +346,7 @@ impl NodeArgs {
         if self.max_batch == 0 || self.max_batch > MAX_BATCH {
             bail!("--max-batch must be between 1 and {MAX_BATCH}");
         }
-        let faults =
-            Faults { stall_first: self.test_pattern_stall_first, fail_first: self.test_pattern_fail_first };
+        let faults = Faults { stall_first: self.test_pattern_stall_first, fail_first: self.test_pattern_fail_first };
         if self.executor != ExecutorKind::TestPattern && (faults.stall_first > 0 || faults.fail_first > 0) {
             bail!("--test-pattern-stall-first and --test-pattern-fail-first need --executor test-pattern");
         }

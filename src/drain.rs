@@ -25,6 +25,9 @@ use raftgen_raft::Command;
 
 use crate::app::App;
 
+/// Longest wait for each of the drain's two writes (mark draining, hand back).
+const MAX_DRAIN_WRITE_MS: u64 = 3_000;
+
 /// Resolves when the node should stop serving: after a stop signal and the
 /// drain it starts.
 pub async fn on_signal(app: Arc<App>) {
@@ -58,9 +61,10 @@ async fn drain(app: &App) {
         return;
     }
     tracing::info!("stopping: draining, {running} job(s) running, waiting up to {} ms", timeout.as_millis());
-    let write_timeout = timeout.min(app.settings.submit_timeout());
+    // Short: without a leader (the rest of the cluster already stopped) nothing
+    // is assigned to us anyway, and a stop must not hang on a lost quorum.
+    let write_timeout = timeout.min(Duration::from_millis(MAX_DRAIN_WRITE_MS));
     if let Err(e) = app.write(Command::SetDraining { node: app.id, draining: true }, write_timeout).await {
-        // Without a leader nothing is assigned to us anyway; go on draining.
         tracing::warn!("could not mark this node draining: {e}");
     }
     let mut applied = app.view.subscribe();
