@@ -298,6 +298,12 @@ pub struct SubmitArgs {
     /// `ddim`, `euler`, `euler_a` (SD family) or `flow_match_euler` (Z-Image).
     #[arg(long)]
     pub sampler: Option<String>,
+    /// Run the job even if an identical one (same fixed seed) already succeeded.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// URL the cluster POSTs the finished job to (signed; see docs/webhooks.md).
+    #[arg(long)]
+    pub webhook: Option<String>,
     #[arg(long)]
     pub idempotency_key: Option<String>,
     /// Wait until the job finishes.
@@ -552,7 +558,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 async fn submit(a: SubmitArgs) -> anyhow::Result<()> {
     let client = Client::new(&a.server).with_api_key(a.key.api_key).with_tls(&a.tls)?;
     let mut body = json!({ "prompt": a.prompt });
-    let fields: [(&str, Option<Value>); 9] = [
+    let fields: [(&str, Option<Value>); 11] = [
         ("negative_prompt", a.negative_prompt.map(Value::from)),
         ("width", a.width.map(Value::from)),
         ("height", a.height.map(Value::from)),
@@ -562,6 +568,8 @@ async fn submit(a: SubmitArgs) -> anyhow::Result<()> {
         ("model", a.model.map(Value::from)),
         ("priority", a.priority.map(Value::from)),
         ("sampler", a.sampler.map(Value::from)),
+        ("cache", a.no_cache.then_some(Value::Bool(false))),
+        ("webhook", a.webhook.map(Value::from)),
     ];
     for (k, v) in fields {
         if let Some(v) = v {

@@ -189,4 +189,22 @@ async fn an_identical_fixed_seed_job_is_answered_from_the_cache() {
     assert_eq!(resp.status(), 400);
     let err: Value = resp.json().await.unwrap();
     assert_eq!(err["error"]["field"], "cache", "{err}");
+
+    // The CLI: a plain `submit` of the same request is a hit, `--no-cache` is not.
+    let cli = |extra: &[&str]| {
+        let url = cluster.url(follower);
+        let out_file = dir.path.join(format!("cli-{}.png", extra.len()));
+        let mut args = vec!["submit", "--server", url.as_str(), "--width", "64", "--height", "64", "--steps", "3"];
+        args.extend(["--seed", "1234", "--wait", "--output", "json", "--out", out_file.to_str().unwrap()]);
+        args.extend(extra);
+        args.push("a cached cat");
+        let out = std::process::Command::new(common::EXE).args(&args).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()["job"].clone()
+    };
+    let hit = tokio::task::block_in_place(|| cli(&[]));
+    assert!(events(&hit).contains(&"cache_hit"), "{hit}");
+    let miss = tokio::task::block_in_place(|| cli(&["--no-cache"]));
+    assert_eq!(miss["request"]["cache"], false, "{miss}");
+    assert!(!events(&miss).contains(&"cache_hit"), "{miss}");
 }
