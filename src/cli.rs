@@ -95,7 +95,7 @@ pub enum Cmd {
     /// Run a node.
     Node(Box<NodeArgs>),
     /// Submit a job (through any node) and optionally wait for its image.
-    Submit(SubmitArgs),
+    Submit(Box<SubmitArgs>),
     /// Show the leader, term, members and queue depth.
     Status {
         #[arg(long, default_value = "http://127.0.0.1:7001")]
@@ -537,7 +537,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             crate::logging::set_node_id(args.id);
             crate::node::run(args.into_options()?).await
         }
-        Cmd::Submit(args) => submit(args).await,
+        Cmd::Submit(args) => submit(*args).await,
         Cmd::Status { server, key, tls, output } => {
             status(&Client::new(&server).with_api_key(key.api_key).with_tls(&tls)?, output).await
         }
