@@ -157,8 +157,8 @@ async fn execute(app: &Arc<App>, batch: Vec<JobSpec>, cancels: Vec<Arc<AtomicBoo
     if started.is_empty() {
         return;
     }
-    // Progress flows from the blocking run to a task that reports at most once
-    // a second (the live step count is also served from memory, see `App`).
+    // Progress flows from the blocking run to a task that reports it to the
+    // cluster (a replicated `Progress` command) at most once a second.
     let steps_done: Vec<Arc<AtomicU32>> = started.iter().map(|_| Arc::new(AtomicU32::new(0))).collect();
     let reporter = {
         let app = app.clone();
