@@ -51,6 +51,8 @@ pub struct App {
     pub shutdown: watch::Receiver<bool>,
     /// What `/metrics` reports that only this node knows (timings, images).
     pub metrics: crate::metrics::NodeMetrics,
+    /// Open live progress streams (`GET /v1/jobs/{id}/events`).
+    pub event_streams: crate::http::events::Streams,
 }
 
 /// A write that did not commit.

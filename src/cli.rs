@@ -1,6 +1,8 @@
-//! The `raftgen` command line: `node` runs a node; `submit`, `status`, `jobs`
-//! and `leave` talk to any node's HTTP API; `demo` starts a local cluster.
-//! Errors are one line on stderr and a non-zero exit.
+//! The `raftgen` command line: `node` runs a node; `submit`, `status`, `job`,
+//! `jobs` and `leave` talk to any node's HTTP API (every read command has
+//! `--output json` for scripts; `submit --wait` shows a progress bar, see
+//! [`crate::follow`]); `demo` starts a local cluster. Errors are one line on
+//! stderr and a non-zero exit.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -98,6 +100,19 @@ pub enum Cmd {
     Submit(Box<SubmitArgs>),
     /// Show the leader, term, members and queue depth.
     Status {
+        #[arg(long, default_value = "http://127.0.0.1:7001")]
+        server: String,
+        #[command(flatten)]
+        key: ApiKeyArg,
+        #[command(flatten)]
+        tls: crate::tls::ClientTls,
+        #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+        output: OutputFormat,
+    },
+    /// Show one job: its request, state, progress, result and history.
+    Job {
+        /// The job id (32 hexadecimal characters).
+        id: String,
         #[arg(long, default_value = "http://127.0.0.1:7001")]
         server: String,
         #[command(flatten)]
@@ -228,6 +243,11 @@ pub struct NodeArgs {
     pub node_timeout_ms: u64,
     #[arg(long, default_value_t = 30_000)]
     pub submit_timeout_ms: u64,
+    /// How long a synchronous image request (OpenAI or AUTOMATIC1111 API)
+    /// waits for its jobs before answering 408 with the job ids; the jobs go
+    /// on. 100 ms to 1 day.
+    #[arg(long, default_value_t = 300_000, value_parser = clap::value_parser!(u64).range(100..=86_400_000))]
+    pub sync_timeout_ms: u64,
     #[arg(long, default_value_t = 600_000)]
     pub report_timeout_ms: u64,
     #[arg(long, default_value_t = 600_000)]
@@ -242,6 +262,14 @@ pub struct NodeArgs {
     pub shutdown_timeout_ms: u64,
     #[arg(long, default_value_t = 64 * 1024)]
     pub max_body_bytes: usize,
+    /// Most live progress streams (`GET /v1/jobs/{id}/events`) this node
+    /// serves at once; beyond it they get 503 with Retry-After.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub max_event_streams: u64,
+    /// Longest one progress stream stays open; the client then reconnects
+    /// (with Last-Event-ID). 1 s to 1 day.
+    #[arg(long, default_value_t = 3_600_000, value_parser = clap::value_parser!(u64).range(1_000..=86_400_000))]
+    pub event_stream_max_ms: u64,
     #[arg(long, default_value_t = ClusterConfig::default().max_queue_depth)]
     pub max_queue_depth: u64,
     #[arg(long, default_value_t = ClusterConfig::default().max_results)]
@@ -390,11 +418,14 @@ impl NodeArgs {
                 slots,
                 node_timeout_ms: self.node_timeout_ms,
                 submit_timeout_ms: self.submit_timeout_ms,
+                sync_timeout_ms: self.sync_timeout_ms,
                 report_timeout_ms: self.report_timeout_ms,
                 drain_timeout_ms: self.drain_timeout_ms,
                 job_timeout_ms: self.job_timeout_ms,
                 shutdown_timeout_ms: self.shutdown_timeout_ms,
                 max_body_bytes: self.max_body_bytes,
+                max_event_streams: self.max_event_streams as usize,
+                event_stream_max_ms: self.event_stream_max_ms,
                 snapshot_max_bytes: self.snapshot_max_bytes,
                 snapshot_logs: self.snapshot_logs,
                 snapshot_keep_logs: self.snapshot_keep_logs,
@@ -444,7 +475,7 @@ impl Client {
         self
     }
 
-    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+    pub(crate) fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         let req = self.http.request(method, self.url(path));
         match &self.api_key {
             Some(key) => req.bearer_auth(key),
@@ -541,6 +572,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Status { server, key, tls, output } => {
             status(&Client::new(&server).with_api_key(key.api_key).with_tls(&tls)?, output).await
         }
+        Cmd::Job { id, server, key, tls, output } => {
+            job(&Client::new(&server).with_api_key(key.api_key).with_tls(&tls)?, &id, output).await
+        }
         Cmd::Jobs { server, state, limit, key, tls, output } => {
             jobs(&Client::new(&server).with_api_key(key.api_key).with_tls(&tls)?, state, limit, output).await
         }
@@ -585,23 +619,18 @@ async fn submit(a: SubmitArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    if a.output == OutputFormat::Text {
-        eprintln!("submitted {id}");
-    }
-    let text = a.output == OutputFormat::Text;
-    let job = client
-        .wait_job(&id, Duration::from_millis(a.timeout_ms), |j| {
-            if text {
-                eprintln!(
-                    "  {} (node {}, step {}/{})",
-                    cell(&j["state"]),
-                    cell(&j["node"]),
-                    cell(&j["progress"]["step"]),
-                    cell(&j["progress"]["steps"])
-                );
-            }
-        })
-        .await?;
+    let show = match a.output {
+        OutputFormat::Text => {
+            eprintln!("submitted {id}");
+            crate::follow::Show::Human
+        }
+        OutputFormat::Json => crate::follow::Show::Quiet,
+    };
+    let mut display = crate::follow::Display::new(show);
+    display.job(&job);
+    let followed = crate::follow::follow(&client, &id, Duration::from_millis(a.timeout_ms), &mut display).await;
+    display.finish();
+    let job = followed?;
     if job["state"] != "succeeded" {
         bail!("job {id} {}: {}", job["state"].as_str().unwrap_or("?"), job["error"].as_str().unwrap_or(""));
     }
@@ -663,17 +692,85 @@ async fn jobs(client: &Client, state: Option<String>, limit: usize, output: Outp
         println!("{v}");
         return Ok(());
     }
-    println!("{:<32}  {:<9} {:>4} {:>7}  prompt", "id", "state", "node", "attempt");
+    println!("{:<32}  {:<9} {:>4} {:>7} {:>7}  prompt", "id", "state", "node", "attempt", "step");
     for j in v["jobs"].as_array().into_iter().flatten() {
-        let prompt: String = j["request"]["prompt"].as_str().unwrap_or("").chars().take(40).collect();
         println!(
-            "{:<32}  {:<9} {:>4} {:>7}  {prompt}",
+            "{:<32}  {:<9} {:>4} {:>7} {:>7}  {}",
             cell(&j["id"]),
             cell(&j["state"]),
             cell(&j["node"]),
-            cell(&j["attempt"])
+            cell(&j["attempt"]),
+            format!("{}/{}", cell(&j["progress"]["step"]), cell(&j["progress"]["steps"])),
+            one_line(j["request"]["prompt"].as_str().unwrap_or(""), 40)
         );
     }
     println!("({} jobs in the cluster, {} queued)", cell(&v["total"]), cell(&v["queue_depth"]));
+    Ok(())
+}
+
+/// Text for one table cell: control characters (a newline in a prompt) shown
+/// escaped, at most `max` characters (`...` when cut).
+fn one_line(s: &str, max: usize) -> String {
+    let escaped: String =
+        s.chars().flat_map(|c| if c.is_control() { c.escape_default().collect() } else { vec![c] }).collect();
+    match escaped.char_indices().nth(max) {
+        Some((cut, _)) => format!("{}...", &escaped[..cut]),
+        None => escaped,
+    }
+}
+
+async fn job(client: &Client, id: &str, output: OutputFormat) -> anyhow::Result<()> {
+    // Checked here: a path like `../cluster` would reach another endpoint.
+    let id: raftgen_raft::job::JobId = id.parse().map_err(|e: String| anyhow!("id: {e}"))?;
+    let j = client.get(&format!("/v1/jobs/{id}")).await?;
+    if output == OutputFormat::Json {
+        println!("{j}");
+        return Ok(());
+    }
+    let r = &j["request"];
+    let mut state = cell(&j["state"]);
+    if j["node"].is_number() {
+        state.push_str(&format!(" on node {} (attempt {})", j["node"], cell(&j["attempt"])));
+    }
+    state.push_str(&format!(", step {}/{}", cell(&j["progress"]["step"]), cell(&j["progress"]["steps"])));
+    let since = |at: &Value| match (at.as_u64(), j["submitted_at_ms"].as_u64()) {
+        (Some(at), Some(t0)) => format!("+{} ms", at.saturating_sub(t0)),
+        _ => "-".into(),
+    };
+    let result = match &j["result"] {
+        Value::Null => "-".to_string(),
+        r if r["evicted"] == true => format!("{} bytes, evicted", cell(&r["bytes"])),
+        r => format!("{} ({} bytes)", cell(&r["url"]), cell(&r["bytes"])),
+    };
+    let rows = [
+        ("id", cell(&j["id"])),
+        ("state", state),
+        ("model", cell(&r["model"])),
+        ("prompt", one_line(r["prompt"].as_str().unwrap_or(""), 200)),
+        ("negative", cell(&r["negative_prompt"].as_str().filter(|s| !s.is_empty()).map(|s| one_line(s, 200)).into())),
+        ("size", format!("{}x{}", cell(&r["width"]), cell(&r["height"]))),
+        ("steps", cell(&r["steps"])),
+        ("guidance", cell(&r["guidance"])),
+        ("seed", cell(&j["seed"])),
+        ("sampler", cell(&r["sampler"])),
+        ("priority", cell(&r["priority"])),
+        ("started", since(&j["started_at_ms"])),
+        ("finished", since(&j["finished_at_ms"])),
+        ("result", result),
+        ("error", cell(&j["error"])),
+    ];
+    for (name, value) in rows {
+        println!("{name:<9} {value}");
+    }
+    println!("history (since submission):");
+    for e in j["history"].as_array().into_iter().flatten() {
+        let detail: Vec<String> = ["node", "attempt", "source", "reason", "error"]
+            .iter()
+            .filter(|k| !e[**k].is_null())
+            .map(|k| format!("{k} {}", one_line(&cell(&e[*k]), 80)))
+            .collect();
+        let line = format!("  {:>10}  {:<20} {}", since(&e["at_ms"]), cell(&e["event"]), detail.join(", "));
+        println!("{}", line.trim_end());
+    }
     Ok(())
 }

@@ -14,6 +14,10 @@ pub struct NodeSettings {
     /// How long a node keeps retrying a client's submission across leader
     /// changes before answering 503 (with the job id).
     pub submit_timeout_ms: u64,
+    /// How long a synchronous request (`POST /v1/images/generations`,
+    /// `POST /sdapi/v1/txt2img`) waits for its jobs before answering 408 with
+    /// their ids (the jobs go on; see `crate::http::sync`).
+    pub sync_timeout_ms: u64,
     /// How long an executor keeps retrying to report a finished job.
     pub report_timeout_ms: u64,
     /// How long a leave waits for the node's running jobs before removing it.
@@ -26,6 +30,10 @@ pub struct NodeSettings {
     pub shutdown_timeout_ms: u64,
     /// Largest accepted JSON body on the public API.
     pub max_body_bytes: usize,
+    /// Most `GET /v1/jobs/{id}/events` streams open on this node at once.
+    pub max_event_streams: usize,
+    /// Longest one event stream stays open (a client then reconnects).
+    pub event_stream_max_ms: u64,
     /// Snapshot once this many bytes of commands were applied since the last one.
     pub snapshot_max_bytes: u64,
     /// Snapshot once this many log entries were applied since the last one.
@@ -45,6 +53,10 @@ pub struct NodeSettings {
 impl NodeSettings {
     pub fn submit_timeout(&self) -> Duration {
         Duration::from_millis(self.submit_timeout_ms)
+    }
+
+    pub fn sync_timeout(&self) -> Duration {
+        Duration::from_millis(self.sync_timeout_ms)
     }
 
     pub fn report_timeout(&self) -> Duration {

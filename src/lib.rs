@@ -17,6 +17,7 @@ pub mod config;
 pub mod demo;
 pub mod drain;
 pub mod executor;
+pub mod follow;
 pub mod forwarder;
 pub mod host;
 pub mod http;

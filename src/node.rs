@@ -99,6 +99,7 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
         ),
         shutdown: shutdown_rx,
         metrics: crate::metrics::NodeMetrics::default(),
+        event_streams: crate::http::events::Streams::new(opts.settings.max_event_streams),
     });
 
     let initialized = raft.is_initialized().await?;
@@ -126,7 +127,16 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
         app.executor.name(),
         app.settings.slots
     );
-    serve(listener, crate::http::router(app.clone()), opts.tls.as_ref(), crate::drain::on_signal(app.clone())).await?;
+    let stop = {
+        let app = app.clone();
+        async move {
+            crate::drain::on_signal(app.clone()).await;
+            // Open event streams never end by themselves: end them, or the
+            // server would wait for them.
+            app.event_streams.close();
+        }
+    };
+    serve(listener, crate::http::router(app.clone()), opts.tls.as_ref(), stop).await?;
     tracing::info!("shutting down");
     let _ = shutdown_tx.send(true);
     raft.shutdown().await.ok();

@@ -50,7 +50,7 @@ pub fn routes() -> Router<Arc<App>> {
 const MAX_DRAIN_BYTES: usize = 64 << 20;
 
 /// Reads a body up to `max` bytes; larger bodies get 413 naming `body`.
-async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<Bytes, ApiError> {
+pub(super) async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<Bytes, ApiError> {
     use http_body_util::BodyExt;
     let too_large = || {
         let mut e = ApiError::field("body", format!("larger than {max} bytes"));
@@ -194,7 +194,7 @@ fn parse_submit(bytes: &[u8], served_models: &[ModelInfo]) -> Result<JobRequest,
     Ok(request)
 }
 
-fn rejection_error(r: Rejection) -> ApiError {
+pub(super) fn rejection_error(r: Rejection) -> ApiError {
     match r {
         Rejection::Invalid(e) => ApiError::field(&e.field, e.message),
         Rejection::QueueFull { .. } => {
@@ -260,7 +260,7 @@ async fn submit(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> 
 
 /// Models served by some registered node with the bytes the cluster knows
 /// under their name, sorted by name (the first is the default).
-fn served_models(app: &App) -> Vec<ModelInfo> {
+pub(super) fn served_models(app: &App) -> Vec<ModelInfo> {
     let data = app.view.read();
     let mut models: Vec<ModelInfo> = Vec::new();
     for (id, node) in data.jobs.nodes() {
@@ -274,7 +274,7 @@ fn served_models(app: &App) -> Vec<ModelInfo> {
     models
 }
 
-fn parse_id(id: &str) -> Result<JobId, ApiError> {
+pub(super) fn parse_id(id: &str) -> Result<JobId, ApiError> {
     id.parse().map_err(|e: String| ApiError::field("id", e))
 }
 
@@ -286,7 +286,11 @@ async fn read_barrier(app: &App) {
     let _ = tokio::time::timeout(Duration::from_millis(READ_BARRIER_MS), applied.wait_for(|i| *i >= target)).await;
 }
 
-async fn with_job<T>(app: &App, id: JobId, f: impl Fn(&raftgen_raft::job::Job, Option<&[u8]>) -> T) -> Option<T> {
+pub(super) async fn with_job<T>(
+    app: &App,
+    id: JobId,
+    f: impl Fn(&raftgen_raft::job::Job, Option<&[u8]>) -> T,
+) -> Option<T> {
     for round in 0..2 {
         {
             let data = app.view.read();

@@ -2,11 +2,15 @@
 //! `--api-keys` is given, see [`auth`]), `/metrics` (open to any scraper) and,
 //! under `/raft/`, the node-to-node RPCs (refused without the cluster secret).
 
+mod a1111;
 mod api;
 pub mod auth;
 mod error;
+pub mod events;
 mod internal;
 mod metrics;
+mod openai;
+mod sync;
 pub mod views;
 
 use std::sync::Arc;
@@ -18,7 +22,11 @@ pub use error::ApiError;
 use crate::app::App;
 
 pub fn router(app: Arc<App>) -> Router {
-    let api = api::routes().layer(axum::middleware::from_fn_with_state(app.clone(), auth::layer));
+    let api = api::routes()
+        .merge(events::routes())
+        .merge(openai::routes())
+        .merge(a1111::routes())
+        .layer(axum::middleware::from_fn_with_state(app.clone(), auth::layer));
     api.merge(internal::routes()).merge(metrics::routes()).with_state(app)
 }
 
