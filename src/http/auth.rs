@@ -14,8 +14,10 @@
 //! With keys configured, every public endpoint needs `Authorization: Bearer KEY`
 //! except `/healthz` and `/readyz` (probes; skipped here) and `/metrics`
 //! (scrapers; routed outside this layer, like `/raft/*`, which requires the
-//! cluster secret). A request carrying the cluster secret (a node proxying to
-//! the leader, a node joining) passes as admin, without a rate limit. A key
+//! cluster secret) and the web page `/` with its `/assets/*` (static files
+//! with no data, also routed outside: the page asks for a key and sends it).
+//! A request carrying the cluster secret (a node proxying to the leader, a
+//! node joining) passes as admin, without a rate limit. A key
 //! with a rate has a token bucket on each node (burst `max(1, rate)`); an
 //! empty bucket answers 429 with `Retry-After`. Key names, never keys, may
 //! appear in logs: requests run in a span with the field `api_key=NAME`.

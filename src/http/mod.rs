@@ -1,6 +1,7 @@
 //! The node's one HTTP port: the public JSON API (behind the API keys when
-//! `--api-keys` is given, see [`auth`]), `/metrics` (open to any scraper) and,
-//! under `/raft/`, the node-to-node RPCs (refused without the cluster secret).
+//! `--api-keys` is given, see [`auth`]), `/metrics` (open to any scraper), the
+//! web page at `/` and `/assets/*` (static, open: it holds no data, see [`web`])
+//! and, under `/raft/`, the node-to-node RPCs (refused without the cluster secret).
 
 mod a1111;
 mod api;
@@ -12,6 +13,7 @@ mod metrics;
 mod openai;
 mod sync;
 pub mod views;
+pub mod web;
 
 use std::sync::Arc;
 
@@ -27,7 +29,7 @@ pub fn router(app: Arc<App>) -> Router {
         .merge(openai::routes())
         .merge(a1111::routes())
         .layer(axum::middleware::from_fn_with_state(app.clone(), auth::layer));
-    api.merge(internal::routes()).merge(metrics::routes()).with_state(app)
+    api.merge(internal::routes()).merge(metrics::routes()).merge(web::routes()).with_state(app)
 }
 
 /// Constant-time comparison of a presented secret with ours.
