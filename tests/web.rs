@@ -224,7 +224,10 @@ impl Browser {
         let png = base64_decode(shot["data"].as_str().expect("screenshot data"));
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(path, &png).unwrap();
-        eprintln!("screenshot: {}", path.display());
+        // Straight to the process's stderr, not through `eprintln!`, which
+        // the test harness captures: the path shows in the log of a passing run.
+        let line = format!("screenshot: {}\n", path.display());
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
         png
     }
 
