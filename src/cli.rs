@@ -100,12 +100,8 @@ pub enum Cmd {
     Submit(Box<SubmitArgs>),
     /// Show the leader, term, members and queue depth.
     Status {
-        #[arg(long, default_value = "http://127.0.0.1:7001")]
-        server: String,
         #[command(flatten)]
-        key: ApiKeyArg,
-        #[command(flatten)]
-        tls: crate::tls::ClientTls,
+        to: ServerArgs,
         #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
         output: OutputFormat,
     },
@@ -113,43 +109,31 @@ pub enum Cmd {
     Job {
         /// The job id (32 hexadecimal characters).
         id: String,
-        #[arg(long, default_value = "http://127.0.0.1:7001")]
-        server: String,
         #[command(flatten)]
-        key: ApiKeyArg,
-        #[command(flatten)]
-        tls: crate::tls::ClientTls,
+        to: ServerArgs,
         #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
         output: OutputFormat,
     },
     /// List recent jobs.
     Jobs {
-        #[arg(long, default_value = "http://127.0.0.1:7001")]
-        server: String,
+        #[command(flatten)]
+        to: ServerArgs,
         #[arg(long)]
         state: Option<String>,
         #[arg(long, default_value_t = 20)]
         limit: usize,
-        #[command(flatten)]
-        key: ApiKeyArg,
-        #[command(flatten)]
-        tls: crate::tls::ClientTls,
         #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
         output: OutputFormat,
     },
     /// Drain a node (it finishes its jobs, takes no new ones), then remove it.
     Leave {
-        #[arg(long, default_value = "http://127.0.0.1:7001")]
-        server: String,
+        #[command(flatten)]
+        to: ServerArgs,
         #[arg(long)]
         id: u64,
+        /// (An admin `--api-key` does instead of the cluster secret.)
         #[arg(long, env = "RAFTGEN_CLUSTER_SECRET", default_value = DEV_SECRET, hide_env_values = true)]
         cluster_secret: String,
-        /// An admin key does instead of the cluster secret.
-        #[command(flatten)]
-        key: ApiKeyArg,
-        #[command(flatten)]
-        tls: crate::tls::ClientTls,
     },
     /// Start a local 3-node cluster, generate a few images through a follower, stop it.
     Demo(crate::demo::DemoArgs),
@@ -157,13 +141,26 @@ pub enum Cmd {
     Certs(crate::certs::CertsArgs),
 }
 
-/// The client side of `raftgen node --api-keys`.
+/// How a client command reaches the cluster: the node, the API key (the
+/// client side of `raftgen node --api-keys`) and TLS trust.
 #[derive(clap::Args)]
-pub struct ApiKeyArg {
+pub struct ServerArgs {
+    /// Any node of the cluster.
+    #[arg(long, default_value = "http://127.0.0.1:7001")]
+    pub server: String,
     /// API key, sent as `Authorization: Bearer KEY` (needed when the nodes run
     /// with --api-keys).
     #[arg(long, env = "RAFTGEN_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    #[command(flatten)]
+    pub tls: crate::tls::ClientTls,
+}
+
+impl ServerArgs {
+    /// A client for `--server`, with the key and TLS settings given.
+    pub fn client(&self) -> anyhow::Result<Client> {
+        Client::new(&self.server).with_api_key(self.api_key.clone()).with_tls(&self.tls)
+    }
 }
 
 #[derive(clap::Args)]
@@ -300,12 +297,8 @@ pub struct NodeArgs {
 
 #[derive(clap::Args)]
 pub struct SubmitArgs {
-    #[arg(long, default_value = "http://127.0.0.1:7001")]
-    pub server: String,
     #[command(flatten)]
-    pub key: ApiKeyArg,
-    #[command(flatten)]
-    pub tls: crate::tls::ClientTls,
+    pub to: ServerArgs,
     pub prompt: String,
     #[arg(long)]
     pub negative_prompt: Option<String>,
@@ -569,17 +562,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             crate::node::run(args.into_options()?).await
         }
         Cmd::Submit(args) => submit(*args).await,
-        Cmd::Status { server, key, tls, output } => {
-            status(&Client::new(&server).with_api_key(key.api_key).with_tls(&tls)?, output).await
-        }
-        Cmd::Job { id, server, key, tls, output } => {
-            job(&Client::new(&server).with_api_key(key.api_key).with_tls(&tls)?, &id, output).await
-        }
-        Cmd::Jobs { server, state, limit, key, tls, output } => {
-            jobs(&Client::new(&server).with_api_key(key.api_key).with_tls(&tls)?, state, limit, output).await
-        }
-        Cmd::Leave { server, id, cluster_secret, key, tls } => {
-            let client = Client::new(&server).with_api_key(key.api_key).with_tls(&tls)?;
+        Cmd::Status { to, output } => status(&to.client()?, output).await,
+        Cmd::Job { id, to, output } => job(&to.client()?, &id, output).await,
+        Cmd::Jobs { to, state, limit, output } => jobs(&to.client()?, state, limit, output).await,
+        Cmd::Leave { to, id, cluster_secret } => {
+            let client = to.client()?;
             let v = client.delete(&format!("/v1/cluster/nodes/{id}"), Some(&cluster_secret)).await?;
             println!("node {id} left the cluster (drained: {})", v["drained"]);
             Ok(())
@@ -590,7 +577,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn submit(a: SubmitArgs) -> anyhow::Result<()> {
-    let client = Client::new(&a.server).with_api_key(a.key.api_key).with_tls(&a.tls)?;
+    let client = a.to.client()?;
     let mut body = json!({ "prompt": a.prompt });
     let fields: [(&str, Option<Value>); 11] = [
         ("negative_prompt", a.negative_prompt.map(Value::from)),
