@@ -81,6 +81,13 @@ pub fn now_ms() -> u64 {
 }
 
 impl App {
+    /// Resolves once this node's applied state shows no assigned or running
+    /// job on `node` (a drain's end, for a stop or a leave).
+    pub async fn until_idle(&self, node: NodeId) {
+        let mut applied = self.view.subscribe();
+        let _ = applied.wait_for(|_| self.view.read().jobs.active_count(node) == 0).await;
+    }
+
     pub fn leader(&self) -> Option<(NodeId, String)> {
         let m = self.raft.server_metrics();
         let m = m.borrow();

@@ -67,11 +67,8 @@ async fn drain(app: &App) {
     if let Err(e) = app.write(Command::SetDraining { node: app.id, draining: true }, write_timeout).await {
         tracing::warn!("could not mark this node draining: {e}");
     }
-    let mut applied = app.view.subscribe();
     let finished = tokio::select! {
-        r = tokio::time::timeout(timeout, applied.wait_for(|_| app.view.read().jobs.active_count(app.id) == 0)) => {
-            r.is_ok()
-        }
+        r = tokio::time::timeout(timeout, app.until_idle(app.id)) => r.is_ok(),
         _ = stop_signal() => {
             tracing::info!("second stop signal: not waiting for running jobs");
             false

@@ -61,13 +61,8 @@ pub async fn remove_node(app: &App, id: NodeId) -> Result<Value, ApiError> {
     // Drain: no new work, wait for the running jobs (bounded).
     let _ = app.write(Command::SetDraining { node: id, draining: true }, timeout).await;
     let started = Instant::now();
-    let mut applied = app.view.subscribe();
-    let drained = tokio::time::timeout(
-        Duration::from_millis(app.settings.drain_timeout_ms),
-        applied.wait_for(|_| app.view.read().jobs.active_count(id) == 0),
-    )
-    .await
-    .is_ok();
+    let drained =
+        tokio::time::timeout(Duration::from_millis(app.settings.drain_timeout_ms), app.until_idle(id)).await.is_ok();
     let change = if is_voter {
         ChangeMembers::RemoveVoters(BTreeSet::from([id]))
     } else {
