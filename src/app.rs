@@ -21,8 +21,15 @@ use crate::config::NodeSettings;
 use crate::executor::Executor;
 
 /// Internal endpoint where followers forward commands to the leader: a list
-/// of commands in, a list of `Result<Response, ForwardReject>` out (bincode).
+/// of commands in, a list of `Result<Committed, ForwardReject>` out (bincode).
 pub const PATH_FORWARD: &str = "/raft/write";
+
+/// Longest a node that forwarded a write waits for its own state machine to
+/// apply it before answering. A client that submits through a follower and
+/// then reads from it (the job, its event stream) expects to find what it
+/// was told exists; past this bound the node answers anyway (the write is
+/// committed, only this replica is behind).
+const READ_YOUR_WRITES_MAX_MS: u64 = 2_000;
 
 /// The node's shared context.
 pub struct App {
@@ -64,6 +71,13 @@ pub enum WriteError {
     Fatal(String),
 }
 
+/// A committed command's response and the index of the log entry holding it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Committed {
+    pub response: Response,
+    pub index: u64,
+}
+
 /// The leader's answer to a forwarded command when it could not commit it.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ForwardReject {
@@ -72,7 +86,7 @@ pub enum ForwardReject {
 }
 
 enum Attempt {
-    Done(Response),
+    Done(Committed),
     Retry,
 }
 
@@ -120,7 +134,10 @@ impl App {
                 _ = tokio::time::sleep_until(deadline.into()) => Attempt::Retry,
             };
             match attempt {
-                Attempt::Done(resp) => return Ok(resp),
+                Attempt::Done(committed) => {
+                    self.until_applied(committed.index, deadline).await;
+                    return Ok(committed.response);
+                }
                 Attempt::Retry => {}
             }
             if *self.shutdown.borrow() {
@@ -136,6 +153,17 @@ impl App {
                 _ = tokio::time::sleep(pause) => {}
             }
             delay = (delay * 2).min(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits (bounded) until this node has applied log index `index`, so
+    /// that a read here sees the write this node just made through the leader.
+    async fn until_applied(&self, index: u64, deadline: Instant) {
+        let bound = Instant::now() + Duration::from_millis(READ_YOUR_WRITES_MAX_MS);
+        let wait = bound.min(deadline.max(Instant::now())).saturating_duration_since(Instant::now());
+        let waited = self.raft.wait(Some(wait)).applied_index_at_least(Some(index), "read your writes").await;
+        if let Err(e) = waited {
+            tracing::debug!("log index {index} not applied here within {} ms: {e}", wait.as_millis());
         }
     }
 
@@ -166,7 +194,7 @@ impl App {
 
     /// Proposes on this node (it must lead). The leader's clock and random
     /// choices enter the log here, never inside `apply`.
-    pub async fn propose_local(&self, mut cmd: Command) -> Result<Response, ForwardReject> {
+    pub async fn propose_local(&self, mut cmd: Command) -> Result<Committed, ForwardReject> {
         if !self.is_leader() {
             return Err(ForwardReject::NotLeader { leader: self.raft.server_metrics().borrow().current_leader });
         }

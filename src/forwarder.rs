@@ -13,11 +13,11 @@ use std::time::Duration;
 
 use raftgen_raft::command::MAX_BATCH_COMMANDS;
 use raftgen_raft::network::{Scheme, SECRET_HEADER};
-use raftgen_raft::{codec, Command, Response};
+use raftgen_raft::{codec, Command};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
-use crate::app::{ForwardReject, PATH_FORWARD};
+use crate::app::{Committed, ForwardReject, PATH_FORWARD};
 
 /// Batches in flight, at most, from this node.
 const MAX_IN_FLIGHT: usize = 8;
@@ -29,7 +29,7 @@ const FORWARD_TIMEOUT_MS: u64 = 10_000;
 const MAX_QUEUED_COMMANDS: usize = 65_536;
 
 /// The leader's answer to one forwarded command, or why there is none.
-pub type Forwarded = Result<Result<Response, ForwardReject>, String>;
+pub type Forwarded = Result<Result<Committed, ForwardReject>, String>;
 type Reply = oneshot::Sender<Forwarded>;
 
 #[derive(Clone)]
@@ -98,7 +98,7 @@ async fn post(
     url: &str,
     secret: &str,
     cmds: &[Command],
-) -> Result<Vec<Result<Response, ForwardReject>>, String> {
+) -> Result<Vec<Result<Committed, ForwardReject>>, String> {
     let body = codec::encode(cmds).map_err(|e| e.to_string())?;
     let resp = client
         .post(url)

@@ -14,7 +14,7 @@ use raftgen_raft::{Command, Raft, Request, Response};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
-use crate::app::{now_ms, ForwardReject};
+use crate::app::{now_ms, Committed, ForwardReject};
 
 /// Log entries proposed but not yet committed, at most.
 const MAX_IN_FLIGHT: usize = 4;
@@ -23,7 +23,7 @@ const MAX_BATCH_BYTES: u64 = 1 << 20;
 /// Commands waiting for a batch, at most; callers wait for room beyond it.
 const MAX_QUEUED_COMMANDS: usize = 65_536;
 
-type Reply = oneshot::Sender<Result<Response, ForwardReject>>;
+type Reply = oneshot::Sender<Result<Committed, ForwardReject>>;
 
 #[derive(Clone)]
 pub struct Proposer {
@@ -38,7 +38,7 @@ impl Proposer {
     }
 
     /// Proposes `cmd` (already stamped) and waits for its own response.
-    pub async fn propose(&self, cmd: Command) -> Result<Response, ForwardReject> {
+    pub async fn propose(&self, cmd: Command) -> Result<Committed, ForwardReject> {
         let (reply, rx) = oneshot::channel();
         self.tx.send((cmd, reply)).await.map_err(|_| ForwardReject::Fatal("proposer stopped".into()))?;
         rx.await.map_err(|_| ForwardReject::Fatal("proposer stopped".into()))?
@@ -62,12 +62,12 @@ async fn commit(raft: Raft, batch: Vec<(Command, Reply)>) {
     let single = cmds.len() == 1;
     let cmd = if single { cmds.pop().expect("one command") } else { Command::Batch(cmds) };
     let result = raft.client_write(Request { at_ms: now_ms(), cmd }).await;
-    let answers: Vec<Result<Response, ForwardReject>> = match result {
+    let answers: Vec<Result<Committed, ForwardReject>> = match result {
         Ok(r) => match r.data {
             Response::Batch(responses) if !single && responses.len() == replies.len() => {
-                responses.into_iter().map(Ok).collect()
+                responses.into_iter().map(|response| Ok(Committed { response, index: r.log_id.index })).collect()
             }
-            response if single => vec![Ok(response)],
+            response if single => vec![Ok(Committed { response, index: r.log_id.index })],
             other => {
                 let msg = format!("batch answered with {other:?}");
                 replies.iter().map(|_| Err(ForwardReject::Fatal(msg.clone()))).collect()

@@ -149,9 +149,9 @@ async fn internal_write(url: &str, secret: &str, cmd: &Command) -> reqwest::Resp
 }
 
 fn one_answer(bytes: &[u8]) -> Result<Response, raftgen::app::ForwardReject> {
-    let mut answers: Vec<Result<Response, raftgen::app::ForwardReject>> = codec::decode(bytes).unwrap();
+    let mut answers: Vec<Result<raftgen::app::Committed, raftgen::app::ForwardReject>> = codec::decode(bytes).unwrap();
     assert_eq!(answers.len(), 1);
-    answers.pop().unwrap()
+    answers.pop().unwrap().map(|c| c.response)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -266,6 +266,15 @@ async fn idempotency_key_stale_completion_and_bad_input() {
         assert!(ids.contains(j["id"].as_str().unwrap()));
     }
     assert_eq!(list["total"], 3);
+    // Read your writes: a job acknowledged by a follower is at once readable
+    // there (the follower waits to apply its own write before answering).
+    for i in 0..30 {
+        let job =
+            cluster.client(other).submit(&json!({ "prompt": format!("ryw {i}"), "steps": 1 }), None).await.unwrap();
+        let id = job["id"].as_str().unwrap();
+        let seen = cluster.client(other).get(&format!("/v1/jobs/{id}")).await;
+        assert!(seen.is_ok(), "job {id} acknowledged by node {other} but not readable there: {seen:?}");
+    }
 }
 
 /// A follower that dies while executing loses its attempt to the leader's
