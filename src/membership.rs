@@ -120,7 +120,7 @@ pub async fn keep_voters(app: &App, healthy: impl Fn(NodeId) -> bool) {
 }
 
 /// `GET /v1/cluster`: leader, term, members with role, health, slots, running.
-pub fn cluster_view(app: &App) -> Value {
+pub fn cluster_view(app: &App) -> ClusterView {
     let metrics = app.raft.metrics().borrow().clone();
     let membership = metrics.membership_config.membership();
     let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
@@ -128,7 +128,7 @@ pub fn cluster_view(app: &App) -> Value {
     let node_timeout = Duration::from_millis(app.settings.node_timeout_ms);
     let data = app.view.read();
     let nodes: BTreeMap<NodeId, &BasicNode> = membership.nodes().map(|(id, n)| (*id, n)).collect();
-    let members: Vec<Value> = nodes
+    let members = nodes
         .iter()
         .map(|(id, node)| {
             let healthy = if *id == app.id {
@@ -139,32 +139,66 @@ pub fn cluster_view(app: &App) -> Value {
                 None
             };
             let info = data.jobs.nodes().get(id);
-            json!({
-                "id": id,
-                "addr": node.addr,
-                "role": if voters.contains(id) { "voter" } else { "learner" },
-                "healthy": healthy,
-                "slots": info.map_or(0, |i| i.registration.slots),
-                "running": data.jobs.active_count(*id),
-                "draining": info.is_some_and(|i| i.draining),
-                "executor": info.map(|i| i.registration.executor.clone()),
-                "models": info.map(|i| i.registration.model_names()).unwrap_or_default(),
-                "loaded_models": info.map(|i| i.registration.loaded_models.clone()).unwrap_or_default(),
-                // Models this node advertises with other bytes than the cluster
-                // knows under the name: it gets none of their jobs.
-                "model_conflicts": info
-                    .map(|i| i.registration.model_names().into_iter().filter(|m| !data.jobs.serves(*id, m)).collect::<Vec<_>>())
+            MemberView {
+                id: *id,
+                addr: node.addr.clone(),
+                role: if voters.contains(id) { "voter" } else { "learner" },
+                healthy,
+                slots: info.map_or(0, |i| i.registration.slots),
+                running: data.jobs.active_count(*id),
+                draining: info.is_some_and(|i| i.draining),
+                executor: info.map(|i| i.registration.executor.clone()),
+                models: info.map(|i| i.registration.model_names()).unwrap_or_default(),
+                loaded_models: info.map(|i| i.registration.loaded_models.clone()).unwrap_or_default(),
+                model_conflicts: info
+                    .map(|i| i.registration.model_names().into_iter().filter(|m| !data.jobs.serves(*id, m)).collect())
                     .unwrap_or_default(),
-            })
+            }
         })
         .collect();
-    json!({
-        "leader_id": metrics.current_leader,
-        "term": metrics.current_term,
-        "members": members,
-        "queue_depth": data.jobs.queue_depth(),
-        "model_hashes": data.jobs.model_hashes(),
-        "answered_by": app.id,
-        "applied_index": metrics.last_applied.map(|l| l.index),
-    })
+    ClusterView {
+        leader_id: metrics.current_leader,
+        term: metrics.current_term,
+        members,
+        queue_depth: data.jobs.queue_depth(),
+        model_hashes: data.jobs.model_hashes().clone(),
+        answered_by: app.id,
+        applied_index: metrics.last_applied.map(|l| l.index),
+    }
+}
+
+/// The cluster as one node sees it (`GET /v1/cluster`).
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ClusterView {
+    pub leader_id: Option<u64>,
+    pub term: u64,
+    pub members: Vec<MemberView>,
+    /// Jobs waiting for a slot.
+    pub queue_depth: usize,
+    /// Model name to the content hash of its bytes, as the cluster knows them.
+    pub model_hashes: BTreeMap<String, String>,
+    /// The node that answered (a follower asks the leader, which knows health).
+    pub answered_by: u64,
+    pub applied_index: Option<u64>,
+}
+
+/// One member of the cluster.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct MemberView {
+    pub id: u64,
+    pub addr: String,
+    /// `voter` or `learner`.
+    pub role: &'static str,
+    /// Whether the leader hears from it (`null` when a follower answered).
+    pub healthy: Option<bool>,
+    pub slots: u32,
+    /// Jobs assigned to or running on it.
+    pub running: usize,
+    pub draining: bool,
+    pub executor: Option<String>,
+    pub models: Vec<String>,
+    pub loaded_models: Vec<String>,
+    /// Models it advertises with other bytes than the cluster knows under
+    /// the name: it gets none of their jobs.
+    pub model_conflicts: Vec<String>,
 }

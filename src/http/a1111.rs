@@ -30,12 +30,15 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use raftgen_raft::command::ModelInfo;
 use raftgen_raft::job::{FieldError, JobId, JobRequest, JobState};
 use raftgen_raft::Command;
+use serde::Serialize;
 use serde_json::{json, Map, Value};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::api::{read_body, served_models};
 use super::sync::{self, SyncError, MAX_JOBS_PER_REQUEST};
@@ -104,16 +107,136 @@ impl Drop for Registered<'_> {
     }
 }
 
-pub fn routes() -> Router<Arc<App>> {
-    Router::new()
-        .route("/sdapi/v1/txt2img", post(txt2img))
-        .route("/sdapi/v1/progress", get(progress))
-        .route("/sdapi/v1/interrupt", post(interrupt))
-        .route("/sdapi/v1/sd-models", get(sd_models))
-        .route("/sdapi/v1/samplers", get(samplers))
-        .route("/sdapi/v1/scripts", get(scripts))
-        .route("/sdapi/v1/options", get(options))
-        .layer(Extension(Arc::new(InFlight::default())))
+pub fn routes() -> (Router<Arc<App>>, utoipa::openapi::OpenApi) {
+    let (router, doc) = OpenApiRouter::new()
+        .routes(routes!(txt2img))
+        .routes(routes!(progress))
+        .routes(routes!(interrupt))
+        .routes(routes!(sd_models))
+        .routes(routes!(samplers))
+        .routes(routes!(scripts))
+        .routes(routes!(options))
+        .split_for_parts();
+    (router.layer(Extension(Arc::new(InFlight::default()))), doc)
+}
+
+/// The txt2img fields this server reads. As in A1111 every field is
+/// optional and other fields are accepted and ignored.
+#[derive(ToSchema)]
+#[allow(dead_code)] // documents the body `parse` reads
+struct Txt2ImgRequest {
+    prompt: Option<String>,
+    negative_prompt: Option<String>,
+    /// Default 50.
+    steps: Option<i64>,
+    /// The guidance scale (default 7).
+    cfg_scale: Option<f64>,
+    /// Pixels (default 512).
+    width: Option<i64>,
+    /// Pixels (default 512).
+    height: Option<i64>,
+    /// -1 (any negative): the leader picks each image's seed.
+    seed: Option<i64>,
+    /// An A1111 sampler name (`GET /sdapi/v1/samplers`).
+    sampler_name: Option<String>,
+    /// The older name of `sampler_name`.
+    sampler_index: Option<String>,
+    /// Images per batch; `batch_size * n_iter` is at most 16.
+    batch_size: Option<i64>,
+    /// Batches.
+    n_iter: Option<i64>,
+    /// `false`: answer without the images.
+    send_images: Option<bool>,
+    /// Only `false`: hires fix is not supported.
+    enable_hr: Option<bool>,
+    /// `sd_model_checkpoint` picks the model by title or name.
+    #[schema(value_type = Option<Object>)]
+    override_settings: Option<Value>,
+}
+
+/// txt2img's answer.
+#[derive(Serialize, ToSchema)]
+struct Txt2ImgResponse {
+    /// Base64 PNGs.
+    images: Vec<String>,
+    /// The request as sent.
+    #[schema(value_type = Object)]
+    parameters: Value,
+    /// A JSON string: prompts, seeds, sampler, model and raftgen's job ids.
+    info: String,
+}
+
+/// FastAPI's validation error (422).
+#[derive(Serialize, ToSchema)]
+struct ValidationErrorBody {
+    detail: Vec<ValidationItem>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct ValidationItem {
+    /// `["body", FIELD, ...]`.
+    #[schema(value_type = Vec<Object>)]
+    loc: Vec<Value>,
+    msg: String,
+    r#type: String,
+}
+
+/// A1111's other errors.
+#[derive(Serialize, ToSchema)]
+struct OtherErrorBody {
+    error: String,
+    detail: String,
+    body: String,
+    errors: String,
+    /// Jobs the request created (on a timeout or a failed job).
+    job_ids: Option<Vec<String>>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct ProgressResponse {
+    /// 0 to 1 over the cluster's running jobs.
+    progress: f64,
+    /// Seconds left (estimate).
+    eta_relative: f64,
+    state: ProgressState,
+    #[schema(value_type = Option<String>)]
+    current_image: Option<String>,
+    #[schema(value_type = Option<String>)]
+    textinfo: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct ProgressState {
+    skipped: bool,
+    interrupted: bool,
+    stopping_generation: bool,
+    job: &'static str,
+    /// Running and queued jobs.
+    job_count: u64,
+    job_timestamp: &'static str,
+    job_no: u64,
+    sampling_step: u64,
+    sampling_steps: u64,
+}
+
+#[derive(Serialize, ToSchema)]
+struct SdModel {
+    /// `name [short hash]`.
+    title: String,
+    model_name: String,
+    hash: String,
+    sha256: String,
+    filename: String,
+    #[schema(value_type = Option<String>)]
+    config: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct Sampler {
+    name: &'static str,
+    aliases: Vec<&'static str>,
+    #[schema(value_type = Object)]
+    options: Value,
 }
 
 // ---- Errors ----
@@ -332,12 +455,24 @@ fn parse(bytes: &[u8], served: &[ModelInfo]) -> Result<(Parsed, Map<String, Valu
     Ok((Parsed { request, count, batch_size, n_iter, sampler_used, model: model.clone() }, obj))
 }
 
+/// Makes `batch_size * n_iter` images and answers when they are done (or
+/// after the node's `--sync-timeout-ms`, with the job ids).
+#[utoipa::path(post, path = "/sdapi/v1/txt2img", tag = "a1111",
+    request_body = Txt2ImgRequest,
+    responses(
+        (status = 200, body = Txt2ImgResponse),
+        (status = 408, description = "Not done within the sync timeout (`job_ids`)", body = OtherErrorBody),
+        (status = 413, description = "Body too large", body = OtherErrorBody),
+        (status = 422, description = "A field breaks a rule", body = ValidationErrorBody),
+        (status = 429, description = "The queue is full", body = OtherErrorBody),
+        (status = 500, description = "A job failed (`job_ids`)", body = OtherErrorBody),
+    ))]
 async fn txt2img(
     State(app): State<Arc<App>>,
     Extension(inflight): Extension<Arc<InFlight>>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<Value>, Error> {
+) -> Result<Json<Txt2ImgResponse>, Error> {
     let bytes = read_body(body, &headers, app.settings.max_body_bytes).await?;
     let served = served_models(&app);
     let (p, echo) = parse(&bytes, &served)?;
@@ -404,12 +539,14 @@ async fn txt2img(
         "job_states": jobs.iter().map(|j| j.state.as_str()).collect::<Vec<_>>(),
         "interrupted": jobs.iter().any(|j| j.state == JobState::Cancelled),
     });
-    Ok(Json(json!({ "images": images, "parameters": Value::Object(echo), "info": info.to_string() })))
+    Ok(Json(Txt2ImgResponse { images, parameters: Value::Object(echo), info: info.to_string() }))
 }
 
 // ---- The rest ----
 
-async fn progress(State(app): State<Arc<App>>) -> Json<Value> {
+/// Progress of the cluster's running jobs.
+#[utoipa::path(get, path = "/sdapi/v1/progress", tag = "a1111", responses((status = 200, body = ProgressResponse)))]
+async fn progress(State(app): State<Arc<App>>) -> Json<ProgressResponse> {
     let data = app.view.read();
     let now = now_ms();
     let (mut step, mut steps, mut running, mut eta_s) = (0u64, 0u64, 0u64, 0f64);
@@ -428,25 +565,27 @@ async fn progress(State(app): State<Arc<App>>) -> Json<Value> {
     }
     let queued = data.jobs.queue_depth() as u64;
     let progress = if steps == 0 { 0.0 } else { step as f64 / steps as f64 };
-    Json(json!({
-        "progress": progress,
-        "eta_relative": eta_s,
-        "state": {
-            "skipped": false,
-            "interrupted": false,
-            "stopping_generation": false,
-            "job": "",
-            "job_count": running + queued,
-            "job_timestamp": "0",
-            "job_no": 0,
-            "sampling_step": step,
-            "sampling_steps": steps,
+    Json(ProgressResponse {
+        progress,
+        eta_relative: eta_s,
+        state: ProgressState {
+            skipped: false,
+            interrupted: false,
+            stopping_generation: false,
+            job: "",
+            job_count: running + queued,
+            job_timestamp: "0",
+            job_no: 0,
+            sampling_step: step,
+            sampling_steps: steps,
         },
-        "current_image": null,
-        "textinfo": null,
-    }))
+        current_image: None,
+        textinfo: None,
+    })
 }
 
+/// Cancels the jobs of the txt2img requests this node holds.
+#[utoipa::path(post, path = "/sdapi/v1/interrupt", tag = "a1111", responses((status = 200, body = Object)))]
 async fn interrupt(State(app): State<Arc<App>>, Extension(inflight): Extension<Arc<InFlight>>) -> Json<Value> {
     let open: Vec<JobId> = {
         let data = app.view.read();
@@ -460,40 +599,46 @@ async fn interrupt(State(app): State<Arc<App>>, Extension(inflight): Extension<A
     Json(json!({}))
 }
 
-async fn sd_models(State(app): State<Arc<App>>) -> Json<Value> {
-    let models: Vec<Value> = served_models(&app)
+/// The models some node serves.
+#[utoipa::path(get, path = "/sdapi/v1/sd-models", tag = "a1111", responses((status = 200, body = Vec<SdModel>)))]
+async fn sd_models(State(app): State<Arc<App>>) -> Json<Vec<SdModel>> {
+    let models = served_models(&app)
         .iter()
-        .map(|m| {
-            json!({
-                "title": title(m),
-                "model_name": m.name,
-                "hash": short_hash(m),
-                "sha256": m.hash,
-                "filename": m.name,
-                "config": null,
-            })
+        .map(|m| SdModel {
+            title: title(m),
+            model_name: m.name.clone(),
+            hash: short_hash(m).to_string(),
+            sha256: m.hash.clone(),
+            filename: m.name.clone(),
+            config: None,
         })
         .collect();
-    Json(Value::Array(models))
+    Json(models)
 }
 
-async fn samplers(State(app): State<Arc<App>>) -> Json<Value> {
+/// The samplers some served model runs.
+#[utoipa::path(get, path = "/sdapi/v1/samplers", tag = "a1111", responses((status = 200, body = Vec<Sampler>)))]
+async fn samplers(State(app): State<Arc<App>>) -> Json<Vec<Sampler>> {
     let served = served_models(&app);
-    let list: Vec<Value> = SamplerKind::ALL
+    let list = SamplerKind::ALL
         .into_iter()
         .filter(|k| served.iter().any(|m| m.samplers.iter().any(|s| s == k.name())))
-        .map(|k| json!({ "name": k.a1111_name(), "aliases": [k.name()], "options": {} }))
+        .map(|k| Sampler { name: k.a1111_name(), aliases: vec![k.name()], options: json!({}) })
         .collect();
-    Json(Value::Array(list))
+    Json(list)
 }
 
 /// No scripts (webuiapi's constructor asks, to detect extensions).
+#[utoipa::path(get, path = "/sdapi/v1/scripts", tag = "a1111",
+    responses((status = 200, body = Object, example = json!({"txt2img": [], "img2img": []}))))]
 async fn scripts() -> Json<Value> {
     Json(json!({ "txt2img": [], "img2img": [] }))
 }
 
 /// The settings clients read: the default model (the one a txt2img request
 /// without `override_settings` gets). Settings cannot be changed here.
+#[utoipa::path(get, path = "/sdapi/v1/options", tag = "a1111",
+    responses((status = 200, body = Object, example = json!({"sd_model_checkpoint": "tiny-sd [0123456789]", "sd_checkpoint_hash": "0123..."}))))]
 async fn options(State(app): State<Arc<App>>) -> Json<Value> {
     let served = served_models(&app);
     let first = served.first();

@@ -9,15 +9,18 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get};
 use axum::{Extension, Json, Router};
 use raftgen_raft::command::{ModelInfo, Rejection};
 use raftgen_raft::job::{JobId, JobRequest, JobState, MAX_IDEMPOTENCY_KEY_BYTES};
 use raftgen_raft::{Command, NodeId, Response as SmResponse};
 use serde_json::{json, Map, Value};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::auth::{require_admin, Caller};
-use super::views::job_json;
+use super::openapi::ErrorBody;
+use super::views::{job_json, JobView};
 use super::ApiError;
 use crate::app::{App, WriteError};
 use crate::config::{MAX_LIST_LIMIT, MEMBERSHIP_TIMEOUT_MS};
@@ -29,20 +32,24 @@ const MAX_HOPS: u32 = 3;
 /// How long a read of an unknown job waits for this node to apply what it has.
 const READ_BARRIER_MS: u64 = 1_000;
 
-pub fn routes() -> Router<Arc<App>> {
-    Router::new()
-        .route("/v1/jobs", get(list_jobs).post(submit))
-        .route("/v1/jobs/{id}", get(get_job).delete(cancel))
-        .route("/v1/jobs/{id}/image", get(get_image))
-        .route("/v1/cluster", get(cluster))
-        .route("/v1/cluster/nodes", axum::routing::post(join))
-        .route("/v1/cluster/nodes/{id}", delete(leave))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+/// The native API's routes and their part of the OpenAPI document.
+pub fn routes() -> (Router<Arc<App>>, utoipa::openapi::OpenApi) {
+    let (router, doc) = OpenApiRouter::new()
+        .routes(routes!(list_jobs, submit))
+        .routes(routes!(get_job, cancel))
+        .routes(routes!(get_image))
+        .routes(routes!(cluster))
+        .routes(routes!(join))
+        .routes(routes!(leave))
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .split_for_parts();
+    let router = router
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this endpoint")
-        })
+        });
+    (router, doc)
 }
 
 /// Most bytes of an oversized body read and discarded before answering 413,
@@ -85,20 +92,62 @@ pub(super) async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Re
 
 // ---- Jobs ----
 
-const SUBMIT_FIELDS: &[&str] = &[
-    "prompt",
-    "negative_prompt",
-    "width",
-    "height",
-    "steps",
-    "guidance",
-    "seed",
-    "model",
-    "priority",
-    "sampler",
-    "webhook",
-    "cache",
-];
+/// A job submission (`POST /v1/jobs`). Unset fields take the model's
+/// defaults; unknown fields are refused.
+// The parser takes its list of fields from this type, so the document and
+// the server agree.
+#[derive(ToSchema)]
+#[allow(dead_code)] // read through its schema: see `SUBMIT_FIELDS`
+struct SubmitBody {
+    /// What to draw (at most 2000 characters).
+    prompt: String,
+    /// What to steer away from.
+    negative_prompt: Option<String>,
+    /// Pixels, 8 to 2048, a multiple of the model's pixel multiple.
+    width: Option<u32>,
+    /// Pixels, 8 to 2048, a multiple of the model's pixel multiple.
+    height: Option<u32>,
+    /// Denoising steps, 1 to 150.
+    steps: Option<u32>,
+    /// Classifier-free guidance scale, 0 to 30.
+    guidance: Option<f32>,
+    /// Fixes the image; unset, the leader picks one.
+    seed: Option<u64>,
+    /// A model some node serves (`GET /sdapi/v1/sd-models` lists them); unset, the first by name.
+    model: Option<String>,
+    /// -100 to 100; higher runs first, FIFO within a priority.
+    priority: Option<i32>,
+    /// A sampler the model has (`ddim`, `euler_a`, `flow_euler`, ...).
+    sampler: Option<String>,
+    /// `http(s)://` URL POSTed the finished job (signed; see docs/webhooks.md).
+    webhook: Option<String>,
+    /// `false` skips the result cache.
+    cache: Option<bool>,
+}
+
+/// The fields a submission may have: those of [`SubmitBody`].
+static SUBMIT_FIELDS: std::sync::LazyLock<Vec<String>> =
+    std::sync::LazyLock::new(super::openapi::property_names::<SubmitBody>);
+
+/// A page of jobs, newest first.
+#[derive(serde::Serialize, ToSchema)]
+struct JobList {
+    jobs: Vec<JobView>,
+    /// Jobs the cluster holds.
+    total: usize,
+    /// Jobs waiting for a slot.
+    queue_depth: usize,
+}
+
+/// A node to add (`POST /v1/cluster/nodes`).
+#[derive(ToSchema)]
+#[allow(dead_code)] // documents the body `join` parses
+struct JoinBody {
+    /// The new node's id (unique in the cluster).
+    id: u64,
+    /// `host:port` where the others reach it.
+    addr: String,
+}
 
 fn uint(obj: &Map<String, Value>, field: &str, default: u64, max: u64) -> Result<u64, ApiError> {
     match obj.get(field) {
@@ -123,7 +172,7 @@ fn parse_submit(bytes: &[u8], served_models: &[ModelInfo]) -> Result<JobRequest,
     let value: Value =
         serde_json::from_slice(bytes).map_err(|e| ApiError::field("body", format!("invalid JSON: {e}")))?;
     let Value::Object(obj) = value else { return Err(ApiError::field("body", "must be a JSON object")) };
-    if let Some(unknown) = obj.keys().find(|k| !SUBMIT_FIELDS.contains(&k.as_str())) {
+    if let Some(unknown) = obj.keys().find(|k| !SUBMIT_FIELDS.contains(k)) {
         return Err(ApiError::field(unknown, format!("unknown field; accepted: {}", SUBMIT_FIELDS.join(", "))));
     }
     let prompt = string(&obj, "prompt")?.ok_or_else(|| ApiError::field("prompt", "is required"))?;
@@ -222,6 +271,19 @@ fn write_error(e: WriteError, job: Option<JobId>) -> ApiError {
     }
 }
 
+/// Submits a job. Answered once a quorum has committed it. A retry with the
+/// same `Idempotency-Key` returns the same job.
+#[utoipa::path(post, path = "/v1/jobs", tag = "jobs",
+    request_body = SubmitBody,
+    params(("Idempotency-Key" = Option<String>, Header, description = "1 to 256 bytes; a retry with the same key gets the same job")),
+    responses(
+        (status = 202, description = "Committed; `Location` names the job", body = JobView),
+        (status = 400, description = "A field breaks a rule (named in `error.field`)", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 422, description = "The Idempotency-Key was used for another request", body = ErrorBody),
+        (status = 429, description = "The queue is full (`Retry-After`)", body = ErrorBody),
+        (status = 503, description = "No leader committed it in time (`Retry-After`)", body = ErrorBody),
+    ))]
 async fn submit(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let bytes = read_body(body, &headers, app.settings.max_body_bytes).await?;
     let key = match headers.get("idempotency-key") {
@@ -305,11 +367,29 @@ pub(super) async fn with_job<T>(
     None
 }
 
+/// One job, from this node's applied state.
+#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs",
+    params(("id" = String, Path, description = "32 hex digits")),
+    responses(
+        (status = 200, body = JobView),
+        (status = 400, description = "Not a job id", body = ErrorBody),
+        (status = 404, description = "No such job", body = ErrorBody),
+    ))]
 async fn get_job(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     let id = parse_id(&id)?;
     with_job(&app, id, |job, _| Json(job_json(job))).await.ok_or_else(|| ApiError::not_found("job"))
 }
 
+/// The job's PNG, from any node.
+#[utoipa::path(get, path = "/v1/jobs/{id}/image", tag = "jobs",
+    params(("id" = String, Path, description = "32 hex digits")),
+    responses(
+        (status = 200, description = "The image", content_type = "image/png", body = String),
+        (status = 400, description = "Not a job id", body = ErrorBody),
+        (status = 404, description = "No such job", body = ErrorBody),
+        (status = 409, description = "The job has no image (yet)", body = ErrorBody),
+        (status = 410, description = "Dropped by the retention limit", body = ErrorBody),
+    ))]
 async fn get_image(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     let found = with_job(&app, id, |job, image| match image {
@@ -327,6 +407,16 @@ async fn get_image(State(app): State<Arc<App>>, Path(id): Path<String>) -> Resul
     found.ok_or_else(|| ApiError::not_found("job"))?
 }
 
+/// Cancels a job that has not ended.
+#[utoipa::path(delete, path = "/v1/jobs/{id}", tag = "jobs",
+    params(("id" = String, Path, description = "32 hex digits")),
+    responses(
+        (status = 200, description = "Cancelled", body = Object, example = json!({"id": "8b81e6a569198761725c3b58db27dbfe", "state": "cancelled"})),
+        (status = 400, description = "Not a job id", body = ErrorBody),
+        (status = 404, description = "No such job", body = ErrorBody),
+        (status = 409, description = "The job has already ended", body = ErrorBody),
+        (status = 503, description = "No leader committed it in time", body = ErrorBody),
+    ))]
 async fn cancel(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     let id = parse_id(&id)?;
     match app.write(Command::Cancel { job: id }, app.settings.submit_timeout()).await {
@@ -337,10 +427,20 @@ async fn cancel(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<J
     }
 }
 
+/// The newest jobs, optionally in one state.
+#[utoipa::path(get, path = "/v1/jobs", tag = "jobs",
+    params(
+        ("state" = Option<String>, Query, description = "queued, assigned, running, succeeded, failed or cancelled"),
+        ("limit" = Option<u32>, Query, description = "1 to 1000 (default 50)"),
+    ),
+    responses(
+        (status = 200, body = JobList),
+        (status = 400, description = "A bad parameter", body = ErrorBody),
+    ))]
 async fn list_jobs(
     State(app): State<Arc<App>>,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<JobList>, ApiError> {
     let state = match q.get("state").filter(|s| !s.is_empty()) {
         Some(s) => Some(s.parse::<JobState>().map_err(|e| ApiError::field("state", e))?),
         None => None,
@@ -354,14 +454,17 @@ async fn list_jobs(
         None => 50,
     };
     let data = app.view.read();
-    let jobs: Vec<Value> = data.jobs.recent_jobs(state, limit).into_iter().map(job_json).collect();
-    Ok(Json(json!({ "jobs": jobs, "total": data.jobs.job_count(), "queue_depth": data.jobs.queue_depth() })))
+    let jobs = data.jobs.recent_jobs(state, limit).into_iter().map(JobView::new).collect();
+    Ok(Json(JobList { jobs, total: data.jobs.job_count(), queue_depth: data.jobs.queue_depth() }))
 }
 
 // ---- Cluster ----
 
 /// The cluster as this node sees it. Health is only known to the leader, so a
 /// follower asks the leader first and falls back to its own view.
+#[utoipa::path(get, path = "/v1/cluster", tag = "cluster",
+    params(("local" = Option<String>, Query, description = "Present: this node's own view, without asking the leader")),
+    responses((status = 200, body = membership::ClusterView)))]
 async fn cluster(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
@@ -378,11 +481,20 @@ async fn cluster(
     Json(membership::cluster_view(&app)).into_response()
 }
 
+/// The process answers (no API key needed).
+#[utoipa::path(get, path = "/healthz", tag = "cluster", security(()),
+    responses((status = 200, body = Object, example = json!({"status": "ok"}))))]
 async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
-/// Ready when a leader is known and this node is a member of the cluster.
+/// Ready when a leader is known and this node is a member of the cluster
+/// that is not draining (no API key needed).
+#[utoipa::path(get, path = "/readyz", tag = "cluster", security(()),
+    responses(
+        (status = 200, body = Object, example = json!({"ready": true, "leader_id": 1})),
+        (status = 503, description = "Not ready", body = Object, example = json!({"ready": false, "leader_id": null, "member": true, "draining": false})),
+    ))]
 async fn readyz(State(app): State<Arc<App>>) -> Response {
     let leader = app.raft.server_metrics().borrow().current_leader;
     // A draining node (stopping, or leaving) should get no new clients.
@@ -397,6 +509,17 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
     }
 }
 
+/// Adds a node (admin key or cluster secret); it first catches up as a
+/// learner, then becomes a voter.
+#[utoipa::path(post, path = "/v1/cluster/nodes", tag = "cluster",
+    request_body = JoinBody,
+    responses(
+        (status = 200, description = "The node is a voter", body = Object),
+        (status = 400, description = "A bad field", body = ErrorBody),
+        (status = 401, description = "No valid key or secret", body = ErrorBody),
+        (status = 403, description = "Not an admin key", body = ErrorBody),
+        (status = 503, description = "No leader in time", body = ErrorBody),
+    ))]
 async fn join(
     State(app): State<Arc<App>>,
     caller: Option<Extension<Caller>>,
@@ -418,6 +541,17 @@ async fn join(
     Ok(Json(membership::add_node(&app, id, addr).await?).into_response())
 }
 
+/// Drains a node's jobs and removes it (admin key or cluster secret).
+#[utoipa::path(delete, path = "/v1/cluster/nodes/{id}", tag = "cluster",
+    params(("id" = u64, Path, description = "The node id")),
+    responses(
+        (status = 200, description = "The node left", body = Object),
+        (status = 400, description = "Not a node id", body = ErrorBody),
+        (status = 401, description = "No valid key or secret", body = ErrorBody),
+        (status = 403, description = "Not an admin key", body = ErrorBody),
+        (status = 404, description = "No such node", body = ErrorBody),
+        (status = 503, description = "No leader in time", body = ErrorBody),
+    ))]
 async fn leave(
     State(app): State<Arc<App>>,
     caller: Option<Extension<Caller>>,

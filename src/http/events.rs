@@ -33,7 +33,6 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use axum::Router;
 use raftgen_raft::job::{Job, JobId, JobState};
 use raftgen_raft::NodeId;
@@ -55,11 +54,13 @@ const CLIENT_RETRY_MS: u64 = 1_000;
 /// `Retry-After` of the answer beyond `max_event_streams`.
 const BUSY_RETRY_AFTER_S: u64 = 5;
 
-pub fn routes() -> Router<Arc<App>> {
+pub fn routes() -> (Router<Arc<App>>, utoipa::openapi::OpenApi) {
     let other_method = || async {
         ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this endpoint")
     };
-    Router::new().route("/v1/jobs/{id}/events", get(events).fallback(other_method))
+    let (router, doc) =
+        utoipa_axum::router::OpenApiRouter::new().routes(utoipa_axum::routes!(events)).split_for_parts();
+    (router.method_not_allowed_fallback(other_method), doc)
 }
 
 /// This node's open streams: their bound, and the signal that ends them all.
@@ -130,6 +131,19 @@ fn public_host(app: &App, headers: &HeaderMap) -> String {
     given.map_or_else(|| app.addr.clone(), str::to_string)
 }
 
+/// The job's live progress as Server-Sent Events: `state`, `progress`, then
+/// `done` (with the job and its image URL), from any node.
+#[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs",
+    params(
+        ("id" = String, Path, description = "32 hex digits"),
+        ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event id"),
+    ),
+    responses(
+        (status = 200, description = "The event stream", content_type = "text/event-stream", body = String),
+        (status = 400, description = "Not a job id", body = super::openapi::ErrorBody),
+        (status = 404, description = "No such job", body = super::openapi::ErrorBody),
+        (status = 503, description = "This node serves its maximum of streams (`Retry-After`)", body = super::openapi::ErrorBody),
+    ))]
 async fn events(State(app): State<Arc<App>>, Path(id): Path<String>, headers: HeaderMap) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     with_job(&app, id, |_, _| ()).await.ok_or_else(|| ApiError::not_found("job"))?;

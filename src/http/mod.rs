@@ -11,6 +11,7 @@ pub mod events;
 mod internal;
 mod metrics;
 mod openai;
+pub mod openapi;
 mod sync;
 pub mod views;
 pub mod web;
@@ -24,12 +25,21 @@ pub use error::ApiError;
 use crate::app::App;
 
 pub fn router(app: Arc<App>) -> Router {
-    let api = api::routes()
-        .merge(events::routes())
-        .merge(openai::routes())
-        .merge(a1111::routes())
+    let (native, native_doc) = api::routes();
+    let (events, events_doc) = events::routes();
+    let (openai, openai_doc) = openai::routes();
+    let (a1111, a1111_doc) = a1111::routes();
+    let doc = openapi::document([native_doc, events_doc, openai_doc, a1111_doc]);
+    let api = native
+        .merge(events)
+        .merge(openai)
+        .merge(a1111)
         .layer(axum::middleware::from_fn_with_state(app.clone(), auth::layer));
-    api.merge(internal::routes()).merge(metrics::routes()).merge(web::routes()).with_state(app)
+    api.merge(internal::routes())
+        .merge(metrics::routes())
+        .merge(web::routes())
+        .merge(openapi::routes(&doc))
+        .with_state(app)
 }
 
 /// Constant-time comparison of a presented secret with ours.

@@ -22,10 +22,13 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
 use axum::{Json, Router};
 use raftgen_raft::job::{FieldError, JobRequest, JobState};
+use serde::Serialize;
 use serde_json::{json, Map, Value};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::api::{read_body, served_models};
 use super::sync::{self, SyncError};
@@ -35,30 +38,98 @@ use crate::app::App;
 /// Most images one request may ask for (OpenAI's own bound).
 pub const MAX_N: u64 = 10;
 
-pub fn routes() -> Router<Arc<App>> {
-    Router::new().route("/v1/images/generations", post(generate))
+pub fn routes() -> (Router<Arc<App>>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::new().routes(routes!(generate)).split_for_parts()
 }
 
-const FIELDS: &[&str] = &[
-    "prompt",
-    "model",
-    "n",
-    "size",
-    "response_format",
-    "user",
-    "quality",
-    "style",
-    "background",
-    "moderation",
-    "output_format",
-    "output_compression",
-    "partial_images",
-    "stream",
-    "negative_prompt",
-    "steps",
-    "guidance",
-    "seed",
-];
+/// `client.images.generate(...)`'s body. Unknown fields are refused, as
+/// OpenAI does.
+// The parser takes its field list from this type.
+#[derive(ToSchema)]
+#[allow(dead_code)] // read through its schema: see `FIELDS`
+struct ImageRequest {
+    /// What to draw.
+    prompt: String,
+    /// A served model's name; `dall-e-*` and `gpt-image-*` mean the default model.
+    model: Option<String>,
+    /// Images to make, 1 to 10.
+    n: Option<u32>,
+    /// `WIDTHxHEIGHT` or `auto`.
+    #[schema(example = "512x512")]
+    size: Option<String>,
+    /// `b64_json` or `url`.
+    response_format: Option<String>,
+    /// Accepted, not used.
+    user: Option<String>,
+    /// Accepted, ignored.
+    quality: Option<String>,
+    /// Accepted, ignored.
+    style: Option<String>,
+    /// Accepted, ignored.
+    background: Option<String>,
+    /// Accepted, ignored.
+    moderation: Option<String>,
+    /// Only `png`.
+    output_format: Option<String>,
+    /// Accepted, ignored.
+    output_compression: Option<u32>,
+    /// Accepted, ignored.
+    partial_images: Option<u32>,
+    /// Only `false`: streaming is not supported.
+    stream: Option<bool>,
+    /// Extension: what to steer away from.
+    negative_prompt: Option<String>,
+    /// Extension: denoising steps.
+    steps: Option<u32>,
+    /// Extension: classifier-free guidance scale.
+    guidance: Option<f32>,
+    /// Extension: image `i` gets `seed + i`.
+    seed: Option<u64>,
+}
+
+/// The fields a request may have: those of [`ImageRequest`].
+static FIELDS: std::sync::LazyLock<Vec<String>> =
+    std::sync::LazyLock::new(super::openapi::property_names::<ImageRequest>);
+
+/// The images, in the order of their jobs.
+#[derive(Serialize, ToSchema)]
+struct ImagesResponse {
+    /// Unix seconds.
+    created: u64,
+    data: Vec<ImageData>,
+    output_format: &'static str,
+    size: String,
+}
+
+/// One image: inline (`b64_json`) or as a URL on this node.
+#[derive(Serialize, ToSchema)]
+struct ImageData {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    b64_json: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    url: Option<String>,
+    /// The raftgen job that made it.
+    job_id: String,
+    seed: u64,
+}
+
+/// OpenAI's error shape.
+#[derive(Serialize, ToSchema)]
+struct OpenAiError {
+    error: OpenAiErrorDetail,
+}
+
+#[derive(Serialize, ToSchema)]
+struct OpenAiErrorDetail {
+    message: String,
+    /// `invalid_request_error`, `authentication_error`, `rate_limit_error`, `timeout_error` or `server_error`.
+    r#type: String,
+    /// The request parameter at fault.
+    param: Option<String>,
+    code: Option<String>,
+    /// Jobs the request created, when it gave up waiting or a job failed.
+    job_ids: Option<Vec<String>>,
+}
 
 #[derive(Copy, Clone, PartialEq)]
 enum Format {
@@ -135,7 +206,7 @@ fn parse(bytes: &[u8], app: &App) -> Result<Parsed, ApiError> {
     let value: Value = serde_json::from_slice(bytes)
         .map_err(|e| param("body", format!("We could not parse the JSON body of your request: {e}")))?;
     let Value::Object(obj) = value else { return Err(param("body", "The request body must be a JSON object")) };
-    if let Some(unknown) = obj.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+    if let Some(unknown) = obj.keys().find(|k| !FIELDS.contains(k)) {
         return Err(param(unknown, format!("Unrecognized request argument supplied: {unknown}")));
     }
     let prompt = string(&obj, "prompt")?.ok_or_else(|| param("prompt", "Missing required parameter: 'prompt'"))?;
@@ -222,6 +293,22 @@ fn base_host<'a>(headers: &'a HeaderMap, app: &'a App) -> &'a str {
         .unwrap_or(&app.addr)
 }
 
+/// Makes `n` images and answers when they are done (or after the node's
+/// `--sync-timeout-ms`, with the job ids). Works with the `openai` package's
+/// `client.images.generate(...)`.
+#[utoipa::path(post, path = "/v1/images/generations", tag = "openai",
+    request_body = ImageRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "A retry with the same key gets the same jobs")),
+    responses(
+        (status = 200, body = ImagesResponse),
+        (status = 400, description = "A parameter breaks a rule (`error.param`)", body = OpenAiError),
+        (status = 404, description = "Unknown model", body = OpenAiError),
+        (status = 408, description = "Not done within the node's sync timeout (`error.job_ids`)", body = OpenAiError),
+        (status = 409, description = "A job was cancelled", body = OpenAiError),
+        (status = 413, description = "Body too large", body = OpenAiError),
+        (status = 429, description = "The queue is full", body = OpenAiError),
+        (status = 500, description = "A job failed (`error.job_ids`)", body = OpenAiError),
+    ))]
 async fn generate(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
     match generate_inner(&app, &headers, body).await {
         Ok(resp) => resp,
@@ -259,22 +346,16 @@ async fn generate_inner(app: &Arc<App>, headers: &HeaderMap, body: Body) -> Resu
         return Err(ApiError::new(status, code, message).with_extra(json!({ "job_ids": ids })));
     }
     let host = base_host(headers, app);
-    let data: Vec<Value> = jobs
+    let data = jobs
         .iter()
         .map(|j| {
-            let mut item = json!({ "job_id": j.id.to_string(), "seed": j.seed });
-            match format {
-                Format::Url => item["url"] = json!(app.scheme.url(host, &format!("/v1/jobs/{}/image", j.id))),
-                Format::B64Json => item["b64_json"] = json!(sync::base64(j.png.as_deref().unwrap_or_default())),
-            }
-            item
+            let (url, b64) = match format {
+                Format::Url => (Some(app.scheme.url(host, &format!("/v1/jobs/{}/image", j.id))), None),
+                Format::B64Json => (None, Some(sync::base64(j.png.as_deref().unwrap_or_default()))),
+            };
+            ImageData { b64_json: b64, url, job_id: j.id.to_string(), seed: j.seed }
         })
         .collect();
-    Ok(Json(json!({
-        "created": sync::unix_s(),
-        "data": data,
-        "output_format": "png",
-        "size": format!("{}x{}", request.width, request.height),
-    }))
-    .into_response())
+    let size = format!("{}x{}", request.width, request.height);
+    Ok(Json(ImagesResponse { created: sync::unix_s(), data, output_format: "png", size }).into_response())
 }
