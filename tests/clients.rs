@@ -10,52 +10,19 @@
 //! remade when the requirements change.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
 mod common;
 
-use common::{scratch, start, wait_until, EXE};
+use common::{scratch, start, wait_until};
 
 const MODEL: &str = "test-pattern";
-const REQUIREMENTS: &str = include_str!("data/requirements-clients.txt");
 
-/// The venv's python, creating or refreshing the venv first (once per run).
+/// The venv's python (see [`common::pyenv`]).
 fn python() -> PathBuf {
-    static VENV: Mutex<Option<PathBuf>> = Mutex::new(None);
-    let mut guard = VENV.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(p) = guard.as_ref() {
-        return p.clone();
-    }
-    let target = Path::new(EXE).parent().and_then(Path::parent).expect("target dir").to_path_buf();
-    let venv = target.join("pyenv");
-    let py = venv.join("bin").join("python");
-    let stamp = venv.join("requirements-clients.txt");
-    let current = std::fs::read_to_string(&stamp).ok();
-    if !py.exists() || current.as_deref() != Some(REQUIREMENTS) {
-        let _ = std::fs::remove_dir_all(&venv);
-        let run = |cmd: &mut Command, what: &str| {
-            let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e} (is python3 installed?)"));
-            assert!(
-                out.status.success(),
-                "{what} failed (python3-venv and network access to PyPI are needed):\n{}\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        run(Command::new("python3").args(["-m", "venv"]).arg(&venv), "python3 -m venv");
-        let reqs = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/requirements-clients.txt");
-        run(
-            Command::new(&py).args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r"]).arg(&reqs),
-            "pip install -r tests/data/requirements-clients.txt",
-        );
-        std::fs::write(&stamp, REQUIREMENTS).unwrap();
-    }
-    *guard = Some(py.clone());
-    py
+    common::pyenv::python("pyenv", "requirements-clients.txt")
 }
 
 /// Runs tests/data/SCRIPT with `args` in the venv; panics with its output unless it succeeds.

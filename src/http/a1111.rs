@@ -174,11 +174,20 @@ struct ValidationErrorBody {
 
 #[derive(Serialize, ToSchema)]
 struct ValidationItem {
-    /// `["body", FIELD, ...]`.
-    #[schema(value_type = Vec<Object>)]
+    /// `["body", FIELD, ...]` (a position in the body for a JSON syntax error).
+    #[schema(value_type = Vec<LocPart>)]
     loc: Vec<Value>,
     msg: String,
     r#type: String,
+}
+
+/// A part of a validation error's location: a name or a position.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)] // only describes `ValidationItem::loc`
+enum LocPart {
+    Name(String),
+    Position(u64),
 }
 
 /// A1111's other errors.

@@ -63,6 +63,20 @@ pub fn routes() -> (Router<Arc<App>>, utoipa::openapi::OpenApi) {
     (router.method_not_allowed_fallback(other_method), doc)
 }
 
+/// One Server-Sent Event of the stream, as the OpenAPI document describes it.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // only describes the stream
+struct SseEvent {
+    /// `state`, `progress`, `done` or `error`.
+    event: Option<String>,
+    /// The event's JSON.
+    data: Option<String>,
+    /// `HISTORY_LEN.STEP`: the job version it shows.
+    id: Option<String>,
+    /// Milliseconds an `EventSource` waits before reconnecting.
+    retry: Option<u64>,
+}
+
 /// This node's open streams: their bound, and the signal that ends them all.
 pub struct Streams {
     permits: Arc<Semaphore>,
@@ -139,7 +153,7 @@ fn public_host(app: &App, headers: &HeaderMap) -> String {
         ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event id"),
     ),
     responses(
-        (status = 200, description = "The event stream", content_type = "text/event-stream", body = String),
+        (status = 200, description = "The event stream", content_type = "text/event-stream", body = SseEvent),
         (status = 400, description = "Not a job id", body = super::openapi::ErrorBody),
         (status = 404, description = "No such job", body = super::openapi::ErrorBody),
         (status = 503, description = "This node serves its maximum of streams (`Retry-After`)", body = super::openapi::ErrorBody),

@@ -29,7 +29,7 @@ pub fn router(app: Arc<App>) -> Router {
     let (events, events_doc) = events::routes();
     let (openai, openai_doc) = openai::routes();
     let (a1111, a1111_doc) = a1111::routes();
-    let doc = openapi::document([native_doc, events_doc, openai_doc, a1111_doc]);
+    let doc = openapi::document([native_doc, events_doc, openai_doc, a1111_doc], app.api_keys.is_some());
     let api = native
         .merge(events)
         .merge(openai)

@@ -10,16 +10,22 @@
 
 use std::sync::Arc;
 
-use axum::http::header;
+use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
+use raftgen_raft::job::{
+    MAX_GUIDANCE, MAX_IMAGE_SIDE_PX, MAX_PRIORITY, MAX_PROMPT_CHARS, MAX_STEPS, MIN_IMAGE_SIDE_PX, MIN_PRIORITY,
+};
 use serde::Serialize;
+use serde_json::Value;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::OpenApi;
 use utoipa::{Modify, ToSchema};
 
+use super::sync::MAX_JOBS_PER_REQUEST;
 use crate::app::App;
+use crate::config::MAX_LIST_LIMIT;
 
 /// The error body of the native API (`/v1/jobs`, `/v1/cluster`, ...).
 #[derive(Serialize, ToSchema)]
@@ -77,19 +83,103 @@ impl Modify for BearerKeys {
     }
 }
 
-/// The document: the base above with every module's operations merged in.
-pub fn document(parts: impl IntoIterator<Item = OpenApi>) -> OpenApi {
+/// The document: the base above with every module's operations merged in,
+/// then what the derive macros cannot say (see [`finish`]). `keys_required`:
+/// the node was started with `--api-keys`, so every operation but the
+/// health checks needs a key; without it a key is optional.
+pub fn document(parts: impl IntoIterator<Item = OpenApi>, keys_required: bool) -> Value {
     let mut doc = <Base as utoipa::OpenApi>::openapi();
     doc.info.version = env!("CARGO_PKG_VERSION").to_string();
     for part in parts {
         doc.merge(part);
     }
+    let mut doc = serde_json::to_value(doc).unwrap_or(Value::Null);
+    finish(&mut doc, keys_required);
     doc
 }
 
+/// Bounds of request fields, from the constants the validators use:
+/// (schema, property, minimum, maximum).
+fn bounds() -> Vec<(&'static str, &'static str, f64, f64)> {
+    let side = (MIN_IMAGE_SIDE_PX as f64, MAX_IMAGE_SIDE_PX as f64);
+    let steps = (1.0, MAX_STEPS as f64);
+    let guidance = (0.0, MAX_GUIDANCE as f64);
+    let jobs = (1.0, MAX_JOBS_PER_REQUEST as f64);
+    vec![
+        ("SubmitBody", "width", side.0, side.1),
+        ("SubmitBody", "height", side.0, side.1),
+        ("SubmitBody", "steps", steps.0, steps.1),
+        ("SubmitBody", "guidance", guidance.0, guidance.1),
+        ("SubmitBody", "priority", MIN_PRIORITY as f64, MAX_PRIORITY as f64),
+        ("ImageRequest", "n", 1.0, super::openai::MAX_N as f64),
+        ("ImageRequest", "steps", steps.0, steps.1),
+        ("ImageRequest", "guidance", guidance.0, guidance.1),
+        ("Txt2ImgRequest", "width", side.0, side.1),
+        ("Txt2ImgRequest", "height", side.0, side.1),
+        ("Txt2ImgRequest", "steps", steps.0, steps.1),
+        ("Txt2ImgRequest", "cfg_scale", guidance.0, guidance.1),
+        ("Txt2ImgRequest", "batch_size", jobs.0, jobs.1),
+        ("Txt2ImgRequest", "n_iter", jobs.0, jobs.1),
+    ]
+}
+
+/// Completes the generated document: field bounds and the job id pattern
+/// from the validators' constants, a description on every response (OpenAPI
+/// requires one; utoipa leaves it out when the handler gives none), and the
+/// security requirement this node applies.
+fn finish(doc: &mut Value, keys_required: bool) {
+    for (schema, field, min, max) in bounds() {
+        if let Some(p) = doc.pointer_mut(&format!("/components/schemas/{schema}/properties/{field}")) {
+            p["minimum"] = number(min);
+            p["maximum"] = number(max);
+        }
+    }
+    for schema in ["SubmitBody", "ImageRequest", "Txt2ImgRequest"] {
+        if let Some(p) = doc.pointer_mut(&format!("/components/schemas/{schema}/properties/prompt")) {
+            p["maxLength"] = MAX_PROMPT_CHARS.into();
+        }
+    }
+    let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) else { return };
+    for (path, item) in paths.iter_mut() {
+        let Some(ops) = item.as_object_mut() else { continue };
+        for op in ops.values_mut() {
+            for param in op.get_mut("parameters").and_then(Value::as_array_mut).into_iter().flatten() {
+                match (param["name"].as_str(), param["in"].as_str()) {
+                    (Some("id"), Some("path")) if path.starts_with("/v1/jobs/") => {
+                        param["schema"]["pattern"] = "^[0-9a-f]{32}$".into();
+                    }
+                    (Some("limit"), Some("query")) => {
+                        param["schema"]["minimum"] = 1.into();
+                        param["schema"]["maximum"] = MAX_LIST_LIMIT.into();
+                    }
+                    _ => {}
+                }
+            }
+            for (status, resp) in op.get_mut("responses").and_then(Value::as_object_mut).into_iter().flatten() {
+                if resp.get("description").and_then(Value::as_str).is_none_or(str::is_empty) {
+                    let reason = status.parse::<u16>().ok().and_then(|s| StatusCode::from_u16(s).ok());
+                    resp["description"] = reason.and_then(|s| s.canonical_reason()).unwrap_or("Response").into();
+                }
+            }
+        }
+    }
+    if !keys_required {
+        // A node without `--api-keys` takes requests with or without a key.
+        doc["security"] = serde_json::json!([{ "api_key": [] }, {}]);
+    }
+}
+
+fn number(x: f64) -> Value {
+    if x.fract() == 0.0 {
+        (x as i64).into()
+    } else {
+        x.into()
+    }
+}
+
 /// Serves `doc`, rendered once.
-pub fn routes(doc: &OpenApi) -> Router<Arc<App>> {
-    let json: Arc<str> = doc.to_json().unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}")).into();
+pub fn routes(doc: &Value) -> Router<Arc<App>> {
+    let json: Arc<str> = doc.to_string().into();
     Router::new().route(
         "/openapi.json",
         get(move || {
@@ -113,24 +203,24 @@ pub fn property_names<T: utoipa::PartialSchema>() -> Vec<String> {
 mod tests {
     use super::*;
 
-    fn doc() -> OpenApi {
-        document([
+    fn doc() -> Value {
+        let parts = [
             super::super::api::routes().1,
             super::super::events::routes().1,
             super::super::openai::routes().1,
             super::super::a1111::routes().1,
-        ])
+        ];
+        document(parts, false)
     }
 
     #[test]
     fn every_public_operation_is_documented() {
         let doc = doc();
-        let ops: Vec<String> = doc
-            .paths
-            .paths
+        let ops: Vec<String> = doc["paths"]
+            .as_object()
+            .unwrap()
             .iter()
             .flat_map(|(path, item)| {
-                let item = serde_json::to_value(item).unwrap();
                 let methods: Vec<String> = item.as_object().unwrap().keys().cloned().collect();
                 methods.into_iter().filter(|m| m != "parameters").map(move |m| format!("{} {path}", m.to_uppercase()))
             })
@@ -162,12 +252,16 @@ mod tests {
 
     #[test]
     fn operations_that_take_a_body_document_their_errors_and_refs_resolve() {
-        let doc = serde_json::to_value(doc()).unwrap();
+        let doc = doc();
         assert_eq!(doc["openapi"], "3.1.0");
         for (path, item) in doc["paths"].as_object().unwrap() {
             for (method, op) in item.as_object().unwrap() {
                 let codes: Vec<&String> = op["responses"].as_object().unwrap().keys().collect();
                 assert!(codes.iter().any(|c| c.starts_with('2')), "{method} {path}: no success response");
+                for (code, resp) in op["responses"].as_object().unwrap() {
+                    let described = resp["description"].as_str().is_some_and(|d| !d.is_empty());
+                    assert!(described, "{method} {path} {code}: OpenAPI requires a description");
+                }
                 if op.get("requestBody").is_some() {
                     assert!(
                         codes.iter().any(|c| c.starts_with('4')),

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod pyenv;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
