@@ -7,7 +7,8 @@
 //! and `/raft` routes), [`node`] (start-up and shutdown), [`scheduler`]
 //! (leader loop), [`host`] (executor host), [`membership`] (join/leave),
 //! [`executor`] (the trait and the test-pattern test double), [`metrics`]
-//! (`GET /metrics`), [`cli`], [`demo`].
+//! (`GET /metrics`), [`kernels`] (fused GPU kernels as candle custom ops,
+//! with CPU references), [`cli`], [`demo`].
 
 pub mod app;
 pub mod batch;
@@ -21,6 +22,7 @@ pub mod follow;
 pub mod forwarder;
 pub mod host;
 pub mod http;
+pub mod kernels;
 pub mod local;
 pub mod logging;
 pub mod membership;

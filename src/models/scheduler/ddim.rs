@@ -3,7 +3,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::{NoiseFn, Scheduler, SchedulerConfig};
+use super::{LinearStep, NoiseFn, Scheduler, SchedulerConfig};
 
 pub struct Ddim {
     timesteps: Vec<f64>,
@@ -25,6 +25,14 @@ impl Ddim {
             v_prediction: config.v_prediction()?,
         })
     }
+
+    /// `ᾱ` at step `i`'s timestep and at the one it steps to.
+    fn alphas(&self, i: usize) -> (f64, f64) {
+        let t = self.timesteps[i] as usize;
+        let alpha_t = self.alphas_cumprod[t.min(self.alphas_cumprod.len() - 1)];
+        let alpha_prev = t.checked_sub(self.step_ratio).map_or(self.final_alpha_cumprod, |p| self.alphas_cumprod[p]);
+        (alpha_t, alpha_prev)
+    }
 }
 
 impl Scheduler for Ddim {
@@ -33,9 +41,7 @@ impl Scheduler for Ddim {
     }
 
     fn step(&self, model_output: &Tensor, i: usize, sample: &Tensor, _noise: &mut NoiseFn) -> Result<Tensor> {
-        let t = self.timesteps[i] as usize;
-        let alpha_t = self.alphas_cumprod[t.min(self.alphas_cumprod.len() - 1)];
-        let alpha_prev = t.checked_sub(self.step_ratio).map_or(self.final_alpha_cumprod, |p| self.alphas_cumprod[p]);
+        let (alpha_t, alpha_prev) = self.alphas(i);
         let beta_t = 1.0 - alpha_t;
         let (pred_x0, pred_eps) = if self.v_prediction {
             (
@@ -46,5 +52,16 @@ impl Scheduler for Ddim {
             (((sample - (model_output * beta_t.sqrt())?)? / alpha_t.sqrt())?, model_output.clone())
         };
         (pred_x0 * alpha_prev.sqrt())? + (pred_eps * (1.0 - alpha_prev).sqrt())?
+    }
+
+    /// `step` expanded: `pred_x0 * √ᾱ_prev + pred_eps * √(1 - ᾱ_prev)` with
+    /// `pred_x0` and `pred_eps` both linear in the sample and the output.
+    fn linear_step(&self, i: usize) -> Option<LinearStep> {
+        let (alpha_t, alpha_prev) = self.alphas(i);
+        let (sa, sb) = (alpha_t.sqrt(), (1.0 - alpha_t).sqrt());
+        let (pa, pb) = (alpha_prev.sqrt(), (1.0 - alpha_prev).sqrt());
+        let (sample, model_output) =
+            if self.v_prediction { (pa * sa + pb * sb, pb * sa - pa * sb) } else { (pa / sa, pb - pa * sb / sa) };
+        Some(LinearStep { sample, model_output, noise: 0.0 })
     }
 }

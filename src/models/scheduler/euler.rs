@@ -7,7 +7,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::{NoiseFn, Scheduler, SchedulerConfig};
+use super::{LinearStep, NoiseFn, Scheduler, SchedulerConfig};
 
 pub struct Euler {
     timesteps: Vec<f64>,
@@ -89,5 +89,25 @@ impl Scheduler for Euler {
         let prev = (sample + (derivative * (sigma_down - sigma))?)?;
         let z = noise(sample.dims())?;
         prev + (z * sigma_up)?
+    }
+
+    /// `step` expanded: the derivative is the output itself (epsilon) or
+    /// `sample * σ / (σ² + 1) + output / √(σ² + 1)` (v), and the sample moves
+    /// by `derivative * (target - σ)` (+ `sigma_up` noise when ancestral).
+    fn linear_step(&self, i: usize) -> Option<LinearStep> {
+        let (sigma, next) = (self.sigmas[i], self.sigmas[i + 1]);
+        let (target, noise) = if self.ancestral {
+            let sigma_up = (next * next * (sigma * sigma - next * next) / (sigma * sigma)).sqrt();
+            ((next * next - sigma_up * sigma_up).sqrt(), sigma_up)
+        } else {
+            (next, 0.0)
+        };
+        let dt = target - sigma;
+        let (d_sample, d_output) = if self.v_prediction {
+            (sigma / (sigma * sigma + 1.0), 1.0 / (sigma * sigma + 1.0).sqrt())
+        } else {
+            (0.0, 1.0)
+        };
+        Some(LinearStep { sample: 1.0 + d_sample * dt, model_output: d_output * dt, noise })
     }
 }

@@ -7,7 +7,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::{linspace, NoiseFn, Scheduler, SchedulerConfig};
+use super::{linspace, LinearStep, NoiseFn, Scheduler, SchedulerConfig};
 
 pub struct FlowMatchEuler {
     timesteps: Vec<f64>,
@@ -46,5 +46,9 @@ impl Scheduler for FlowMatchEuler {
 
     fn step(&self, model_output: &Tensor, i: usize, sample: &Tensor, _noise: &mut NoiseFn) -> Result<Tensor> {
         sample + (model_output * (self.sigmas[i + 1] - self.sigmas[i]))?
+    }
+
+    fn linear_step(&self, i: usize) -> Option<LinearStep> {
+        Some(LinearStep { sample: 1.0, model_output: self.sigmas[i + 1] - self.sigmas[i], noise: 0.0 })
     }
 }

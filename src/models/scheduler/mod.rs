@@ -198,6 +198,17 @@ pub fn linspace(a: f64, b: f64, n: usize) -> Vec<f64> {
 /// Draws a noise tensor shaped like the sample, one job's stream per batch row.
 pub type NoiseFn<'a> = dyn FnMut(&[usize]) -> Result<Tensor> + 'a;
 
+/// One step written as `next = sample * sample_coeff + model_output * output_coeff
+/// + noise * noise_coeff`, with the noise (where the sampler draws any) shaped
+/// like the sample: the form the fused guidance-and-step kernel
+/// (`crate::kernels::guided_step`) takes.
+#[derive(Copy, Clone, Debug, PartialEq)]
+pub struct LinearStep {
+    pub sample: f64,
+    pub model_output: f64,
+    pub noise: f64,
+}
+
 /// A sampler set up for one run of `n` steps.
 pub trait Scheduler: Send {
     /// The timestep value handed to the denoiser at each step.
@@ -214,6 +225,12 @@ pub trait Scheduler: Send {
     }
     /// Moves `sample` from step `i` to step `i + 1` given the model output.
     fn step(&self, model_output: &Tensor, i: usize, sample: &Tensor, noise: &mut NoiseFn) -> Result<Tensor>;
+    /// [`Scheduler::step`] `i` as per-step scalars, for samplers whose step
+    /// is linear in the sample, the model output and the noise (`None`
+    /// otherwise). Noise is drawn only where `noise != 0`.
+    fn linear_step(&self, _i: usize) -> Option<LinearStep> {
+        None
+    }
 }
 
 /// Builds the sampler `kind` over the model's noise schedule, for `steps` steps.

@@ -1,0 +1,265 @@
+//! Attention without the score matrix: `softmax(Q Kᵀ · scale) V` with the
+//! keys visited in order and the softmax kept as a running maximum and sum
+//! (the "online softmax" of Milakov & Gimelshein 2018, tiled as in
+//! FlashAttention, Dao et al. 2022). The UNet's self-attention at 64×64
+//! latents has 4096 queries and keys per head: the unfused path writes and
+//! reads back a 4096×4096 score matrix per head, twice (scores, then softmax).
+
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+
+use super::{cpu_f32, cpu_output, cpu_store_like, same_dtype};
+
+/// The op: inputs q [..., lq, d], k and v [..., lk, d] with the same leading
+/// dimensions; output [..., lq, d].
+#[derive(Copy, Clone, Debug)]
+pub struct Attention {
+    pub scale: f64,
+}
+
+/// `softmax(q kᵀ · scale) v` for q [B, H, Lq, D], k and v [B, H, Lk, D] (any
+/// leading dimensions shared by all three), all of one dtype.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &Attention { scale })
+}
+
+/// (heads: the product of the leading dimensions, lq, lk, d).
+struct Dims {
+    heads: usize,
+    lq: usize,
+    lk: usize,
+    d: usize,
+}
+
+impl Attention {
+    fn dims(&self, q: &Layout, k: &Layout, v: &Layout) -> Result<Dims> {
+        let (qd, kd, vd) = (q.dims(), k.dims(), v.dims());
+        let r = qd.len();
+        if r < 2 || kd != vd || kd.len() != r || qd[..r - 2] != kd[..r - 2] || qd[r - 1] != kd[r - 1] || kd[r - 2] == 0
+        {
+            bail!("attention: q {qd:?}, k {kd:?} and v {vd:?} must be [..., lq, d], [..., lk, d], [..., lk, d] with lk > 0");
+        }
+        Ok(Dims { heads: qd[..r - 2].iter().product(), lq: qd[r - 2], lk: kd[r - 2], d: qd[r - 1] })
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        same_dtype(self.name(), &[qs.dtype(), ks.dtype(), vs.dtype()])?;
+        let Dims { heads, lq, lk, d } = self.dims(ql, kl, vl)?;
+        let (q, k, v) = (cpu_f32(self.name(), qs, ql)?, cpu_f32(self.name(), ks, kl)?, cpu_f32(self.name(), vs, vl)?);
+        let mut o = cpu_output(q.len());
+        let scale = self.scale as f32;
+        let mut acc = vec![0f32; d];
+        for h in 0..heads {
+            let (kh, vh) = (&k[h * lk * d..][..lk * d], &v[h * lk * d..][..lk * d]);
+            for i in 0..lq {
+                let qi = &q[(h * lq + i) * d..][..d];
+                // One query row at a time: the running maximum `m`, the sum
+                // of exp(score - m) `l`, and the weighted sum of values `acc`,
+                // rescaled whenever the maximum grows.
+                let (mut m, mut l) = (f32::NEG_INFINITY, 0f32);
+                acc.fill(0.0);
+                for (kj, vj) in kh.chunks(d).zip(vh.chunks(d)) {
+                    let s = qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
+                    let m_new = m.max(s);
+                    let (correction, p) = ((m - m_new).exp(), (s - m_new).exp());
+                    l = l * correction + p;
+                    for (a, &vv) in acc.iter_mut().zip(vj) {
+                        *a = *a * correction + p * vv;
+                    }
+                    m = m_new;
+                }
+                for (out, a) in o[(h * lq + i) * d..][..d].iter_mut().zip(&acc) {
+                    *out = a / l;
+                }
+            }
+        }
+        Ok((cpu_store_like(o, qs)?, ql.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        qs: &candle_core::CudaStorage,
+        ql: &Layout,
+        ks: &candle_core::CudaStorage,
+        kl: &Layout,
+        vs: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::cuda_backend::CudaStorageSlice as S;
+        let dims = self.dims(ql, kl, vl)?;
+        let out = match &qs.slice {
+            S::F32(q) => gpu::launch(self, &dims, (q, ql), (ks, kl), (vs, vl), "f32")?,
+            S::F16(q) => gpu::launch(self, &dims, (q, ql), (ks, kl), (vs, vl), "f16")?,
+            S::BF16(q) => gpu::launch(self, &dims, (q, ql), (ks, kl), (vs, vl), "bf16")?,
+            _ => bail!("attention: unsupported dtype {:?}", candle_core::backend::BackendStorage::dtype(qs)),
+        };
+        Ok((out, ql.shape().clone()))
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaDType, WrapErr};
+    use candle_core::{bail, CudaStorage, Layout, Result};
+
+    use super::{Attention, Dims};
+    use crate::kernels::cuda::{alloc_output, view, Module};
+
+    static MODULE: Module =
+        Module::new("raftgen_attention", concat!(include_str!("common.cuh"), include_str!("attention.cu")));
+    /// ATT_WARPS in attention.cu: query rows per block.
+    const WARPS: u32 = 8;
+    /// 32 * ATT_MAX_DIMS_PER_LANE in attention.cu.
+    const MAX_HEAD_DIM: usize = 256;
+
+    pub(super) fn launch<T: DeviceRepr + CudaDType>(
+        op: &Attention,
+        dims: &Dims,
+        (q, ql): (&CudaSlice<T>, &Layout),
+        (ks, kl): (&CudaStorage, &Layout),
+        (vs, vl): (&CudaStorage, &Layout),
+        suffix: &str,
+    ) -> Result<CudaStorage> {
+        let &Dims { heads, lq, lk, d } = dims;
+        if d > MAX_HEAD_DIM || heads > 65_535 || lq > i32::MAX as usize || lk > i32::MAX as usize {
+            bail!(
+                "attention: head dim {d} (at most {MAX_HEAD_DIM}), {heads} heads (at most 65535) or length too large"
+            );
+        }
+        let dev = &ks.device;
+        let q = view("attention", q, ql)?;
+        let k = view("attention", T::as_cuda_slice(ks)?, kl)?;
+        let v = view("attention", T::as_cuda_slice(vs)?, vl)?;
+        let mut o = alloc_output::<T>(dev, heads * lq * d)?;
+        if heads * lq * d > 0 {
+            // Keys per shared-memory tile: 2 * kt * (d + 1) + WARPS * d floats
+            // stay under the 48 KiB a block gets without opting in.
+            let kt = if d <= 128 { 32 } else { 16 };
+            let shared = (2 * kt * (d + 1) + WARPS as usize * d) * std::mem::size_of::<f32>();
+            let func = dev.get_or_load_custom_func(&format!("attention_{suffix}"), MODULE.name, MODULE.ptx()?)?;
+            let (lq32, lk32, d32, kt32, scale) = (lq as i32, lk as i32, d as i32, kt as i32, op.scale as f32);
+            let mut b = func.builder();
+            b.arg(&q).arg(&k).arg(&v).arg(&mut o).arg(&lq32).arg(&lk32).arg(&d32).arg(&kt32).arg(&scale);
+            let cfg = LaunchConfig {
+                grid_dim: (lq.div_ceil(WARPS as usize) as u32, heads as u32, 1),
+                block_dim: (WARPS * 32, 1, 1),
+                shared_mem_bytes: shared as u32,
+            };
+            // SAFETY: the arguments match attention_* in attention.cu.
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        Ok(T::wrap_cuda_slice(o, dev.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Result, Tensor};
+
+    use super::attention;
+    use crate::kernels::test_util::{randn, rel_err};
+
+    /// candle's SD `CrossAttention::attention` without flash attention.
+    fn unfused(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        candle_nn::ops::softmax_last_dim(&scores)?.matmul(v)
+    }
+
+    /// ([B, H], lq, lk, d): self-attention, cross-attention with 77 tokens,
+    /// SD's head dims 40/80/160, sizes no multiple of the tiles, one key.
+    const CASES: &[([usize; 2], usize, usize, usize)] = &[
+        ([1, 2], 16, 16, 8),
+        ([2, 8], 33, 77, 40),
+        ([1, 3], 70, 70, 80),
+        ([2, 1], 5, 131, 160),
+        ([1, 1], 3, 1, 24),
+        ([1, 2], 1, 45, 256),
+    ];
+
+    fn inputs(
+        case: &([usize; 2], usize, usize, usize),
+        seed: u64,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let &([b, h], lq, lk, d) = case;
+        // Larger q makes the softmax peaked, which tests the running maximum.
+        let q = (randn(&[b, h, lq, d], seed, device)? * 1.5)?;
+        let k = randn(&[b, h, lk, d], seed + 1, device)?;
+        let v = randn(&[b, h, lk, d], seed + 2, device)?;
+        Ok((q, k, v))
+    }
+
+    #[test]
+    fn cpu_reference_matches_unfused_ops() -> Result<()> {
+        for (n, case) in CASES.iter().enumerate() {
+            let (q, k, v) = inputs(case, n as u64, &Device::Cpu)?;
+            let scale = 1.0 / (case.3 as f64).sqrt();
+            let err = rel_err(&attention(&q, &k, &v, scale)?, &unfused(&q, &k, &v, scale)?)?;
+            assert!(err <= 1e-4, "{case:?}: relative error {err}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn half_precision_strided_and_bad_inputs() -> Result<()> {
+        let (q, k, v) = inputs(&([1, 2], 9, 12, 16), 4, &Device::Cpu)?;
+        let want = unfused(&q, &k, &v, 0.25)?;
+        for dtype in [DType::F16, DType::BF16] {
+            let [qh, kh, vh] = [&q, &k, &v].map(|t| t.to_dtype(dtype));
+            let got = attention(&qh?, &kh?, &vh?, 0.25)?;
+            assert_eq!(got.dtype(), dtype);
+            let err = rel_err(&got, &want)?;
+            assert!(err <= 1e-2, "{dtype:?}: relative error {err}");
+        }
+        // Heads-last layouts, as a projection's output reshaped, transposed.
+        let qt = q.transpose(1, 2)?.contiguous()?.transpose(1, 2)?;
+        let err = rel_err(&attention(&qt, &k, &v, 0.25)?, &want)?;
+        assert!(err <= 1e-4, "strided q: relative error {err}");
+        assert!(attention(&q, &k.narrow(3, 0, 8)?, &v, 0.25).is_err(), "head dims differ");
+        assert!(attention(&q, &k, &v.narrow(2, 0, 5)?, 0.25).is_err(), "k and v lengths differ");
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_kernel_matches_unfused_ops() -> Result<()> {
+        use crate::kernels::test_util::{cuda_device, GPU_TOLERANCES};
+        let Some(gpu) = cuda_device() else { return Ok(()) };
+        let cases =
+            CASES.iter().copied().chain([([2, 8], 4096, 4096, 40), ([1, 8], 1024, 77, 160), ([1, 4], 515, 515, 128)]);
+        for (n, case) in cases.enumerate() {
+            let (q, k, v) = inputs(&case, n as u64, &Device::Cpu)?;
+            let scale = 1.0 / (case.3 as f64).sqrt();
+            for (dtype, tolerance) in GPU_TOLERANCES {
+                let [q, k, v] = [&q, &k, &v].map(|t| t.to_dtype(dtype).and_then(|t| t.to_dtype(DType::F32)));
+                let (q, k, v) = (q?, k?, v?);
+                // The reference runs on the GPU too (candle's matmul + softmax):
+                // the CPU would take minutes on the 4096-token case.
+                let [qg, kg, vg] = [&q, &k, &v].map(|t| t.to_device(&gpu));
+                let (qg, kg, vg) = (qg?, kg?, vg?);
+                let want = unfused(&qg, &kg, &vg, scale)?;
+                let [qg, kg, vg] = [&qg, &kg, &vg].map(|t| t.to_dtype(dtype));
+                let got = attention(&qg?, &kg?, &vg?, scale)?;
+                let err = rel_err(&got, &want)?;
+                assert!(err <= tolerance, "{case:?} {dtype:?}: relative error {err}");
+            }
+        }
+        Ok(())
+    }
+}
