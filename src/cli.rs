@@ -48,8 +48,19 @@ pub enum ExecutorKind {
 /// Largest `--max-batch`.
 const MAX_BATCH: usize = 64;
 
-/// The diffusion executor over the built-in model and `--models-dir`, on the CPU.
+/// The diffusion executor over the built-in model and `--models-dir`, on the
+/// device and in the precision of `--device` and `--dtype`.
 fn diffusion_executor(a: &NodeArgs) -> anyhow::Result<DiffusionExecutor> {
+    let place = crate::executor::device::choose(a.device, a.dtype)?;
+    let budget_mb = a
+        .model_memory_mb
+        .unwrap_or_else(|| crate::executor::device::default_model_memory_mb(place.gpu.as_ref().map(|g| g.1)));
+    let gpu = place.gpu.as_ref().map_or(String::new(), |(name, bytes)| format!(" ({name}, {} MiB)", bytes >> 20));
+    tracing::info!(
+        "diffusion executor on {}{gpu}, dtype {}, model memory budget {budget_mb} MiB",
+        place.label,
+        place.precision
+    );
     let mut models = Vec::new();
     if !a.no_builtin_model {
         models.push(crate::models::catalog::builtin()?);
@@ -77,13 +88,7 @@ fn diffusion_executor(a: &NodeArgs) -> anyhow::Result<DiffusionExecutor> {
             m.files.describe()
         );
     }
-    Ok(DiffusionExecutor::new(
-        models,
-        candle_core::Device::Cpu,
-        candle_core::DType::F32,
-        a.model_memory_mb << 20,
-        a.max_batch,
-    ))
+    Ok(DiffusionExecutor::new(models, place.device, place.precision, budget_mb << 20, a.max_batch))
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -210,10 +215,22 @@ pub struct NodeArgs {
     /// Do not serve the built-in tiny model (random weights).
     #[arg(long)]
     pub no_builtin_model: bool,
-    /// Memory for loaded models; the least recently used ones are unloaded
-    /// beyond it, and a model larger than it fails its jobs.
-    #[arg(long, default_value_t = 16_384)]
-    pub model_memory_mb: u64,
+    /// Where the diffusion executor runs the models: `auto` (CUDA device 0
+    /// when this binary has the `cuda` feature and a GPU answers, else the
+    /// CPU, saying why), `cpu`, `cuda` or `cuda:N` (refuses to start without
+    /// that GPU). See docs/gpu.md.
+    #[arg(long, default_value = "auto", value_name = "auto|cpu|cuda|cuda:N")]
+    pub device: crate::executor::device::DeviceArg,
+    /// Precision of the models: `auto` is f32 on the CPU and, on CUDA, f16
+    /// for SD 1/2 and bf16 for SDXL and Z-Image. On the CPU f16 works but is
+    /// slow, and bf16 is refused (candle's CPU matmul has none).
+    #[arg(long, value_enum, default_value_t = crate::executor::device::DtypeArg::Auto)]
+    pub dtype: crate::executor::device::DtypeArg,
+    /// Memory for loaded models (default: 3/4 of the GPU's memory on CUDA,
+    /// 16384 on the CPU); the least recently used ones are unloaded beyond
+    /// it, and a model larger than it fails its jobs.
+    #[arg(long)]
+    pub model_memory_mb: Option<u64>,
     /// Most jobs run together as one batch (same model, size, steps, sampler
     /// and guidance). 1 keeps every image bit-for-bit reproducible from its
     /// recipe alone; above 1, an image can differ slightly with the jobs it

@@ -121,10 +121,12 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
     tokio::spawn(crate::metrics::observer::run(app.clone()));
 
     tracing::info!(
-        "node {} listening on {} (executor: {}, slots: {})",
+        "node {} listening on {} (executor: {} on {}, dtype {}, slots: {})",
         opts.id,
         opts.listen,
         app.executor.name(),
+        app.executor.device(),
+        app.executor.dtype(),
         app.settings.slots
     );
     let stop = {

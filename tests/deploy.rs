@@ -48,6 +48,7 @@ const METRICS: &[&str] = &[
     "raftgen_job_run_seconds",
     "raftgen_job_latency_seconds",
     "raftgen_executor_slots",
+    "raftgen_executor_info",
     "raftgen_executor_busy_slots",
     "raftgen_images_generated_total",
     "raftgen_images_per_second",

@@ -6,14 +6,22 @@
 //! with a clear error; the node stays up. Jobs for the same model, size,
 //! steps, sampler and guidance run as one batch; each job keeps its own noise
 //! stream, so its image does not depend on what it was batched with.
+//!
+//! It runs on the device and in the precision given at start (see
+//! [`super::device`]). A run that runs out of GPU memory does not take the
+//! node down: the executor first unloads the other models and tries again,
+//! then runs a batch one job at a time; a single job that still does not fit
+//! fails with "does not fit in GPU memory", retryably (bounded by
+//! `--max-attempts`: another node's GPU may hold it; see `device`'s doc).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device};
+use candle_core::{Device, DeviceLocation};
 use raftgen_raft::command::ModelInfo;
 
+use super::device::{is_out_of_memory, Precision};
 use super::png::{encode_rgb, Recipe};
 use super::{ExecError, Executor, JobOutput, JobSpec, RunControl};
 use crate::models::catalog::ModelEntry;
@@ -52,28 +60,62 @@ struct Loaded {
     bytes: u64,
 }
 
+/// Why a run produced no images.
+#[derive(Debug)]
+enum RunError {
+    Exec(ExecError),
+    /// The GPU ran out of memory, loading the model or running the batch.
+    OutOfMemory {
+        loading: bool,
+        error: String,
+    },
+}
+
+impl From<ExecError> for RunError {
+    fn from(e: ExecError) -> Self {
+        RunError::Exec(e)
+    }
+}
+
+/// TEST HOOK: called with the batch size before each run; an error text it
+/// returns is taken as the pipeline's error (to exercise out-of-memory
+/// handling without a GPU).
+#[cfg(test)]
+type InjectFn = Box<dyn Fn(usize) -> Option<String> + Send + Sync>;
+
 pub struct DiffusionExecutor {
     models: Vec<ModelEntry>,
     device: Device,
-    dtype: DType,
+    precision: Precision,
     budget_bytes: u64,
     max_batch: usize,
     /// Loaded models, least recently used first.
     loaded: Mutex<Vec<Loaded>>,
     /// How long the last load of each model took (kept after unloading).
     load_times: Mutex<BTreeMap<String, Duration>>,
+    #[cfg(test)]
+    inject: Option<InjectFn>,
 }
 
 impl DiffusionExecutor {
-    pub fn new(models: Vec<ModelEntry>, device: Device, dtype: DType, budget_bytes: u64, max_batch: usize) -> Self {
+    /// `precision`: a `DType` for every model, or [`Precision::PerFamily`].
+    pub fn new(
+        models: Vec<ModelEntry>,
+        device: Device,
+        precision: impl Into<Precision>,
+        budget_bytes: u64,
+        max_batch: usize,
+    ) -> Self {
         DiffusionExecutor {
             models,
             device,
-            dtype,
+            precision: precision.into(),
             budget_bytes,
             max_batch: max_batch.max(1),
             loaded: Mutex::new(Vec::new()),
             load_times: Mutex::new(BTreeMap::new()),
+            #[cfg(test)]
+            inject: None,
         }
     }
 
@@ -81,15 +123,23 @@ impl DiffusionExecutor {
         self.models.iter().find(|m| m.name == name)
     }
 
-    /// Memory a loaded model takes: its weights at the executor's dtype.
+    /// Memory a loaded model takes: its weights at its dtype.
     fn footprint(&self, entry: &ModelEntry) -> u64 {
-        entry.params * self.dtype.size_in_bytes() as u64
+        entry.params * self.precision.for_family(entry.meta.family).size_in_bytes() as u64
+    }
+
+    /// Unloads every model but `keep`; returns how many were unloaded.
+    fn unload_others(&self, keep: &str) -> usize {
+        let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        let before = loaded.len();
+        loaded.retain(|l| l.name == keep);
+        before - loaded.len()
     }
 
     /// The pipeline for `name`, loading it (and evicting others) if needed.
     /// A model larger than the budget never fits here (`Invalid`); a load
     /// that fails (I/O, memory) may work next time (`Failed`).
-    fn pipeline(&self, entry: &ModelEntry) -> Result<Arc<Pipeline>, ExecError> {
+    fn pipeline(&self, entry: &ModelEntry) -> Result<Arc<Pipeline>, RunError> {
         let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(pos) = loaded.iter().position(|l| l.name == entry.name) {
             let l = loaded.remove(pos);
@@ -99,20 +149,27 @@ impl DiffusionExecutor {
         }
         let bytes = self.footprint(entry);
         if bytes > self.budget_bytes {
-            return Err(ExecError::Invalid(format!(
+            return Err(RunError::Exec(ExecError::Invalid(format!(
                 "model '{}' needs {} MiB, more than this node's model memory budget of {} MiB (--model-memory-mb)",
                 entry.name,
                 bytes >> 20,
                 self.budget_bytes >> 20
-            )));
+            ))));
         }
         while loaded.iter().map(|l| l.bytes).sum::<u64>() + bytes > self.budget_bytes {
             let evicted = loaded.remove(0);
             tracing::info!("unloading model '{}' ({} MiB) to make room", evicted.name, evicted.bytes >> 20);
         }
         let started = Instant::now();
-        let pipeline = Pipeline::load(entry.family, &entry.files, &self.device, self.dtype)
-            .map_err(|e| ExecError::Failed(format!("loading model '{}': {e:#}", entry.name)))?;
+        let dtype = self.precision.for_family(entry.meta.family);
+        let pipeline = Pipeline::load(entry.family, &entry.files, &self.device, dtype).map_err(|e| {
+            let error = format!("loading model '{}': {e:#}", entry.name);
+            if is_out_of_memory(&error) {
+                RunError::OutOfMemory { loading: true, error }
+            } else {
+                RunError::Exec(ExecError::Failed(error))
+            }
+        })?;
         let took = started.elapsed();
         tracing::info!("loaded model '{}' ({} MiB) in {} ms", entry.name, bytes >> 20, took.as_millis());
         self.load_times.lock().unwrap_or_else(|e| e.into_inner()).insert(entry.name.clone(), took);
@@ -151,7 +208,7 @@ impl DiffusionExecutor {
         })
     }
 
-    fn run(&self, jobs: &[(JobSpec, RunControl)]) -> Result<Vec<Result<JobOutput, ExecError>>, ExecError> {
+    fn run(&self, jobs: &[(JobSpec, RunControl)]) -> Result<Vec<Result<JobOutput, ExecError>>, RunError> {
         let first = &jobs[0].0;
         let entry = self
             .entry(&first.request.model)
@@ -164,11 +221,14 @@ impl DiffusionExecutor {
             }
             !jobs.iter().all(|(_, ctl)| ctl.is_cancelled())
         };
+        #[cfg(test)]
+        if let Some(error) = self.inject.as_ref().and_then(|f| f(jobs.len())) {
+            return Err(classify(anyhow::anyhow!(error)));
+        }
         let images = match pipeline.generate(&reqs, &mut progress) {
             Ok(images) => images,
             Err(e) if e.is::<Cancelled>() => return Ok(jobs.iter().map(|_| Err(ExecError::Cancelled)).collect()),
-            // Out of memory, a backend error: the run broke, not the request.
-            Err(e) => return Err(ExecError::Failed(format!("{e:#}"))),
+            Err(e) => return Err(classify(e)),
         };
         let mut out = Vec::with_capacity(jobs.len());
         for (((job, ctl), req), image) in jobs.iter().zip(&reqs).zip(images) {
@@ -203,6 +263,51 @@ impl DiffusionExecutor {
         }
         Ok(out)
     }
+
+    /// After a run ran out of GPU memory: unload the other models and try
+    /// again; then split a batch into single jobs; a single job (or a model)
+    /// that still does not fit fails, retryably (see the module doc).
+    fn out_of_memory(&self, jobs: &[(JobSpec, RunControl)], mut loading: bool, mut error: String) -> Vec<Outcome> {
+        let model = &jobs[0].0.request.model;
+        let unloaded = self.unload_others(model);
+        if unloaded > 0 {
+            tracing::warn!("out of GPU memory; unloaded {unloaded} other model(s) and trying again: {error}");
+            match self.run(jobs) {
+                Ok(out) => return out,
+                Err(RunError::Exec(e)) => return jobs.iter().map(|_| Err(e.clone())).collect(),
+                Err(RunError::OutOfMemory { loading: l, error: e }) => (loading, error) = (l, e),
+            }
+        }
+        if jobs.len() > 1 && !loading {
+            tracing::warn!("a batch of {} jobs ran out of GPU memory; running them one at a time: {error}", jobs.len());
+            return jobs.iter().flat_map(|job| self.generate_batch(std::slice::from_ref(job))).collect();
+        }
+        let what = if loading { format!("model '{model}'") } else { "the job".to_string() };
+        let e = ExecError::Failed(format!("{what} does not fit in GPU memory: {error}"));
+        jobs.iter().map(|_| Err(e.clone())).collect()
+    }
+}
+
+type Outcome = Result<JobOutput, ExecError>;
+
+/// A pipeline's error: out of GPU memory, or a backend error (the run broke,
+/// not the request: retryable).
+fn classify(e: anyhow::Error) -> RunError {
+    let error = format!("{e:#}");
+    if is_out_of_memory(&error) {
+        RunError::OutOfMemory { loading: false, error }
+    } else {
+        RunError::Exec(ExecError::Failed(error))
+    }
+}
+
+/// `cpu`, `cuda:N`, `metal:N`.
+fn device_label(device: &Device) -> String {
+    match device.location() {
+        DeviceLocation::Cpu => "cpu".into(),
+        DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
 }
 
 impl Executor for DiffusionExecutor {
@@ -236,13 +341,160 @@ impl Executor for DiffusionExecutor {
         self.max_batch
     }
 
+    fn device(&self) -> String {
+        device_label(&self.device)
+    }
+
+    fn dtype(&self) -> String {
+        self.precision.to_string()
+    }
+
     fn generate_batch(&self, jobs: &[(JobSpec, RunControl)]) -> Vec<Result<JobOutput, ExecError>> {
         if jobs.is_empty() {
             return Vec::new();
         }
         match self.run(jobs) {
             Ok(out) => out,
-            Err(e) => jobs.iter().map(|_| Err(e.clone())).collect(),
+            Err(RunError::Exec(e)) => jobs.iter().map(|_| Err(e.clone())).collect(),
+            Err(RunError::OutOfMemory { loading, error }) => self.out_of_memory(jobs, loading, error),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::sync::atomic::AtomicBool;
+
+    use candle_core::DType;
+    use raftgen_raft::job::{JobId, JobRequest};
+
+    use super::*;
+    use crate::models::files::ModelFiles;
+
+    /// cudarc's text for a driver allocation that failed, as candle wraps it.
+    const OOM: &str = r#"DriverError(CUDA_ERROR_OUT_OF_MEMORY, "out of memory")"#;
+
+    fn tiny(name: &str) -> ModelEntry {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models").join(name);
+        ModelEntry::open(name, ModelFiles::Dir(dir), None).unwrap()
+    }
+
+    fn job(model: &str, seed: u64) -> (JobSpec, RunControl) {
+        let request = JobRequest {
+            prompt: "a red fox".into(),
+            negative_prompt: String::new(),
+            width: 64,
+            height: 64,
+            steps: 2,
+            guidance: 0.0,
+            seed: Some(seed),
+            model: model.into(),
+            priority: 0,
+            sampler: None,
+            cache: true,
+            webhook: None,
+        };
+        let spec = JobSpec { id: JobId(seed as u128), attempt: 1, request, seed };
+        (spec, RunControl::new(Arc::new(AtomicBool::new(false)), Box::new(|_, _| {})))
+    }
+
+    /// An executor on the CPU whose runs fail with `error(batch size)`, and
+    /// the batch sizes it was asked to run.
+    fn failing(
+        models: Vec<ModelEntry>,
+        error: impl Fn(usize) -> Option<String> + Send + Sync + 'static,
+    ) -> (DiffusionExecutor, Arc<Mutex<Vec<usize>>>) {
+        let runs = Arc::new(Mutex::new(Vec::new()));
+        let seen = runs.clone();
+        let inject: InjectFn = Box::new(move |n| {
+            seen.lock().unwrap().push(n);
+            error(n)
+        });
+        let ex = DiffusionExecutor {
+            inject: Some(inject),
+            ..DiffusionExecutor::new(models, Device::Cpu, DType::F32, 1 << 30, 4)
+        };
+        (ex, runs)
+    }
+
+    #[test]
+    fn a_batch_out_of_gpu_memory_runs_again_one_job_at_a_time() {
+        let (ex, runs) = failing(vec![tiny("tiny-sd")], |n| (n > 1).then(|| OOM.to_string()));
+        let jobs = [job("tiny-sd", 1), job("tiny-sd", 2), job("tiny-sd", 3)];
+        let out = ex.generate_batch(&jobs);
+        assert_eq!(*runs.lock().unwrap(), vec![3, 1, 1, 1]);
+        assert_eq!(out.len(), 3);
+        for o in &out {
+            assert!(o.is_ok(), "{:?}", o.as_ref().err());
+        }
+        // Each image is the one its job makes alone.
+        let alone = DiffusionExecutor::new(vec![tiny("tiny-sd")], Device::Cpu, DType::F32, 1 << 30, 1);
+        assert_eq!(alone.generate_batch(&[job("tiny-sd", 2)])[0].as_ref().unwrap().png, out[1].as_ref().unwrap().png);
+    }
+
+    #[test]
+    fn a_single_job_out_of_gpu_memory_fails_retryably_and_the_executor_goes_on() {
+        let fail = Arc::new(AtomicBool::new(true));
+        let flag = fail.clone();
+        let (ex, runs) = failing(vec![tiny("tiny-sd"), tiny("tiny-z-image")], move |_| {
+            flag.load(std::sync::atomic::Ordering::Relaxed).then(|| format!("denoising: {OOM}"))
+        });
+        // Another model loaded first: it is unloaded to make room, and the
+        // job tried once more before it fails.
+        fail.store(false, std::sync::atomic::Ordering::Relaxed);
+        assert!(ex.generate_batch(&[job("tiny-z-image", 5)])[0].is_ok());
+        assert_eq!(ex.loaded_models(), vec!["tiny-z-image".to_string()]);
+        fail.store(true, std::sync::atomic::Ordering::Relaxed);
+        runs.lock().unwrap().clear();
+        let out = ex.generate_batch(&[job("tiny-sd", 1), job("tiny-sd", 2)]);
+        // The batch, again after unloading tiny-z-image, then each job alone.
+        assert_eq!(*runs.lock().unwrap(), vec![2, 2, 1, 1]);
+        assert_eq!(ex.loaded_models(), vec!["tiny-sd".to_string()]);
+        for o in out {
+            match o {
+                Err(e @ ExecError::Failed(_)) => {
+                    assert!(e.is_retryable());
+                    let msg = e.to_string();
+                    assert!(msg.starts_with("the job does not fit in GPU memory: ") && msg.contains(OOM), "{msg}");
+                }
+                other => panic!("expected a retryable out-of-memory failure, got {:?}", other.map(|o| o.png.len())),
+            }
+        }
+        fail.store(false, std::sync::atomic::Ordering::Relaxed);
+        assert!(ex.generate_batch(&[job("tiny-sd", 1)])[0].is_ok(), "the executor works after it");
+    }
+
+    #[test]
+    fn other_run_errors_fail_the_batch_without_splitting() {
+        let (ex, runs) =
+            failing(vec![tiny("tiny-sd")], |_| Some(r#"DriverError(CUDA_ERROR_ILLEGAL_ADDRESS, "illegal")"#.into()));
+        let out = ex.generate_batch(&[job("tiny-sd", 1), job("tiny-sd", 2)]);
+        assert_eq!(*runs.lock().unwrap(), vec![2]);
+        for o in out {
+            assert!(matches!(&o, Err(ExecError::Failed(m)) if m.contains("ILLEGAL_ADDRESS")), "{:?}", o.err());
+        }
+    }
+
+    /// f16 runs every family on the CPU (slowly); bf16 does not (candle's
+    /// CPU matmul has no bf16), which is why `--dtype bf16` is refused there
+    /// (`device::decide`). If this starts failing, candle gained it: allow it.
+    #[test]
+    fn f16_runs_on_the_cpu_and_bf16_does_not() {
+        for model in ["tiny-sd", "tiny-sdxl", "tiny-z-image"] {
+            let ex = DiffusionExecutor::new(vec![tiny(model)], Device::Cpu, DType::F16, 1 << 30, 1);
+            let out = ex.generate_batch(&[job(model, 1)]);
+            let png = out[0].as_ref().unwrap_or_else(|e| panic!("{model} at f16: {e}"));
+            assert!(png.png.starts_with(b"\x89PNG"), "{model} at f16");
+        }
+        let ex = DiffusionExecutor::new(vec![tiny("tiny-sd")], Device::Cpu, DType::BF16, 1 << 30, 1);
+        match &ex.generate_batch(&[job("tiny-sd", 1)])[0] {
+            Err(ExecError::Failed(m)) => assert!(m.contains("unsupported dtype BF16"), "{m}"),
+            other => panic!("bf16 ran on the CPU ({:?}): allow --dtype bf16 there", other.as_ref().err()),
+        }
+        assert_eq!(
+            DiffusionExecutor::new(vec![tiny("tiny-sd")], Device::Cpu, Precision::PerFamily, 1 << 30, 1).dtype(),
+            Precision::PerFamily.to_string()
+        );
     }
 }

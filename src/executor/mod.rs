@@ -6,6 +6,7 @@
 //! together and run as one batch. The real executor is [`diffusion`]; the
 //! test-pattern one is a test double (see its module) chosen only explicitly.
 
+pub mod device;
 pub mod diffusion;
 pub mod png;
 pub mod test_pattern;
@@ -90,6 +91,15 @@ pub trait Executor: Send + Sync + 'static {
     fn models(&self) -> Vec<ModelInfo>;
     /// Models currently loaded (for the scheduler's affinity).
     fn loaded_models(&self) -> Vec<String>;
+    /// Where it computes (`cpu`, `cuda:0`), for the start-up log and `/metrics`.
+    fn device(&self) -> String {
+        "cpu".into()
+    }
+    /// In which precision (`f32`, `f16`, ...; `none` for executors that run
+    /// no model), for the start-up log and `/metrics`.
+    fn dtype(&self) -> String {
+        "none".into()
+    }
     /// How long the last load of each model took on this node (for
     /// `/metrics`); empty for executors that load nothing.
     fn model_load_times(&self) -> Vec<(String, Duration)> {

@@ -214,6 +214,14 @@ fn jobs(app: &App, e: &mut Exposition) {
 
 fn executor(app: &App, e: &mut Exposition) {
     let m = &app.metrics;
+    let (name, device, dtype) = (app.executor.name(), app.executor.device(), app.executor.dtype());
+    e.family(
+        "raftgen_executor_info",
+        Kind::Gauge,
+        "Always 1; the labels are this node's executor, the device it runs on (cpu, cuda:N) and its precision \
+         (--device, --dtype).",
+        [([("executor", name), ("device", device.as_str()), ("dtype", dtype.as_str())], 1.0)],
+    );
     e.single(
         "raftgen_images_generated_total",
         Kind::Counter,
