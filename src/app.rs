@@ -159,8 +159,8 @@ impl App {
     /// Waits (bounded) until this node has applied log index `index`, so
     /// that a read here sees the write this node just made through the leader.
     async fn until_applied(&self, index: u64, deadline: Instant) {
-        let bound = Instant::now() + Duration::from_millis(READ_YOUR_WRITES_MAX_MS);
-        let wait = bound.min(deadline.max(Instant::now())).saturating_duration_since(Instant::now());
+        let wait =
+            Duration::from_millis(READ_YOUR_WRITES_MAX_MS).min(deadline.saturating_duration_since(Instant::now()));
         let waited = self.raft.wait(Some(wait)).applied_index_at_least(Some(index), "read your writes").await;
         if let Err(e) = waited {
             tracing::debug!("log index {index} not applied here within {} ms: {e}", wait.as_millis());

@@ -301,8 +301,7 @@ fn base_host<'a>(headers: &'a HeaderMap, app: &'a App) -> &'a str {
     params(("Idempotency-Key" = Option<String>, Header, description = "A retry with the same key gets the same jobs")),
     responses(
         (status = 200, body = ImagesResponse),
-        (status = 400, description = "A parameter breaks a rule (`error.param`)", body = OpenAiError),
-        (status = 404, description = "Unknown model", body = OpenAiError),
+        (status = 400, description = "A parameter breaks a rule (`error.param`; an unknown model has `code` `model_not_found`)", body = OpenAiError),
         (status = 408, description = "Not done within the node's sync timeout (`error.job_ids`)", body = OpenAiError),
         (status = 409, description = "A job was cancelled", body = OpenAiError),
         (status = 413, description = "Body too large", body = OpenAiError),

@@ -179,12 +179,12 @@ fn number(x: f64) -> Value {
 
 /// Serves `doc`, rendered once.
 pub fn routes(doc: &Value) -> Router<Arc<App>> {
-    let json: Arc<str> = doc.to_string().into();
+    let json = axum::body::Bytes::from(doc.to_string());
     Router::new().route(
         "/openapi.json",
         get(move || {
             let json = json.clone();
-            async move { ([(header::CONTENT_TYPE, "application/json")], json.to_string()).into_response() }
+            async move { ([(header::CONTENT_TYPE, "application/json")], json).into_response() }
         }),
     )
 }
