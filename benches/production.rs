@@ -240,6 +240,36 @@ async fn load(r: &Running, nodes: &[u64], clients: usize, secs: u64) -> Phase {
 
 const PHASES: [&str; 2] = ["1 client -> follower", "16 clients -> all nodes"];
 
+/// `GET /metrics` on a follower with the queue the load phases left behind,
+/// against `GET /healthz` on the same connection: p50 of 50 requests each.
+async fn scrape_phase(r: &Running, node: u64) {
+    let url = r.cluster.url(node);
+    let http = r.http(&url);
+    let timed = |path: &'static str| {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let (mut lat, mut body) = (Vec::new(), String::new());
+            for _ in 0..50 {
+                let t = Instant::now();
+                body = http.get(format!("{url}{path}")).send().await.unwrap().text().await.unwrap();
+                lat.push(t.elapsed());
+            }
+            lat.sort();
+            (percentile(&lat, 0.5), body)
+        }
+    };
+    let (health, _) = timed("/healthz").await;
+    let (metrics, text) = timed("/metrics").await;
+    let depth = text.lines().find_map(|l| l.strip_prefix("raftgen_queue_depth_total ")).unwrap_or("?").to_string();
+    println!(
+        "  /metrics with {depth} jobs queued: {} bytes, p50 {:.2} ms ({:.1}x /healthz's {:.2} ms)",
+        text.len(),
+        ms(metrics),
+        ms(metrics) / ms(health),
+        ms(health)
+    );
+}
+
 /// Submit to `client` and poll every 5 ms until the job has succeeded; the
 /// time from sending the submission to seeing `succeeded`.
 async fn submit_until_done(client: &Client, body: &Value) -> (Duration, Value) {
@@ -311,6 +341,9 @@ async fn main() {
             let follower = (1..=3).find(|i| *i != leader).unwrap();
             figures[vi][0].push(load(&r, &[follower], 1, secs).await);
             figures[vi][1].push(load(&r, &[1, 2, 3], 16, secs).await);
+            if round + 1 == rounds as usize && vi == 0 {
+                scrape_phase(&r, follower).await;
+            }
             let last = [&figures[vi][0], &figures[vi][1]].map(|p| p.last().map_or(0.0, |p| p.per_s));
             println!(
                 "round {} {:<16} {:>8.0} /s (1 client) {:>8.0} /s (16 clients)",
