@@ -23,22 +23,11 @@ use hyper_util::rt::TokioIo;
 use raftgen::local::LocalCluster;
 use serde_json::json;
 
+mod common;
+
+use common::{env_u64, ms, percentile};
+
 const EXE: &str = env!("CARGO_BIN_EXE_raftgen");
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
 
 struct Phase {
     name: String,

@@ -28,27 +28,16 @@ use raftgen::local::LocalCluster;
 use raftgen::tls::ClientTls;
 use serde_json::{json, Value};
 
+mod common;
+
+use common::{env_u64, ms, percentile};
+
 const EXE: &str = env!("CARGO_BIN_EXE_raftgen");
 const KEY: &str = "bench-5f1e0c3a9b7d2e4f6a8c0b1d3e5f7a9c";
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 /// One way of running the cluster.
