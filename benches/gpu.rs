@@ -25,6 +25,7 @@
 //!      active: GroupNorm+SiLU, GEGLU and attention sit inside
 //!      candle-transformers' blocks that `src/models` calls, and are not wired
 //!      in yet (the output says so, in `fusions` in the JSON too).
+//!
 //!    Per step: each step between `Device::synchronize` calls, median over all
 //!    steps of all repetitions. Per image: the whole loop (initial noise
 //!    scaling plus every step) divided by the images in the batch, median over
@@ -61,6 +62,10 @@ use raftgen::models::z_image::ZImagePipeline;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 use serde_json::{json, Value};
+
+mod common;
+
+use common::median;
 
 const SD15_UNET: &str = include_str!("data/sd-1.5-unet.json");
 const SD15_SCHEDULER: &str = include_str!("data/sd-1.5-scheduler.json");
@@ -206,19 +211,6 @@ struct Measured {
     image_ms: f64,
     step_samples: Vec<f64>,
     loop_samples: Vec<f64>,
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n == 0 {
-        f64::NAN
-    } else if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 /// Times `reps` full loops of `steps` steps from `init` (after `warmup_steps`

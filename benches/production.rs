@@ -30,15 +30,10 @@ use serde_json::{json, Value};
 
 mod common;
 
-use common::{env_u64, ms, percentile};
+use common::{env_u64, median, ms, percentile};
 
 const EXE: &str = env!("CARGO_BIN_EXE_raftgen");
 const KEY: &str = "bench-5f1e0c3a9b7d2e4f6a8c0b1d3e5f7a9c";
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
 
 /// One way of running the cluster.
 struct Variant {
@@ -296,7 +291,7 @@ async fn cache_phase(dir: &Path, trials: u64) {
         hit.push(ms(t_hit));
         rerun.push(ms(t_rerun));
     }
-    let (run, hit, rerun) = (median(run), median(hit), median(rerun));
+    let (run, hit, rerun) = (median(&run), median(&hit), median(&rerun));
     println!("result cache, 1 node, tiny-sd 64x64, 8 steps on the CPU, median of {trials} seeds:");
     println!(
         "  first run {run:.1} ms, identical job (cache hit) {hit:.1} ms, same job with \"cache\": false {rerun:.1} ms"
@@ -353,7 +348,7 @@ async fn main() {
         "phase", "variant", "submits/s", "p50 ms", "p99 ms", "errors", "rate/plain", "p50/plain"
     );
     for (pi, phase) in PHASES.iter().enumerate() {
-        let stat = |vi: usize, f: fn(&Phase) -> f64| median(figures[vi][pi].iter().map(f).collect());
+        let stat = |vi: usize, f: fn(&Phase) -> f64| median(&figures[vi][pi].iter().map(f).collect::<Vec<_>>());
         let (base_rate, base_p50) = (stat(0, |p| p.per_s), stat(0, |p| p.p50_ms));
         for (vi, v) in VARIANTS.iter().enumerate() {
             let errors: usize = figures[vi][pi].iter().map(|p| p.errors).sum();

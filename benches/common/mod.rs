@@ -1,5 +1,7 @@
-//! Small helpers the cluster benchmarks share: settings from the environment
-//! and latency statistics.
+//! Small helpers the benchmarks share: settings from the environment and
+//! statistics. Each benchmark uses a part of them.
+
+#![allow(dead_code)]
 
 use std::time::Duration;
 
@@ -17,4 +19,16 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+/// The median (the mean of the middle two for an even count); NaN for none.
+pub fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => v[n / 2],
+        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
