@@ -162,14 +162,8 @@ impl DiffusionExecutor {
         }
         let started = Instant::now();
         let dtype = self.precision.for_family(entry.meta.family);
-        let pipeline = Pipeline::load(entry.family, &entry.files, &self.device, dtype).map_err(|e| {
-            let error = format!("loading model '{}': {e:#}", entry.name);
-            if is_out_of_memory(&error) {
-                RunError::OutOfMemory { loading: true, error }
-            } else {
-                RunError::Exec(ExecError::Failed(error))
-            }
-        })?;
+        let pipeline = Pipeline::load(entry.family, &entry.files, &self.device, dtype)
+            .map_err(|e| classify(format!("loading model '{}': {e:#}", entry.name), true))?;
         let took = started.elapsed();
         tracing::info!("loaded model '{}' ({} MiB) in {} ms", entry.name, bytes >> 20, took.as_millis());
         self.load_times.lock().unwrap_or_else(|e| e.into_inner()).insert(entry.name.clone(), took);
@@ -223,12 +217,12 @@ impl DiffusionExecutor {
         };
         #[cfg(test)]
         if let Some(error) = self.inject.as_ref().and_then(|f| f(jobs.len())) {
-            return Err(classify(anyhow::anyhow!(error)));
+            return Err(classify(error, false));
         }
         let images = match pipeline.generate(&reqs, &mut progress) {
             Ok(images) => images,
             Err(e) if e.is::<Cancelled>() => return Ok(jobs.iter().map(|_| Err(ExecError::Cancelled)).collect()),
-            Err(e) => return Err(classify(e)),
+            Err(e) => return Err(classify(format!("{e:#}"), false)),
         };
         let mut out = Vec::with_capacity(jobs.len());
         for (((job, ctl), req), image) in jobs.iter().zip(&reqs).zip(images) {
@@ -290,12 +284,11 @@ impl DiffusionExecutor {
 
 type Outcome = Result<JobOutput, ExecError>;
 
-/// A pipeline's error: out of GPU memory, or a backend error (the run broke,
-/// not the request: retryable).
-fn classify(e: anyhow::Error) -> RunError {
-    let error = format!("{e:#}");
+/// A pipeline's error, loading the model or running a batch: out of GPU
+/// memory, or a backend error (the run broke, not the request: retryable).
+fn classify(error: String, loading: bool) -> RunError {
     if is_out_of_memory(&error) {
-        RunError::OutOfMemory { loading: false, error }
+        RunError::OutOfMemory { loading, error }
     } else {
         RunError::Exec(ExecError::Failed(error))
     }
