@@ -122,7 +122,7 @@ fn sd15_step() {
     let cfg: UNetConfig = serde_json::from_str(SD15_UNET).unwrap();
     let vb = VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, Device::Cpu);
     let t = Instant::now();
-    let unet = UNet::new(&cfg, vb).unwrap();
+    let unet = UNet::new(&cfg, vb, raftgen::models::Kernels::Candle).unwrap();
     println!("sd-1.5 unet    built with random weights in {:.1} s", t.elapsed().as_secs_f64());
     let mut per_image = Vec::new();
     for images in [1usize, 2] {

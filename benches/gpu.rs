@@ -41,6 +41,13 @@
 //!   (default 2), `RAFTGEN_GPU_BENCH_SD_STEPS` (default 20, DDIM),
 //!   `RAFTGEN_GPU_BENCH_ZIMAGE_STEPS` (default 9, Z-Image-Turbo's),
 //!   `RAFTGEN_GPU_BENCH_SEED` (default 0).
+//! - `RAFTGEN_GPU_BENCH_PATHS` (default `stock,fused`): the paths to run.
+//! - `RAFTGEN_GPU_BENCH_PROFILE=1`: one step per path and case, untimed, for a
+//!   kernel profiler (`tools/gpu-check.sh` runs it under `ncu`);
+//!   `RAFTGEN_GPU_BENCH_SAVE=0` skips writing the weights.
+//! - `RAFTGEN_GPU_BENCH_ATTENTION=0` skips the attention table (CUDA only:
+//!   candle's unfused attention in f32 and in the input dtype, our SIMT and
+//!   tensor-core kernels, at the models' shapes).
 //! - `RAFTGEN_GPU_BENCH_DEVICE`: `cuda` (default, device 0) or `cpu` (only
 //!   useful with `RAFTGEN_GPU_BENCH_TINY=1`, which swaps the configs for tiny
 //!   ones and 64×64 images, to check the plumbing without a GPU).
@@ -54,11 +61,12 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
-use raftgen::kernels::{guided_step, Guidance};
+use raftgen::kernels::{attention_with, guided_step, AttentionKernel, Guidance};
 use raftgen::models::scheduler::{self, FlowMatchEuler, SamplerKind, Scheduler, SchedulerConfig};
 use raftgen::models::sd::unet::{UNet, UNetConfig};
 use raftgen::models::z_image::transformer::ZImageTransformer;
 use raftgen::models::z_image::ZImagePipeline;
+use raftgen::models::Kernels;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 use serde_json::{json, Value};
@@ -81,12 +89,13 @@ const SD_CONTEXT_TOKENS: usize = 77;
 const ZIMAGE_CAPTION_TOKENS: usize = 64;
 
 /// What the fused path does and does not fuse yet, printed and in the JSON.
-const FUSIONS_ACTIVE: &[&str] = &["guided_step: guidance combine + scheduler update (DDIM / flow-match Euler)"];
-const FUSIONS_NOT_WIRED: &[&str] = &[
-    "group_norm_silu (ResNet blocks inside candle-transformers' unet_2d_blocks, UNet::forward's norm_out)",
-    "geglu (candle-transformers' GeGlu in the UNet's transformer blocks)",
-    "attention (candle-transformers' CrossAttention; Z-Image blocks' attention)",
+const FUSIONS_ACTIVE: &[&str] = &[
+    "guided_step: guidance combine + scheduler update (DDIM / flow-match Euler)",
+    "group_norm_silu: the UNet's ResNet blocks and norm_out",
+    "geglu: the UNet's transformer feed-forwards",
+    "attention (tensor cores for f16/bf16): UNet self/cross-attention, Z-Image DiT blocks",
 ];
+const FUSIONS_NOT_WIRED: &[&str] = &[];
 
 fn env_usize(name: &str, default: usize) -> Result<usize> {
     match std::env::var(name) {
@@ -204,6 +213,19 @@ struct Settings {
     device: Device,
     reps: usize,
     warmup_steps: usize,
+    /// `RAFTGEN_GPU_BENCH_PROFILE=1`: each measured path runs one step only
+    /// (under a kernel profiler such as `ncu`), no timing.
+    profile: bool,
+    /// `RAFTGEN_GPU_BENCH_PATHS`: which of `stock`, `fused` run.
+    paths: Vec<String>,
+    /// `RAFTGEN_GPU_BENCH_SAVE=0`: do not write the weights (profiling).
+    save: bool,
+}
+
+impl Settings {
+    fn runs(&self, path: &str) -> bool {
+        self.paths.iter().any(|p| p == path)
+    }
 }
 
 struct Measured {
@@ -224,6 +246,11 @@ fn measure(
 ) -> Result<Measured> {
     let dev = &set.device;
     let x = init()?;
+    if set.profile {
+        step(0, &x)?;
+        dev.synchronize()?;
+        return Ok(Measured { step_ms: f64::NAN, image_ms: f64::NAN, step_samples: vec![], loop_samples: vec![] });
+    }
     for i in 0..set.warmup_steps.min(steps) {
         step(i, &x)?;
     }
@@ -320,9 +347,14 @@ fn sd15(set: &Settings, cases: &[Case], tiny: bool, seed: u64, out: &Path, rows:
     let weights = RecordingWeights::new(seed);
     let t = Instant::now();
     let vb = VarBuilder::from_backend(Box::new(weights.clone()), dtype, dev.clone());
-    let unet = UNet::new(&cfg, vb)?;
+    // The same weights twice: candle's ops (stock) and our fused kernels.
+    let stock_unet = UNet::new(&cfg, vb.clone(), Kernels::Candle)?;
+    let fused_unet = UNet::new(&cfg, vb, Kernels::Fused)?;
     println!("sd-1.5 unet: built with random weights ({dtype:?}) in {:.1} s", t.elapsed().as_secs_f64());
-    save_model(&out.join("sd15-unet"), weights.take(), config, SD15_SCHEDULER)?;
+    if set.save {
+        save_model(&out.join("sd15-unet"), weights.take(), config, SD15_SCHEDULER)?;
+    }
+    drop(weights.take());
     let ctx_dim = cfg_cross_attention_dim(&cfg)?;
     for case in cases.iter().filter(|c| c.model == "sd15") {
         let sched = scheduler::build(SamplerKind::Ddim, &sched_cfg, case.steps)?;
@@ -332,14 +364,14 @@ fn sd15(set: &Settings, cases: &[Case], tiny: bool, seed: u64, out: &Path, rows:
         let ctx = input(seed, "context", &[case.rows(), SD_CONTEXT_TOKENS, ctx_dim], dtype, dev)?;
         let noise = input(seed, "latents", &shape, dtype, dev)?;
         let init = || &noise * sched.init_noise_sigma();
-        let denoise = |i: usize, latents: &Tensor| -> Result<Tensor> {
+        let denoise = |unet: &UNet, i: usize, latents: &Tensor| -> Result<Tensor> {
             let x = if case.cfg { Tensor::cat(&[latents, latents], 0)? } else { latents.clone() };
             let x = sched.scale_model_input(&x, i)?;
             Ok(unet.forward(&x, timesteps[i], &ctx, None)?)
         };
         // Stock: SdPipeline::sample's ops.
         let stock = |i: usize, latents: &Tensor| -> Result<Tensor> {
-            let out = denoise(i, latents)?;
+            let out = denoise(&stock_unet, i, latents)?;
             let out = if case.cfg {
                 let b = latents.dim(0)?;
                 let (unc, txt) = (out.narrow(0, 0, b)?, out.narrow(0, b, b)?);
@@ -353,13 +385,17 @@ fn sd15(set: &Settings, cases: &[Case], tiny: bool, seed: u64, out: &Path, rows:
         };
         // Fused: the same denoiser, then one kernel for guidance + DDIM.
         let fused = |i: usize, latents: &Tensor| -> Result<Tensor> {
-            let out = denoise(i, latents)?;
+            let out = denoise(&fused_unet, i, latents)?;
             let step = sched.linear_step(i).context("DDIM steps linearly")?;
             let g = if case.cfg { Guidance::UncondFirst(case.guidance) } else { Guidance::None };
             Ok(guided_step(&out, latents, None, g, step)?)
         };
-        report(rows, case, "stock", measure(set, case.steps, case.images, &init, &stock)?);
-        report(rows, case, "fused", measure(set, case.steps, case.images, &init, &fused)?);
+        if set.runs("stock") {
+            report(rows, case, "stock", measure(set, case.steps, case.images, &init, &stock)?);
+        }
+        if set.runs("fused") {
+            report(rows, case, "fused", measure(set, case.steps, case.images, &init, &fused)?);
+        }
     }
     Ok(())
 }
@@ -382,9 +418,13 @@ fn zimage(set: &Settings, cases: &[Case], tiny: bool, seed: u64, out: &Path, row
     let t = Instant::now();
     let weights = RecordingWeights::new(seed);
     let vb = VarBuilder::from_backend(Box::new(weights.clone()), dtype, dev.clone());
-    let transformer = ZImageTransformer::new(&cfg, vb)?;
+    let stock_transformer = ZImageTransformer::new(&cfg, vb.clone(), Kernels::Candle)?;
+    let fused_transformer = ZImageTransformer::new(&cfg, vb, Kernels::Fused)?;
     println!("z-image-turbo transformer: built with random weights ({dtype:?}) in {:.1} s", t.elapsed().as_secs_f64());
-    save_model(&out.join("zimage-transformer"), weights.take(), config, ZIMAGE_SCHEDULER)?;
+    if set.save {
+        save_model(&out.join("zimage-transformer"), weights.take(), config, ZIMAGE_SCHEDULER)?;
+    }
+    drop(weights.take());
     for case in cases.iter().filter(|c| c.model == "zimage") {
         let sched = FlowMatchEuler::new(&sched_cfg, case.steps)?;
         let sigmas = sched.sigmas().to_vec();
@@ -395,7 +435,7 @@ fn zimage(set: &Settings, cases: &[Case], tiny: bool, seed: u64, out: &Path, row
         // The latents stay in f32, as in ZImagePipeline::sample.
         let noise = input(seed, "latents", &shape, DType::F32, dev)?;
         let init = || &noise * sched.init_noise_sigma();
-        let denoise = |i: usize, latents: &Tensor| -> Result<Tensor> {
+        let denoise = |transformer: &ZImageTransformer, i: usize, latents: &Tensor| -> Result<Tensor> {
             let x = latents.to_dtype(dtype)?.unsqueeze(2)?;
             let x = if case.cfg { Tensor::cat(&[&x, &x], 0)? } else { x };
             // ZImagePipeline::model_time: (1000 - sigma * 1000) / 1000 in f32.
@@ -405,7 +445,7 @@ fn zimage(set: &Settings, cases: &[Case], tiny: bool, seed: u64, out: &Path, row
         };
         // Stock: ZImagePipeline::velocity + FlowMatchEuler::step.
         let stock = |i: usize, latents: &Tensor| -> Result<Tensor> {
-            let v = ZImagePipeline::model_output(&denoise(i, latents)?, case.cfg, case.guidance)?;
+            let v = ZImagePipeline::model_output(&denoise(&stock_transformer, i, latents)?, case.cfg, case.guidance)?;
             let mut no_noise = |_: &[usize]| -> candle_core::Result<Tensor> {
                 candle_core::bail!("flow-matching Euler draws no noise")
             };
@@ -413,14 +453,100 @@ fn zimage(set: &Settings, cases: &[Case], tiny: bool, seed: u64, out: &Path, row
         };
         // Fused: the prediction's negation goes into the step's coefficient.
         let fused = |i: usize, latents: &Tensor| -> Result<Tensor> {
-            let out = denoise(i, latents)?.squeeze(2)?.to_dtype(DType::F32)?;
+            let out = denoise(&fused_transformer, i, latents)?.squeeze(2)?.to_dtype(DType::F32)?;
             let mut step = sched.linear_step(i).context("flow-match Euler steps linearly")?;
             step.model_output = -step.model_output;
             let g = if case.cfg { Guidance::CondFirst(case.guidance) } else { Guidance::None };
             Ok(guided_step(&out, latents, None, g, step)?)
         };
-        report(rows, case, "stock", measure(set, case.steps, case.images, &init, &stock)?);
-        report(rows, case, "fused", measure(set, case.steps, case.images, &init, &fused)?);
+        if set.runs("stock") {
+            report(rows, case, "stock", measure(set, case.steps, case.images, &init, &stock)?);
+        }
+        if set.runs("fused") {
+            report(rows, case, "fused", measure(set, case.steps, case.images, &init, &fused)?);
+        }
+    }
+    Ok(())
+}
+
+// --- attention ---------------------------------------------------------------
+
+/// One attention shape of the real models: (name, [batch, heads], lq, lk,
+/// head dim, dtype). SD-1.5 at 512x512 with CFG (2 rows): self-attention at
+/// the three UNet levels and the cross-attention over CLIP's 77 tokens;
+/// Z-Image-Turbo at 1024x1024: 4096 image tokens + 64 caption tokens, 30
+/// heads of 128.
+const ATTENTION_SHAPES: &[(&str, [usize; 2], usize, usize, usize, DType)] = &[
+    ("sd15-self-64x64", [2, 8], 4096, 4096, 40, DType::F16),
+    ("sd15-cross-64x64", [2, 8], 4096, 77, 40, DType::F16),
+    ("sd15-self-32x32", [2, 8], 1024, 1024, 80, DType::F16),
+    ("sd15-self-16x16", [2, 8], 256, 256, 160, DType::F16),
+    ("zimage-1024", [1, 30], 4160, 4160, 128, DType::BF16),
+];
+
+/// Times `f` (median of `reps` runs after 3 warm-ups), in ms.
+fn time_ms(dev: &Device, reps: usize, f: &dyn Fn() -> Result<Tensor>) -> Result<f64> {
+    for _ in 0..3 {
+        f()?;
+    }
+    dev.synchronize()?;
+    let mut samples = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t = Instant::now();
+        f()?;
+        dev.synchronize()?;
+        samples.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(median(&samples))
+}
+
+/// Attention alone at the models' shapes: candle's unfused ops as the SD
+/// UNet runs them (upcast to f32), the same in the input dtype, our SIMT
+/// kernel and our tensor-core kernel. Prints ms and TFLOP/s (4 B H Lq Lk D
+/// flops) and the tensor-core kernel's error against the f32 reference.
+fn attention_bench(set: &Settings, seed: u64, json_rows: &mut Vec<Value>) -> Result<()> {
+    let dev = &set.device;
+    let reps = (set.reps * 10).max(10);
+    println!();
+    println!("attention alone ({reps} runs each, median)");
+    println!("| shape | dtype | candle f32 (stock SD) ms | candle in dtype ms | ours SIMT ms | ours tensor-core ms | tensor-core TFLOP/s | tensor-core / stock | rel. error |");
+    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for &(name, [b, h], lq, lk, d, dtype) in ATTENTION_SHAPES {
+        let q = input(seed, &format!("{name}.q"), &[b, h, lq, d], dtype, dev)?;
+        let k = input(seed, &format!("{name}.k"), &[b, h, lk, d], dtype, dev)?;
+        let v = input(seed, &format!("{name}.v"), &[b, h, lk, d], dtype, dev)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let unfused = |q: &Tensor, k: &Tensor, v: &Tensor| -> Result<Tensor> {
+            let s = q.matmul(&(k.t()? * scale)?)?;
+            Ok(candle_nn::ops::softmax_last_dim(&s)?.matmul(v)?)
+        };
+        let stock = || -> Result<Tensor> {
+            let [q, k, v] = [&q, &k, &v].map(|t| t.to_dtype(DType::F32));
+            Ok(unfused(&q?, &k?, &v?)?.to_dtype(dtype)?)
+        };
+        let in_dtype = || unfused(&q, &k, &v);
+        let simt = || Ok(attention_with(&q, &k, &v, scale, AttentionKernel::Simt)?);
+        let mma = || Ok(attention_with(&q, &k, &v, scale, AttentionKernel::Auto)?);
+        let want = stock()?.to_dtype(DType::F32)?;
+        let got = mma()?.to_dtype(DType::F32)?;
+        let err = ((got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?
+            / want.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-12)) as f64;
+        let t = [
+            time_ms(dev, reps, &stock)?,
+            time_ms(dev, reps, &in_dtype)?,
+            time_ms(dev, reps, &simt)?,
+            time_ms(dev, reps, &mma)?,
+        ];
+        let tflops = 4.0 * (b * h * lq * lk * d) as f64 / (t[3] * 1e-3) / 1e12;
+        println!(
+            "| {name} [{b},{h},{lq},{lk},{d}] | {dtype:?} | {:.3} | {:.3} | {:.3} | {:.3} | {tflops:.1} | {:.3} | {err:.1e} |",
+            t[0], t[1], t[2], t[3], t[3] / t[0]
+        );
+        json_rows.push(json!({
+            "shape": name, "dims": [b, h, lq, lk, d], "dtype": format!("{dtype:?}"),
+            "candle_f32_ms": t[0], "candle_dtype_ms": t[1], "simt_ms": t[2], "mma_ms": t[3],
+            "mma_tflops": tflops, "mma_rel_err": err,
+        }));
     }
     Ok(())
 }
@@ -495,7 +621,17 @@ fn main() -> Result<()> {
         device,
         reps: env_usize("RAFTGEN_GPU_BENCH_REPS", 3)?.max(1),
         warmup_steps: env_usize("RAFTGEN_GPU_BENCH_WARMUP_STEPS", 2)?,
+        profile: std::env::var("RAFTGEN_GPU_BENCH_PROFILE").as_deref() == Ok("1"),
+        paths: std::env::var("RAFTGEN_GPU_BENCH_PATHS")
+            .unwrap_or_else(|_| "stock,fused".into())
+            .split(',')
+            .map(|p| p.trim().to_string())
+            .collect(),
+        save: std::env::var("RAFTGEN_GPU_BENCH_SAVE").as_deref() != Ok("0"),
     };
+    if let Some(p) = set.paths.iter().find(|p| !["stock", "fused"].contains(&p.as_str())) {
+        bail!("RAFTGEN_GPU_BENCH_PATHS: unknown path {p:?} (stock, fused)");
+    }
     let cases = all_cases(tiny)?;
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let cases_json: Vec<Value> = cases
@@ -512,6 +648,10 @@ fn main() -> Result<()> {
     println!("fused path, active: {}", FUSIONS_ACTIVE.join("; "));
     println!("fused path, not wired yet: {}", FUSIONS_NOT_WIRED.join("; "));
     let mut rows = Vec::new();
+    let mut attention_rows = Vec::new();
+    if std::env::var("RAFTGEN_GPU_BENCH_ATTENTION").as_deref() != Ok("0") && set.device.is_cuda() && !set.profile {
+        attention_bench(&set, seed, &mut attention_rows)?;
+    }
     if cases.iter().any(|c| c.model == "sd15") {
         sd15(&set, &cases, tiny, seed, &out, &mut rows)?;
     }
@@ -544,6 +684,7 @@ fn main() -> Result<()> {
         let doc = json!({
             "tool": "candle", "device": format!("{:?}", set.device), "settings": settings,
             "fusions_active": FUSIONS_ACTIVE, "fusions_not_wired": FUSIONS_NOT_WIRED, "results": results,
+            "attention": attention_rows,
         });
         std::fs::write(&path, serde_json::to_string_pretty(&doc)?)
             .with_context(|| format!("writing {}", PathBuf::from(&path).display()))?;

@@ -13,7 +13,7 @@ use raftgen::models::files::ModelFiles;
 use raftgen::models::noise::NoiseStream;
 use raftgen::models::scheduler::{self, SamplerKind, SchedulerConfig};
 use raftgen::models::sd::SdPipeline;
-use raftgen::models::{to_outputs, GenRequest};
+use raftgen::models::{to_outputs, GenRequest, Kernels};
 
 const TOLERANCE: f32 = 1e-3;
 
@@ -82,7 +82,7 @@ fn never_called(_: &[usize]) -> candle_core::Result<Tensor> {
 /// the full run from the reference latents, the VAE decode and the bytes.
 fn check_family(name: &str) -> (SdPipeline, Reference) {
     let files = ModelFiles::Dir(root().join("models").join(name));
-    let p = SdPipeline::load(&files, &Device::Cpu, DType::F32).unwrap();
+    let p = SdPipeline::load(&files, &Device::Cpu, DType::F32, Kernels::Candle).unwrap();
     let r = Reference::load(name);
     let (prompt, negative) = (r.s("prompt"), r.s("negative_prompt"));
     let guidance = r.json["guidance_scale"].as_f64().unwrap();
@@ -192,7 +192,7 @@ fn request(seed: u64, prompt: &str) -> GenRequest {
 #[test]
 fn same_seed_same_pixels_and_different_seeds_differ() {
     let files = ModelFiles::Dir(root().join("models/tiny-sd"));
-    let p = SdPipeline::load(&files, &Device::Cpu, DType::F32).unwrap();
+    let p = SdPipeline::load(&files, &Device::Cpu, DType::F32, Kernels::Candle).unwrap();
     let alone = p.generate(&[request(1, "a red fox")], &mut |_, _| true).unwrap().remove(0).rgb;
     let again = p.generate(&[request(1, "a red fox")], &mut |_, _| true).unwrap().remove(0).rgb;
     assert_eq!(alone, again, "same seed, same bytes");

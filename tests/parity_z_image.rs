@@ -17,7 +17,7 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use raftgen::models::files::ModelFiles;
 use raftgen::models::scheduler::{FlowMatchEuler, SamplerKind, Scheduler};
 use raftgen::models::z_image::{self, Conditioning, ZImagePipeline};
-use raftgen::models::GenRequest;
+use raftgen::models::{GenRequest, Kernels};
 
 const TOL: f64 = 1e-3;
 
@@ -29,7 +29,7 @@ fn pipeline() -> &'static ZImagePipeline {
     static P: OnceLock<ZImagePipeline> = OnceLock::new();
     P.get_or_init(|| {
         let files = ModelFiles::Dir(root().join("models/tiny-z-image"));
-        ZImagePipeline::load(&files, &Device::Cpu, DType::F32).expect("loading models/tiny-z-image")
+        ZImagePipeline::load(&files, &Device::Cpu, DType::F32, Kernels::Candle).expect("loading models/tiny-z-image")
     })
 }
 

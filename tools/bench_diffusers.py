@@ -104,6 +104,32 @@ def measure(device, steps, images, reps, warmup_steps, init, step):
     }
 
 
+PROFILES: list = []
+
+
+def profile_step(case, device, init, step):
+    """One step under torch.profiler: the GPU time per kernel category (the
+    same categories as tools/gpu_profile.py cuts the candle side into)."""
+    if not PROFILE_CASES or case["name"] not in PROFILE_CASES or device.type != "cuda":
+        return
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from gpu_profile import table
+
+    x = init()
+    step(0, x)  # warm: autotuning and allocations stay out of the profile
+    sync(device)
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        step(0, x)
+        sync(device)
+    kernels = [(e.name, e.time_range.elapsed_us() / 1e3) for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA]
+    PROFILES.append(table(kernels, f"diffusers {case['name']}, one step"))
+
+
+PROFILE_CASES: set = set()
+
+
 def seeded(shape, seed, dtype, device):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
@@ -144,6 +170,7 @@ def sd15_cases(weights, cases, settings, device, half, allow_mismatch):
 
         m = measure(device, case["steps"], case["images"], settings["reps"], settings["warmup_steps"], init, step)
         out.append((case, m))
+        profile_step(case, device, init, step)
         print_row(case, m)
     del unet
     return out, report
@@ -202,6 +229,7 @@ def zimage_cases(weights, cases, settings, device, half, allow_mismatch):
             device, case["steps"], case["images"], settings["reps"], settings["warmup_steps"], init_and_reset, step_indexed
         )
         out.append((case, m))
+        profile_step(case, device, init_and_reset, step_indexed)
         print_row(case, m)
     del transformer
     return out, report
@@ -221,7 +249,9 @@ def main() -> None:
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--allow-mismatch", action="store_true", help="go on when weight names do not match")
+    ap.add_argument("--profile", default="", help="comma-separated cases to profile one step of (torch.profiler)")
     args = ap.parse_args()
+    PROFILE_CASES.update(c for c in args.profile.split(",") if c)
 
     import diffusers
 
@@ -250,7 +280,7 @@ def main() -> None:
             "tool": "diffusers", "diffusers": diffusers.__version__, "torch": torch.__version__, "device": gpu,
             "settings": settings, "weights": reports,
             "weights_match": all(not r["missing"] and not r["unexpected"] for r in reports.values()),
-            "results": results,
+            "results": results, "profiles": PROFILES,
         }
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=2)

@@ -127,7 +127,17 @@ else
         say "fetching crates (cudarc $cudarc_version's sources give the stub's symbol list)"
         cargo fetch --manifest-path "$repo/Cargo.toml" >&2 || die "cargo fetch failed (no network?)"
         src=$(cudarc_src)
-        [ -n "$src" ] || die "cudarc $cudarc_version's sources not found under ${CARGO_HOME:-$HOME/.cargo}/registry/src after cargo fetch"
+    fi
+    if [ -z "$src" ]; then
+        # `cargo fetch` leaves crates packed in registry/cache; only a build
+        # unpacks them into registry/src, and the default build never builds
+        # cudarc. Unpack the .crate (a gzipped tar) ourselves.
+        crate=$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/*/"cudarc-$cudarc_version.crate" 2>/dev/null | head -n 1)
+        [ -n "$crate" ] || die "cudarc $cudarc_version not found under ${CARGO_HOME:-$HOME/.cargo}/registry after cargo fetch"
+        mkdir -p "$toolkit.src"
+        tar -xzf "$crate" -C "$toolkit.src" || die "unpacking $crate failed"
+        src=$toolkit.src/cudarc-$cudarc_version
+        [ -d "$src/src/driver/sys" ] || die "$crate has no src/driver/sys: cudarc's layout changed, update this script"
     fi
     # cudarc declares each driver function in an `extern "C"` block as
     # `    fn cuName(...) -> CUresult;` (indented; its wrappers are `pub unsafe fn`).

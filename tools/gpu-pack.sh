@@ -1,30 +1,39 @@
 #!/usr/bin/env bash
-# Prepares, on the build machine, the directory tools/gpu-bench.sh runs from on
+# Prepares, on the build machine, the folder tools/gpu-check.sh runs from on
 # the GPU machine (which has no Rust and no network):
 #
 #     tools/gpu-pack.sh [DIR]        # default target/gpu-pack
 #
-# DIR gets: bin/gpu-bench (benches/gpu.rs built with `cargo bench --features
-# cuda --no-run`), bin/kernel-tests (the lib's test binary with the cuda
-# feature: the fused-kernel GPU tests), wheels/ (tools/requirements-gpu-bench.txt
-# downloaded with `pip download --no-deps`; binary wheels for each CPython in
-# $RAFTGEN_GPU_PYTHONS, default "3.10 3.11 3.12 3.13": set it to the GPU
-# machine's `python3 --version` alone to keep the directory small, e.g. when
-# it travels as a carried path of at most 64 MiB), the benchmark's
-# configs, tools/bench_diffusers.py and tools/gpu-bench.sh.
-# Needs the CUDA toolkit env (tools/cuda-toolkit.sh, run here), cargo, pip and
-# network. The cargo builds use the bench/test profiles in target/cuda.
+# DIR gets, small enough to travel as one carried path (the device tool takes
+# at most 64 MiB with the working tree; this is about 25 MiB):
+#   bin/binaries.tar.xz  stripped, in one archive:
+#     raftgen            the node binary with the `cuda` feature (release)
+#     kernel-tests       the lib's test binary with `cuda` (release profile):
+#                        the fused-kernel GPU tests
+#     gpu-bench          benches/gpu.rs (candle stock vs fused, attention)
+#     gpu-bench-cudnn    the same with the `cudnn` feature (candle's
+#                        convolutions through cuDNN; tools/cudnn.sh)
+#   wheels/              what tools/bench_diffusers.py needs beyond the GPU
+#                        machine's PyTorch image: diffusers and the
+#                        huggingface_hub it was tested with (pip download
+#                        --no-deps, CPython $RAFTGEN_GPU_PYTHON, default 3.12)
+#   tools/               gpu-check.sh and the Python helpers it runs
+# gpu-check.sh unpacks the archive with Python's tarfile (no xz needed there). The cargo builds use target/cuda (the CUDA toolkit from
+# tools/cuda-toolkit.sh; about 15 minutes from clean on 2 cores).
+# Needs: cargo, python3 with pip, network (the wheels, the first time).
 set -euo pipefail
 die() { echo "gpu-pack.sh: error: $*" >&2; exit 1; }
 say() { echo "gpu-pack.sh: $*" >&2; }
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 dest=${1:-$repo/target/gpu-pack}
-pythons=${RAFTGEN_GPU_PYTHONS:-3.10 3.11 3.12 3.13}
+pyver=${RAFTGEN_GPU_PYTHON:-3.12}
 python=${PYTHON:-python3}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$repo/target/cuda}
 
-eval "$("$repo/tools/cuda-toolkit.sh")"
+toolkit_env=$("$repo/tools/cuda-toolkit.sh") || die "tools/cuda-toolkit.sh failed"
+eval "$toolkit_env"
+rm -rf "$dest"
 mkdir -p "$dest/bin" "$dest/wheels" "$dest/tools"
 
 # The executable a `cargo --message-format json` build reports for a target.
@@ -37,32 +46,44 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == kind:
         print(m["executable"])' "$1"
 }
-say "building the GPU benchmark (cargo bench --features cuda --no-run)"
-bench=$(cd "$repo" && cargo bench -p raftgen --features cuda --bench gpu --no-run --message-format json | built gpu | tail -n 1)
-[ -x "$bench" ] || die "cargo did not report the gpu bench executable"
-cp "$bench" "$dest/bin/gpu-bench"
-strip --strip-debug "$dest/bin/gpu-bench" 2>/dev/null || say "strip not found: the binary keeps its debug info"
-say "building the kernel tests (cargo test --features cuda --lib --no-run)"
-tests=$(cd "$repo" && cargo test -p raftgen --features cuda --lib --no-run --message-format json | built raftgen | tail -n 1)
-[ -x "$tests" ] || die "cargo did not report the lib test executable"
-cp "$tests" "$dest/bin/kernel-tests"
-strip --strip-debug "$dest/bin/kernel-tests" 2>/dev/null || true
+pack_bin() { # SRC NAME
+    [ -x "$1" ] || die "cargo did not report the $2 executable"
+    cp "$1" "$dest/bin/$2"
+    strip --strip-all "$dest/bin/$2" 2>/dev/null || say "strip not found: $2 keeps its symbols"
+}
+cd "$repo"
+say "building raftgen with the cuda feature (release)"
+exe=$(cargo build --release -p raftgen --features cuda --bin raftgen --message-format json | built raftgen | tail -n 1)
+pack_bin "$exe" raftgen
+say "building the kernel tests (cargo test --release --features cuda --lib --no-run)"
+exe=$(cargo test --release -p raftgen --features cuda --lib --no-run --message-format json | built raftgen | tail -n 1)
+pack_bin "$exe" kernel-tests
+say "building the GPU benchmark (cargo bench --features cuda --bench gpu --no-run)"
+exe=$(cargo bench -p raftgen --features cuda --bench gpu --no-run --message-format json | built gpu | tail -n 1)
+pack_bin "$exe" gpu-bench
+say "building the GPU benchmark with cuDNN convolutions (--features cudnn)"
+cudnn_env=$("$repo/tools/cudnn.sh") || die "tools/cudnn.sh failed"
+exe=$(eval "$cudnn_env" && cargo bench -p raftgen --features cudnn --bench gpu --no-run --message-format json | built gpu | tail -n 1)
+pack_bin "$exe" gpu-bench-cudnn
 
-say "downloading the diffusers wheels into $dest/wheels"
+# One xz archive with a dictionary larger than a binary: the binaries share
+# most of their bytes (candle's PTX), which the archive then stores once
+# (three binaries of 50-80 MB become about 16 MB; gzip would make 70 MB).
+say "compressing the binaries (xz, 256 MiB dictionary; about 2 minutes)"
+tar -C "$dest/bin" -cf - raftgen kernel-tests gpu-bench gpu-bench-cudnn |
+    xz -T1 --lzma2=preset=9e,dict=256MiB -c >"$dest/bin/binaries.tar.xz" || die "xz failed"
+rm -f "$dest/bin"/{raftgen,kernel-tests,gpu-bench,gpu-bench-cudnn}
+
+say "downloading the diffusers wheels (CPython $pyver)"
 req=$repo/tools/requirements-gpu-bench.txt
-mapfile -t pins < <(grep -vE '^\s*(#|$)' "$req")
-# Pure-Python wheels once; the rest for each CPython (pip picks the one that fits).
-for pin in "${pins[@]}"; do
-    if ! "$python" -m pip download --no-deps --only-binary=:all: --platform any --python-version 3.11 \
-        --implementation py --disable-pip-version-check -q -d "$dest/wheels" "$pin" 2>/dev/null; then
-        for v in $pythons; do
-            "$python" -m pip download --no-deps --only-binary=:all: --platform manylinux_2_28_x86_64 \
-                --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --python-version "$v" \
-                --implementation cp --disable-pip-version-check -q -d "$dest/wheels" "$pin" ||
-                die "pip download failed for $pin (CPython $v)"
-        done
-    fi
+# The GPU machine's image has PyTorch, numpy, requests, PyYAML, tqdm, ...:
+# only what it lacks (or has in a version diffusers 0.36 was not tested with).
+for name in diffusers huggingface_hub importlib_metadata; do
+    pin=$(grep -iE "^$name==" "$req") || die "$name is not pinned in $req"
+    "$python" -m pip download --no-deps --only-binary=:all: --python-version "$pyver" --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        --platform any --disable-pip-version-check -q -d "$dest/wheels" "$pin" || die "pip download failed for $pin"
 done
-cp "$req" "$dest/wheels/requirements.txt"
-cp "$repo/tools/bench_diffusers.py" "$repo/tools/gpu-bench.sh" "$dest/tools/"
-say "ready: $(du -sh "$dest" | cut -f1) in $dest; on the GPU machine: bash $dest/tools/gpu-bench.sh"
+cp tools/gpu-check.sh tools/bench_diffusers.py tools/gpu_check_cluster.py tools/gpu_profile.py "$dest/tools/"
+say "ready: $(du -sh "$dest" | cut -f1) in $dest"
+say "on the GPU machine, from the repository root: bash ${dest#"$repo"/}/tools/gpu-check.sh OUTDIR"

@@ -14,12 +14,32 @@ use super::{cpu_f32, cpu_output, cpu_store_like, same_dtype};
 #[derive(Copy, Clone, Debug)]
 pub struct Attention {
     pub scale: f64,
+    /// Which CUDA kernel runs (the CPU reference ignores it).
+    pub kernel: AttentionKernel,
+}
+
+/// The CUDA kernels of [`Attention`].
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub enum AttentionKernel {
+    /// The tensor-core kernel (`attention_mma.cu`) for f16 and bf16 with an
+    /// even head dimension of at most 160 on compute capability 8.0 or newer;
+    /// the SIMT kernel otherwise.
+    #[default]
+    Auto,
+    /// The SIMT kernel (`attention.cu`, f32 arithmetic on the CUDA cores)
+    /// always: the baseline the tensor-core kernel is measured against.
+    Simt,
 }
 
 /// `softmax(q kᵀ · scale) v` for q [B, H, Lq, D], k and v [B, H, Lk, D] (any
 /// leading dimensions shared by all three), all of one dtype.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &Attention { scale })
+    attention_with(q, k, v, scale, AttentionKernel::Auto)
+}
+
+/// [`attention`] with the CUDA kernel chosen by the caller (benchmarks).
+pub fn attention_with(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, kernel: AttentionKernel) -> Result<Tensor> {
+    q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &Attention { scale, kernel })
 }
 
 /// (heads: the product of the leading dimensions, lq, lk, d).
@@ -102,8 +122,11 @@ impl CustomOp3 for Attention {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::cuda_backend::CudaStorageSlice as S;
         let dims = self.dims(ql, kl, vl)?;
+        let mma = self.kernel == AttentionKernel::Auto && gpu::mma_fits(&qs.device, &dims);
         let out = match &qs.slice {
             S::F32(q) => gpu::launch(self, &dims, (q, ql), (ks, kl), (vs, vl), "f32")?,
+            S::F16(q) if mma => gpu::launch_mma(self, &dims, (q, ql), (ks, kl), (vs, vl), "f16")?,
+            S::BF16(q) if mma => gpu::launch_mma(self, &dims, (q, ql), (ks, kl), (vs, vl), "bf16")?,
             S::F16(q) => gpu::launch(self, &dims, (q, ql), (ks, kl), (vs, vl), "f16")?,
             S::BF16(q) => gpu::launch(self, &dims, (q, ql), (ks, kl), (vs, vl), "bf16")?,
             _ => bail!("attention: unsupported dtype {:?}", candle_core::backend::BackendStorage::dtype(qs)),
@@ -123,6 +146,70 @@ mod gpu {
 
     static MODULE: Module =
         Module::new("raftgen_attention", concat!(include_str!("common.cuh"), include_str!("attention.cu")));
+    /// The tensor-core kernels: mma.sync with bf16 operands needs PTX for
+    /// sm_80, which the driver JITs for the device (sm_90 on Hopper).
+    static MMA_MODULE: Module = Module::with_arch(
+        "raftgen_attention_mma",
+        concat!(include_str!("common.cuh"), include_str!("attention_mma.cu")),
+        "compute_80",
+    );
+    /// The padded head dimensions attention_mma.cu instantiates.
+    const MMA_DIMS: [usize; 8] = [16, 32, 48, 64, 80, 96, 128, 160];
+    /// MMA_ROWS in attention_mma.cu: query rows per block (4 warps of 16).
+    const MMA_ROWS: usize = 64;
+
+    /// Whether the tensor-core kernel takes this call: an even head dim of at
+    /// most 160, on compute capability 8.0 or newer.
+    pub(super) fn mma_fits(dev: &candle_core::CudaDevice, dims: &Dims) -> bool {
+        dims.d % 2 == 0
+            && dims.d <= MMA_DIMS[MMA_DIMS.len() - 1]
+            && dims.heads <= 65_535
+            && dims.lq <= i32::MAX as usize
+            && dims.lk <= i32::MAX as usize
+            && compute_major(dev) >= 8
+    }
+
+    /// The device's compute capability major version (0 if unknown), read once.
+    fn compute_major(dev: &candle_core::CudaDevice) -> i32 {
+        static MAJOR: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
+        *MAJOR.get_or_init(|| dev.cuda_stream().context().compute_capability().map_or(0, |(major, _)| major))
+    }
+
+    pub(super) fn launch_mma<T: DeviceRepr + CudaDType>(
+        op: &Attention,
+        dims: &Dims,
+        (q, ql): (&CudaSlice<T>, &Layout),
+        (ks, kl): (&CudaStorage, &Layout),
+        (vs, vl): (&CudaStorage, &Layout),
+        suffix: &str,
+    ) -> Result<CudaStorage> {
+        let &Dims { heads, lq, lk, d } = dims;
+        let Some(&dp) = MMA_DIMS.iter().find(|&&p| p >= d) else {
+            bail!("attention: head dim {d} is too large for the tensor-core kernel");
+        };
+        let dev = &ks.device;
+        let q = view("attention", q, ql)?;
+        let k = view("attention", T::as_cuda_slice(ks)?, kl)?;
+        let v = view("attention", T::as_cuda_slice(vs)?, vl)?;
+        let mut o = alloc_output::<T>(dev, heads * lq * d)?;
+        if heads * lq * d > 0 {
+            let name = format!("attention_mma_{suffix}_{dp}");
+            let func = dev.get_or_load_custom_func(&name, MMA_MODULE.name, MMA_MODULE.ptx()?)?;
+            let scale_log2 = (op.scale * std::f64::consts::LOG2_E) as f32;
+            let (lq32, lk32, d32) = (lq as i32, lk as i32, d as i32);
+            let mut b = func.builder();
+            b.arg(&q).arg(&k).arg(&v).arg(&mut o).arg(&lq32).arg(&lk32).arg(&d32).arg(&scale_log2);
+            let cfg = LaunchConfig {
+                grid_dim: (lq.div_ceil(MMA_ROWS) as u32, heads as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: the arguments match attention_mma_* in attention_mma.cu
+            // (16-bit element pointers; T is f16 or bf16 here).
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        Ok(T::wrap_cuda_slice(o, dev.clone()))
+    }
     /// ATT_WARPS in attention.cu: query rows per block.
     const WARPS: u32 = 8;
     /// 32 * ATT_MAX_DIMS_PER_LANE in attention.cu.
@@ -239,10 +326,15 @@ mod tests {
     #[cfg(feature = "cuda")]
     #[test]
     fn cuda_kernel_matches_unfused_ops() -> Result<()> {
+        use super::{attention_with, AttentionKernel};
         use crate::kernels::test_util::{cuda_device, GPU_TOLERANCES};
         let Some(gpu) = cuda_device() else { return Ok(()) };
-        let cases =
-            CASES.iter().copied().chain([([2, 8], 4096, 4096, 40), ([1, 8], 1024, 77, 160), ([1, 4], 515, 515, 128)]);
+        let cases = CASES.iter().copied().chain([
+            ([2, 8], 4096, 4096, 40),
+            ([1, 8], 1024, 77, 160),
+            ([1, 4], 515, 515, 128),
+            ([1, 2], 200, 70, 64),
+        ]);
         for (n, case) in cases.enumerate() {
             let (q, k, v) = inputs(&case, n as u64, &Device::Cpu)?;
             let scale = 1.0 / (case.3 as f64).sqrt();
@@ -255,9 +347,14 @@ mod tests {
                 let (qg, kg, vg) = (qg?, kg?, vg?);
                 let want = unfused(&qg, &kg, &vg, scale)?;
                 let [qg, kg, vg] = [&qg, &kg, &vg].map(|t| t.to_dtype(dtype));
-                let got = attention(&qg?, &kg?, &vg?, scale)?;
-                let err = rel_err(&got, &want)?;
-                assert!(err <= tolerance, "{case:?} {dtype:?}: relative error {err}");
+                let (qg, kg, vg) = (qg?, kg?, vg?);
+                // Auto is the tensor-core kernel for f16/bf16 where it fits.
+                for kernel in [AttentionKernel::Auto, AttentionKernel::Simt] {
+                    let got = attention_with(&qg, &kg, &vg, scale, kernel)?;
+                    let err = rel_err(&got, &want)?;
+                    eprintln!("attention {case:?} {dtype:?} {kernel:?}: relative error {err:.2e}");
+                    assert!(err <= tolerance, "{case:?} {dtype:?} {kernel:?}: relative error {err}");
+                }
             }
         }
         Ok(())

@@ -13,19 +13,28 @@ pub(crate) struct Module {
     /// The name candle caches the loaded module under (per device).
     pub name: &'static str,
     src: &'static str,
+    /// NVRTC's `--gpu-architecture` (its default when `None`).
+    arch: Option<&'static str>,
     ptx: OnceLock<std::result::Result<String, String>>,
 }
 
 impl Module {
     pub(crate) const fn new(name: &'static str, src: &'static str) -> Self {
-        Module { name, src, ptx: OnceLock::new() }
+        Module { name, src, arch: None, ptx: OnceLock::new() }
+    }
+
+    /// A module whose PTX targets `arch` (e.g. `compute_80`), for
+    /// instructions the default target lacks.
+    pub(crate) const fn with_arch(name: &'static str, src: &'static str, arch: &'static str) -> Self {
+        Module { name, src, arch: Some(arch), ptx: OnceLock::new() }
     }
 
     /// The module's PTX, compiled by NVRTC for the driver to JIT to the
     /// device at load; a compile error is kept and returned on every call.
     pub(crate) fn ptx(&self) -> Result<&str> {
         let ptx = self.ptx.get_or_init(|| {
-            let opts = CompileOptions { name: Some(format!("{}.cu", self.name)), ..Default::default() };
+            let opts =
+                CompileOptions { name: Some(format!("{}.cu", self.name)), arch: self.arch, ..Default::default() };
             compile_ptx_with_opts(self.src, opts).map(|p| p.to_src()).map_err(|e| e.to_string())
         });
         match ptx {

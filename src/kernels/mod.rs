@@ -49,7 +49,7 @@ mod geglu;
 mod group_norm_silu;
 mod guided_step;
 
-pub use attention::{attention, Attention};
+pub use attention::{attention, attention_with, Attention, AttentionKernel};
 pub use geglu::{geglu, Geglu, Gelu};
 pub use group_norm_silu::{group_norm_silu, GroupNormSilu};
 pub use guided_step::{guided_step, Guidance, GuidedStep};

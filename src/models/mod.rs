@@ -5,16 +5,19 @@
 //! pipeline that turns a batch of [`GenRequest`]s into images. The device and
 //! dtype are parameters everywhere, so a GPU backend only adds a `Device`.
 
+pub mod blocks;
 pub mod catalog;
 pub mod files;
 pub mod noise;
 pub mod scheduler;
 pub mod sd;
 pub mod tokenizer;
+pub mod vae;
 pub mod z_image;
 
 use candle_core::{DType, Device, Tensor};
 
+pub use self::blocks::Kernels;
 use self::files::ModelFiles;
 pub use self::scheduler::SamplerKind;
 
@@ -112,10 +115,22 @@ pub enum Pipeline {
 }
 
 impl Pipeline {
+    /// Loads a model with the kernels that suit `device` ([`Kernels::for_device`]).
     pub fn load(family: Family, files: &ModelFiles, device: &Device, dtype: DType) -> anyhow::Result<Pipeline> {
+        Pipeline::load_with(family, files, device, dtype, Kernels::for_device(device))
+    }
+
+    /// Loads a model running `kernels` (tests and benchmarks compare both).
+    pub fn load_with(
+        family: Family,
+        files: &ModelFiles,
+        device: &Device,
+        dtype: DType,
+        kernels: Kernels,
+    ) -> anyhow::Result<Pipeline> {
         Ok(match family {
-            Family::StableDiffusion => Pipeline::Sd(Box::new(sd::SdPipeline::load(files, device, dtype)?)),
-            Family::ZImage => Pipeline::ZImage(Box::new(z_image::ZImagePipeline::load(files, device, dtype)?)),
+            Family::StableDiffusion => Pipeline::Sd(Box::new(sd::SdPipeline::load(files, device, dtype, kernels)?)),
+            Family::ZImage => Pipeline::ZImage(Box::new(z_image::ZImagePipeline::load(files, device, dtype, kernels)?)),
         })
     }
 

@@ -10,17 +10,19 @@ pub mod clip;
 pub mod unet;
 
 use anyhow::{bail, Context};
-use candle_core::{DType, Device, Tensor};
-use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
+use candle_core::{DType, Device, Module, Tensor};
 use serde::Deserialize;
 
 use self::clip::{ClipConfig, ClipTextModel};
 use self::unet::{UNet, UNetConfig};
+use super::blocks::Kernels;
 use super::files::ModelFiles;
 use super::noise::{batch_noise, NoiseStream};
 use super::scheduler::{self, SamplerKind, SchedulerConfig};
 use super::tokenizer::ClipTokenizer;
+use super::vae::{Decoder, DecoderConfig};
 use super::{Cancelled, GenOutput, GenRequest, ModelMeta, Progress};
+use crate::kernels::{guided_step, Guidance};
 
 #[derive(Clone, Debug, Deserialize)]
 pub struct VaeConfig {
@@ -72,25 +74,21 @@ impl VaeConfig {
         1 << (self.block_out_channels.len().saturating_sub(1))
     }
 
-    pub fn load(files: &ModelFiles, vb: candle_nn::VarBuilder) -> anyhow::Result<(Self, AutoEncoderKL)> {
+    /// The config and the decoder (text-to-image never encodes).
+    pub fn load(files: &ModelFiles, vb: candle_nn::VarBuilder, kernels: Kernels) -> anyhow::Result<(Self, Decoder)> {
         let cfg: VaeConfig = files.json("vae/config.json")?;
         if !cfg.mid_block_add_attention {
             bail!("vae config: mid_block_add_attention false is not supported");
         }
-        let vae = AutoEncoderKL::new(
-            vb,
-            cfg.in_channels,
-            cfg.out_channels,
-            AutoEncoderKLConfig {
-                block_out_channels: cfg.block_out_channels.clone(),
-                layers_per_block: cfg.layers_per_block,
-                latent_channels: cfg.latent_channels,
-                norm_num_groups: cfg.norm_num_groups,
-                use_quant_conv: cfg.use_quant_conv,
-                use_post_quant_conv: cfg.use_post_quant_conv,
-            },
-        )?;
-        Ok((cfg, vae))
+        let dc = DecoderConfig {
+            latent_channels: cfg.latent_channels,
+            out_channels: cfg.out_channels,
+            block_out_channels: cfg.block_out_channels.clone(),
+            layers_per_block: cfg.layers_per_block,
+            norm_num_groups: cfg.norm_num_groups,
+            use_post_quant_conv: cfg.use_post_quant_conv,
+        };
+        Ok((cfg, Decoder::new(&dc, vb, kernels)?))
     }
 
     /// Latents as the sampler leaves them → the decoder's input.
@@ -149,8 +147,9 @@ pub struct Conditioning {
 pub struct SdPipeline {
     encoders: Vec<TextEncoder>,
     unet: UNet,
-    vae: AutoEncoderKL,
+    vae: Decoder,
     vae_config: VaeConfig,
+    kernels: Kernels,
     scheduler: SchedulerConfig,
     force_zeros_for_empty_prompt: bool,
     device: Device,
@@ -158,7 +157,7 @@ pub struct SdPipeline {
 }
 
 impl SdPipeline {
-    pub fn load(files: &ModelFiles, device: &Device, dtype: DType) -> anyhow::Result<Self> {
+    pub fn load(files: &ModelFiles, device: &Device, dtype: DType, kernels: Kernels) -> anyhow::Result<Self> {
         let index: ModelIndex = files.json("model_index.json").unwrap_or_default();
         let mut encoders = Vec::new();
         for (enc_dir, tok_dir) in [("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")] {
@@ -176,12 +175,12 @@ impl SdPipeline {
             bail!("{}: no text_encoder/config.json", files.describe());
         }
         let unet_cfg: UNetConfig = files.json("unet/config.json")?;
-        let unet = UNet::new(&unet_cfg, files.var_builder("unet", dtype, device)?).context("loading unet")?;
+        let unet = UNet::new(&unet_cfg, files.var_builder("unet", dtype, device)?, kernels).context("loading unet")?;
         if unet.wants_text_time() && encoders.len() != 2 {
             bail!("an SDXL UNet needs two text encoders");
         }
         let (vae_config, vae) =
-            VaeConfig::load(files, files.var_builder("vae", dtype, device)?).context("loading vae")?;
+            VaeConfig::load(files, files.var_builder("vae", dtype, device)?, kernels).context("loading vae")?;
         let scheduler: SchedulerConfig = files.json("scheduler/scheduler_config.json")?;
         let xl = unet.wants_text_time();
         Ok(SdPipeline {
@@ -189,11 +188,17 @@ impl SdPipeline {
             unet,
             vae,
             vae_config,
+            kernels,
             scheduler,
             force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt.unwrap_or(xl),
             device: device.clone(),
             dtype,
         })
+    }
+
+    /// Latent channels (4).
+    pub fn latent_channels(&self) -> usize {
+        self.unet.config.in_channels
     }
 
     pub fn scheduler_config(&self) -> &SchedulerConfig {
@@ -297,6 +302,20 @@ impl SdPipeline {
             let x = if cond.guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
             let x = sched.scale_model_input(&x, i)?;
             let out = self.denoise(&x, t, cond)?;
+            // Fused: the guidance combine and the sampler's update in one kernel.
+            if let (Kernels::Fused, Some(step)) = (self.kernels, sched.linear_step(i)) {
+                let g = if cond.guided { Guidance::UncondFirst(guidance) } else { Guidance::None };
+                let noise = if sampler == SamplerKind::EulerAncestral {
+                    Some(batch_noise(streams, &latent_shape, &self.device)?.to_dtype(self.dtype)?)
+                } else {
+                    None
+                };
+                latents = guided_step(&out, &latents, noise.as_ref(), g, step)?;
+                if !progress(i + 1, steps) {
+                    return Err(Cancelled.into());
+                }
+                continue;
+            }
             let out = if cond.guided {
                 let b = latents.dim(0)?;
                 let (unc, txt) = (out.narrow(0, 0, b)?, out.narrow(0, b, b)?);
@@ -315,7 +334,7 @@ impl SdPipeline {
 
     /// Decodes latents to images in [-1, 1], [B, 3, H, W].
     pub fn decode(&self, latents: &Tensor) -> candle_core::Result<Tensor> {
-        self.vae.decode(&self.vae_config.unscale(latents)?)
+        self.vae.forward(&self.vae_config.unscale(latents)?)
     }
 
     /// Runs a batch of requests that share size, steps, sampler and guidance.

@@ -1,15 +1,21 @@
 //! The SD-family denoiser: a UNet with cross-attention (Rombach et al. 2022),
 //! sized by `unet/config.json`.
 //!
-//! The blocks are candle's; the top level is ours because SDXL conditions the
-//! time embedding on the pooled text embedding and the size/crop ids
-//! (`addition_embed_type: "text_time"`), which candle's UNet omits.
+//! The blocks are ours (`models::blocks`, so that they can run the fused
+//! kernels), with diffusers' parameter names; the top level is ours too
+//! because SDXL conditions the time embedding on the pooled text embedding
+//! and the size/crop ids (`addition_embed_type: "text_time"`), which candle's
+//! UNet omits.
 
 use anyhow::{bail, Context};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
-use candle_transformers::models::stable_diffusion::unet_2d_blocks::*;
+
+use crate::models::blocks::norm::GroupNorm;
+use crate::models::blocks::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
+use crate::models::blocks::transformer::{SpatialTransformer, SpatialTransformerConfig};
+use crate::models::blocks::Kernels;
 use serde::Deserialize;
 
 /// A diffusers config value that is either one number or one per block.
@@ -111,14 +117,80 @@ fn heads_default() -> PerBlock {
     PerBlock::One(8)
 }
 
-enum Down {
-    Basic(DownBlock2D),
-    CrossAttn(CrossAttnDownBlock2D),
+/// A down level: ResNet blocks, each followed by a spatial transformer on
+/// cross-attention levels, then (except on the last level) a downsampler.
+/// Every block's output is kept for the up path's skip connections.
+struct DownBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<SpatialTransformer>,
+    downsampler: Option<Downsample2D>,
 }
 
-enum Up {
-    Basic(UpBlock2D),
-    CrossAttn(CrossAttnUpBlock2D),
+impl DownBlock {
+    fn forward(&self, xs: &Tensor, temb: &Tensor, context: &Tensor, skips: &mut Vec<Tensor>) -> Result<Tensor> {
+        let mut xs = xs.clone();
+        for (i, resnet) in self.resnets.iter().enumerate() {
+            xs = resnet.forward(&xs, Some(temb))?;
+            if let Some(attn) = self.attentions.get(i) {
+                xs = attn.forward(&xs, context)?;
+            }
+            skips.push(xs.clone());
+        }
+        if let Some(down) = &self.downsampler {
+            xs = down.forward(&xs)?;
+            skips.push(xs.clone());
+        }
+        Ok(xs)
+    }
+}
+
+/// An up level: each ResNet block takes the previous output concatenated
+/// with a skip connection (the latest first), then the transformer on
+/// cross-attention levels; then (except on the last level) an upsampler.
+struct UpBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<SpatialTransformer>,
+    upsampler: Option<Upsample2D>,
+}
+
+impl UpBlock {
+    fn forward(
+        &self,
+        xs: &Tensor,
+        skips: &mut Vec<Tensor>,
+        temb: &Tensor,
+        context: &Tensor,
+        upsample_size: Option<(usize, usize)>,
+    ) -> Result<Tensor> {
+        let mut xs = xs.clone();
+        for (i, resnet) in self.resnets.iter().enumerate() {
+            let Some(skip) = skips.pop() else { candle_core::bail!("unet: a skip connection is missing") };
+            xs = resnet.forward(&Tensor::cat(&[&xs, &skip], 1)?, Some(temb))?;
+            if let Some(attn) = self.attentions.get(i) {
+                xs = attn.forward(&xs, context)?;
+            }
+        }
+        match &self.upsampler {
+            Some(up) => up.forward(&xs, upsample_size),
+            None => Ok(xs),
+        }
+    }
+}
+
+/// The bottleneck: ResNet, then (transformer, ResNet) pairs.
+struct MidBlock {
+    resnet: ResnetBlock2D,
+    attn_resnets: Vec<(SpatialTransformer, ResnetBlock2D)>,
+}
+
+impl MidBlock {
+    fn forward(&self, xs: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let mut xs = self.resnet.forward(xs, Some(temb))?;
+        for (attn, resnet) in &self.attn_resnets {
+            xs = resnet.forward(&attn.forward(&xs, context)?, Some(temb))?;
+        }
+        Ok(xs)
+    }
 }
 
 struct AddEmbedding {
@@ -131,16 +203,17 @@ pub struct UNet {
     time_proj: Timesteps,
     time_embedding: TimestepEmbedding,
     add: Option<AddEmbedding>,
-    down: Vec<Down>,
-    mid: UNetMidBlock2DCrossAttn,
-    up: Vec<Up>,
-    norm_out: candle_nn::GroupNorm,
+    down: Vec<DownBlock>,
+    mid: MidBlock,
+    up: Vec<UpBlock>,
+    norm_out: GroupNorm,
     conv_out: candle_nn::Conv2d,
     pub config: UNetConfig,
 }
 
 impl UNet {
-    pub fn new(cfg: &UNetConfig, vb: VarBuilder) -> anyhow::Result<Self> {
+    /// The UNet of `cfg` with the weights in `vb`, running `kernels`.
+    pub fn new(cfg: &UNetConfig, vb: VarBuilder, kernels: Kernels) -> anyhow::Result<Self> {
         let n = cfg.block_out_channels.len();
         if n == 0 || cfg.down_block_types.len() != n || cfg.up_block_types.len() != n {
             bail!("unet config: block_out_channels, down_block_types and up_block_types must have the same length");
@@ -213,74 +286,81 @@ impl UNet {
             Some(other) => bail!("unet config: addition_embed_type '{other}' is not supported"),
         };
         let tlayers = |i: usize| cfg.transformer_layers_per_block.get(i, "transformer_layers_per_block");
+        let (groups, eps) = (cfg.norm_num_groups, cfg.norm_eps);
+        let resnet = |in_channels: usize, out_channels: usize, scale: f64, vb: VarBuilder| {
+            let c = ResnetConfig {
+                in_channels,
+                out_channels,
+                temb_channels: Some(time_dim),
+                groups,
+                eps,
+                output_scale_factor: scale,
+            };
+            ResnetBlock2D::new(c, vb, kernels)
+        };
+        let transformer = |channels: usize, level: usize, vb: VarBuilder| -> anyhow::Result<SpatialTransformer> {
+            let c = SpatialTransformerConfig {
+                channels,
+                heads: heads(level)?,
+                depth: tlayers(level)?,
+                groups,
+                context_dim: cross_dim,
+                use_linear_projection: cfg.use_linear_projection,
+            };
+            Ok(SpatialTransformer::new(c, vb, kernels)?)
+        };
         let mut down = Vec::with_capacity(n);
         for i in 0..n {
             let in_ch = if i == 0 { ch0 } else { cfg.block_out_channels[i - 1] };
             let out_ch = cfg.block_out_channels[i];
-            let db = DownBlock2DConfig {
-                num_layers: layers,
-                resnet_eps: cfg.norm_eps,
-                resnet_groups: cfg.norm_num_groups,
-                add_downsample: i + 1 < n,
-                downsample_padding: cfg.downsample_padding,
-                ..Default::default()
-            };
             let vbi = vb.pp(format!("down_blocks.{i}"));
-            down.push(if cross(&cfg.down_block_types[i]) {
-                let c = CrossAttnDownBlock2DConfig {
-                    downblock: db,
-                    attn_num_head_channels: heads(i)?,
-                    cross_attention_dim: cross_dim,
-                    sliced_attention_size: None,
-                    use_linear_projection: cfg.use_linear_projection,
-                    transformer_layers_per_block: tlayers(i)?,
-                };
-                Down::CrossAttn(CrossAttnDownBlock2D::new(vbi, in_ch, out_ch, Some(time_dim), false, c)?)
-            } else {
-                Down::Basic(DownBlock2D::new(vbi, in_ch, out_ch, Some(time_dim), db)?)
-            });
+            let mut block = DownBlock { resnets: Vec::new(), attentions: Vec::new(), downsampler: None };
+            for j in 0..layers {
+                let vbr = vbi.pp("resnets").pp(j.to_string());
+                block.resnets.push(resnet(if j == 0 { in_ch } else { out_ch }, out_ch, 1.0, vbr)?);
+                if cross(&cfg.down_block_types[i]) {
+                    block.attentions.push(transformer(out_ch, i, vbi.pp("attentions").pp(j.to_string()))?);
+                }
+            }
+            if i + 1 < n {
+                block.downsampler =
+                    Some(Downsample2D::new(out_ch, cfg.downsample_padding, vbi.pp("downsamplers").pp("0"))?);
+            }
+            down.push(block);
         }
         let last = cfg.block_out_channels[n - 1];
-        let mid_cfg = UNetMidBlock2DCrossAttnConfig {
-            resnet_eps: cfg.norm_eps,
-            output_scale_factor: cfg.mid_block_scale_factor,
-            cross_attn_dim: cross_dim,
-            attn_num_head_channels: heads(n - 1)?,
-            resnet_groups: Some(cfg.norm_num_groups),
-            use_linear_projection: cfg.use_linear_projection,
-            transformer_layers_per_block: tlayers(n - 1)?,
-            ..Default::default()
+        let vbm = vb.pp("mid_block");
+        let scale = cfg.mid_block_scale_factor;
+        let mid = MidBlock {
+            resnet: resnet(last, last, scale, vbm.pp("resnets").pp("0"))?,
+            attn_resnets: vec![(
+                transformer(last, n - 1, vbm.pp("attentions").pp("0"))?,
+                resnet(last, last, scale, vbm.pp("resnets").pp("1"))?,
+            )],
         };
-        let mid = UNetMidBlock2DCrossAttn::new(vb.pp("mid_block"), last, Some(time_dim), false, mid_cfg)?;
         let mut up = Vec::with_capacity(n);
         for i in 0..n {
             let r = n - 1 - i; // the mirrored down block
             let out_ch = cfg.block_out_channels[r];
             let prev_out = if i == 0 { last } else { cfg.block_out_channels[r + 1] };
-            let in_ch = cfg.block_out_channels[r.saturating_sub(1)];
-            let ub = UpBlock2DConfig {
-                num_layers: layers + 1,
-                resnet_eps: cfg.norm_eps,
-                resnet_groups: cfg.norm_num_groups,
-                add_upsample: i + 1 < n,
-                ..Default::default()
-            };
+            let skip_in = cfg.block_out_channels[r.saturating_sub(1)];
             let vbi = vb.pp(format!("up_blocks.{i}"));
-            up.push(if cross(&cfg.up_block_types[i]) {
-                let c = CrossAttnUpBlock2DConfig {
-                    upblock: ub,
-                    attn_num_head_channels: heads(r)?,
-                    cross_attention_dim: cross_dim,
-                    sliced_attention_size: None,
-                    use_linear_projection: cfg.use_linear_projection,
-                    transformer_layers_per_block: tlayers(r)?,
-                };
-                Up::CrossAttn(CrossAttnUpBlock2D::new(vbi, in_ch, prev_out, out_ch, Some(time_dim), false, c)?)
-            } else {
-                Up::Basic(UpBlock2D::new(vbi, in_ch, prev_out, out_ch, Some(time_dim), ub)?)
-            });
+            let mut block = UpBlock { resnets: Vec::new(), attentions: Vec::new(), upsampler: None };
+            for j in 0..layers + 1 {
+                // The last ResNet of a level takes the skip from before the level.
+                let skip = if j == layers { skip_in } else { out_ch };
+                let from = if j == 0 { prev_out } else { out_ch };
+                block.resnets.push(resnet(from + skip, out_ch, 1.0, vbi.pp("resnets").pp(j.to_string()))?);
+                if cross(&cfg.up_block_types[i]) {
+                    block.attentions.push(transformer(out_ch, r, vbi.pp("attentions").pp(j.to_string()))?);
+                }
+            }
+            if i + 1 < n {
+                block.upsampler = Some(Upsample2D::new(out_ch, vbi.pp("upsamplers").pp("0"))?);
+            }
+            up.push(block);
         }
-        let norm_out = candle_nn::group_norm(cfg.norm_num_groups, ch0, cfg.norm_eps, vb.pp("conv_norm_out"))?;
+        let norm_out = GroupNorm::new(groups, ch0, eps, vb.pp("conv_norm_out"), kernels)?;
         let conv_out = candle_nn::conv2d(ch0, cfg.out_channels, 3, conv, vb.pp("conv_out"))?;
         Ok(UNet { conv_in, time_proj, time_embedding, add, down, mid, up, norm_out, conv_out, config: cfg.clone() })
     }
@@ -315,36 +395,30 @@ impl UNet {
             let add_in = Tensor::cat(&[pooled, &time.to_dtype(pooled.dtype())?], 1)?;
             emb = (emb + add.embedding.forward(&add_in)?)?;
         }
+        // Every ResNet block projects silu(emb): computed once per step.
+        let temb = candle_nn::ops::silu(&emb)?;
         let xs = self.conv_in.forward(&xs)?;
-        let mut residuals = vec![xs.clone()];
+        let mut skips = vec![xs.clone()];
         let mut xs = xs;
         for block in &self.down {
-            let (out, res) = match block {
-                Down::Basic(d) => d.forward(&xs, Some(&emb))?,
-                Down::CrossAttn(d) => d.forward(&xs, Some(&emb), Some(context))?,
-            };
-            residuals.extend(res);
-            xs = out;
+            xs = block.forward(&xs, &temb, context, &mut skips)?;
         }
-        let mut xs = self.mid.forward(&xs, Some(&emb), Some(context))?;
+        let mut xs = self.mid.forward(&xs, &temb, context)?;
         for (i, block) in self.up.iter().enumerate() {
-            let n_res = match block {
-                Up::Basic(u) => u.resnets.len(),
-                Up::CrossAttn(u) => u.upblock.resnets.len(),
-            };
-            let res = residuals.split_off(residuals.len() - n_res);
+            // The skip this level's upsampler must match, when a side was odd:
+            // the one left after this level takes its own.
             let size = if i + 1 < n && odd_size {
-                let (_, _, h, w) = residuals.last().expect("residuals remain for every upsampling block").dims4()?;
+                let left = skips.len().checked_sub(block.resnets.len() + 1);
+                let Some(skip) = left.and_then(|k| skips.get(k)) else {
+                    candle_core::bail!("unet: a skip connection is missing")
+                };
+                let (_, _, h, w) = skip.dims4()?;
                 Some((h, w))
             } else {
                 None
             };
-            xs = match block {
-                Up::Basic(u) => u.forward(&xs, &res, Some(&emb), size)?,
-                Up::CrossAttn(u) => u.forward(&xs, &res, Some(&emb), size, Some(context))?,
-            };
+            xs = block.forward(&xs, &mut skips, &temb, context, size)?;
         }
-        let xs = candle_nn::ops::silu(&self.norm_out.forward(&xs)?)?;
-        self.conv_out.forward(&xs)
+        self.conv_out.forward(&self.norm_out.forward_silu(&xs)?)
     }
 }

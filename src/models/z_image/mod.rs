@@ -21,20 +21,23 @@
 //! Where candle's top-level transformer differs from diffusers (sequence
 //! padding, pad tokens, RoPE precision), [`transformer`] has our version.
 
+pub mod block;
 pub mod transformer;
 
 use anyhow::{bail, ensure, Context};
 use candle_core::{DType, Device, Module, Tensor};
-use candle_transformers::models::z_image::vae::{Decoder, VaeConfig};
 use candle_transformers::models::z_image::{Config, TextEncoderConfig, ZImageTextEncoder};
 use serde::Deserialize;
 
 use self::transformer::{ZImageTransformer, PATCH_SIZE};
+use super::blocks::Kernels;
 use super::files::ModelFiles;
 use super::noise::{batch_noise, NoiseStream};
 use super::scheduler::{FlowMatchEuler, SamplerKind, Scheduler, SchedulerConfig};
 use super::tokenizer::{Encoded, JsonTokenizer};
+use super::vae::{Decoder, DecoderConfig};
 use super::{Cancelled, GenOutput, GenRequest, ModelMeta, Progress};
+use crate::kernels::{guided_step, Guidance};
 
 /// Tokens the text encoder takes (the pipeline's `max_sequence_length`),
 /// chat template included.
@@ -52,8 +55,6 @@ pub fn chat_template(prompt: &str) -> String {
 /// The fields of `vae/config.json` we use.
 #[derive(Clone, Debug, Deserialize)]
 struct VaeFile {
-    #[serde(default = "three")]
-    in_channels: usize,
     #[serde(default = "three")]
     out_channels: usize,
     #[serde(default = "sixteen")]
@@ -136,12 +137,13 @@ pub struct ZImagePipeline {
     vae_shift: f64,
     vae_downscale: usize,
     scheduler: SchedulerConfig,
+    kernels: Kernels,
     device: Device,
     dtype: DType,
 }
 
 impl ZImagePipeline {
-    pub fn load(files: &ModelFiles, device: &Device, dtype: DType) -> anyhow::Result<Self> {
+    pub fn load(files: &ModelFiles, device: &Device, dtype: DType, kernels: Kernels) -> anyhow::Result<Self> {
         let tokenizer = JsonTokenizer::load(files, "tokenizer")?;
         let te_cfg: TextEncoderConfig = files.json("text_encoder/config.json")?;
         ensure!(te_cfg.num_hidden_layers >= 2, "text encoder: hidden_states[-2] needs at least 2 layers");
@@ -155,7 +157,7 @@ impl ZImagePipeline {
             t_cfg.cap_feat_dim,
             te_cfg.hidden_size
         );
-        let transformer = ZImageTransformer::new(&t_cfg, files.var_builder("transformer", dtype, device)?)
+        let transformer = ZImageTransformer::new(&t_cfg, files.var_builder("transformer", dtype, device)?, kernels)
             .context("loading transformer")?;
 
         let vf: VaeFile = files.json("vae/config.json")?;
@@ -168,19 +170,16 @@ impl ZImagePipeline {
             vf.latent_channels,
             t_cfg.in_channels
         );
-        let vae_cfg = VaeConfig {
-            in_channels: vf.in_channels,
-            out_channels: vf.out_channels,
+        let vae_cfg = DecoderConfig {
             latent_channels: vf.latent_channels,
+            out_channels: vf.out_channels,
             block_out_channels: vf.block_out_channels.clone(),
             layers_per_block: vf.layers_per_block,
-            scaling_factor: vf.scaling_factor,
-            shift_factor: vf.shift_factor.unwrap_or(0.0),
             norm_num_groups: vf.norm_num_groups,
+            use_post_quant_conv: false,
         };
         // Only the decoder: text-to-image never encodes.
-        let vae =
-            Decoder::new(&vae_cfg, files.var_builder("vae", dtype, device)?.pp("decoder")).context("loading vae")?;
+        let vae = Decoder::new(&vae_cfg, files.var_builder("vae", dtype, device)?, kernels).context("loading vae")?;
 
         let scheduler: SchedulerConfig = files.json("scheduler/scheduler_config.json")?;
         if scheduler.kind().is_some_and(|k| k != SamplerKind::FlowMatchEuler) {
@@ -197,6 +196,7 @@ impl ZImagePipeline {
             vae_shift: vf.shift_factor.unwrap_or(0.0),
             vae_downscale: vf.downscale(),
             scheduler,
+            kernels,
             device: device.clone(),
             dtype,
         })
@@ -296,13 +296,17 @@ impl ZImagePipeline {
 
     /// The scheduler's model output for latents ([B, C, h, w], f32) at `sigma`.
     pub fn velocity(&self, latents: &Tensor, sigma: f64, cond: &Conditioning, guidance: f64) -> anyhow::Result<Tensor> {
+        Ok(Self::model_output(&self.transformer_output(latents, sigma, cond)?, cond.guided, guidance)?)
+    }
+
+    /// The transformer's raw output ([rows, C, 1, h, w]) for latents at `sigma`.
+    fn transformer_output(&self, latents: &Tensor, sigma: f64, cond: &Conditioning) -> anyhow::Result<Tensor> {
         let x = latents.to_dtype(self.dtype)?.unsqueeze(2)?;
         let x = if cond.guided { Tensor::cat(&[&x, &x], 0)? } else { x };
         let rows = x.dim(0)?;
         ensure!(rows == cond.captions.len(), "{rows} transformer rows but {} captions", cond.captions.len());
         let t = Tensor::from_vec(vec![self.model_time(sigma); rows], rows, &self.device)?;
-        let out = self.transformer.forward(&x, &t, &cond.captions)?;
-        Ok(Self::model_output(&out, cond.guided, guidance)?)
+        self.transformer.forward(&x, &t, &cond.captions)
     }
 
     /// Runs the sampler from `init_noise` (standard normal, [B, C, h, w]);
@@ -321,6 +325,19 @@ impl ZImagePipeline {
         let mut no_noise =
             |_: &[usize]| -> candle_core::Result<Tensor> { candle_core::bail!("flow-matching Euler draws no noise") };
         for i in 0..steps {
+            // Fused: the guidance combine and the Euler update in one kernel,
+            // the prediction's negation folded into the step's coefficient.
+            if let (Kernels::Fused, Some(mut step)) = (self.kernels, sched.linear_step(i)) {
+                let out = self.transformer_output(&latents, sched.sigmas()[i], cond)?;
+                let out = out.to_dtype(DType::F32)?.squeeze(2)?;
+                step.model_output = -step.model_output;
+                let g = if cond.guided { Guidance::CondFirst(guidance) } else { Guidance::None };
+                latents = guided_step(&out, &latents, None, g, step)?;
+                if !progress(i + 1, steps) {
+                    return Err(Cancelled.into());
+                }
+                continue;
+            }
             let v = self.velocity(&latents, sched.sigmas()[i], cond, guidance)?;
             latents = sched.step(&v, i, &latents, &mut no_noise)?;
             if !progress(i + 1, steps) {
@@ -404,7 +421,9 @@ mod tests {
 
     fn pipeline() -> &'static ZImagePipeline {
         static P: OnceLock<ZImagePipeline> = OnceLock::new();
-        P.get_or_init(|| ZImagePipeline::load(&files(), &Device::Cpu, DType::F32).expect("loading tiny-z-image"))
+        P.get_or_init(|| {
+            ZImagePipeline::load(&files(), &Device::Cpu, DType::F32, Kernels::Candle).expect("loading tiny-z-image")
+        })
     }
 
     fn req(prompt: &str, seed: u64) -> GenRequest {

@@ -40,8 +40,11 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
 use candle_transformers::models::with_tracing::RmsNorm;
 use candle_transformers::models::z_image::transformer::{
-    patchify, unpatchify, Config, FinalLayer, TimestepEmbedder, ZImageTransformerBlock, ADALN_EMBED_DIM, SEQ_MULTI_OF,
+    patchify, unpatchify, Config, FinalLayer, TimestepEmbedder, ADALN_EMBED_DIM, SEQ_MULTI_OF,
 };
+
+use super::block::ZImageBlock;
+use crate::models::blocks::Kernels;
 
 /// The patch sizes diffusers' `ZImagePipeline` calls the transformer with
 /// (its `forward` defaults): 2×2 spatial, 1 frame.
@@ -63,9 +66,9 @@ pub struct ZImageTransformer {
     /// [1, dim] each.
     x_pad_token: Tensor,
     cap_pad_token: Tensor,
-    noise_refiner: Vec<ZImageTransformerBlock>,
-    context_refiner: Vec<ZImageTransformerBlock>,
-    layers: Vec<ZImageTransformerBlock>,
+    noise_refiner: Vec<ZImageBlock>,
+    context_refiner: Vec<ZImageBlock>,
+    layers: Vec<ZImageBlock>,
     /// Per RoPE axis, `1 / theta^(2j / d)` for `j < d / 2`.
     inv_freqs: Vec<Vec<f64>>,
     dtype: DType,
@@ -74,7 +77,7 @@ pub struct ZImageTransformer {
 impl ZImageTransformer {
     /// Checks that the config is one the candle blocks compute the way
     /// diffusers does, and loads the weights.
-    pub fn new(cfg: &Config, vb: VarBuilder) -> anyhow::Result<Self> {
+    pub fn new(cfg: &Config, vb: VarBuilder, kernels: Kernels) -> anyhow::Result<Self> {
         let mut cfg = cfg.clone();
         let key = format!("{PATCH_SIZE}-{F_PATCH_SIZE}");
         ensure!(
@@ -108,8 +111,8 @@ impl ZImageTransformer {
         let final_layer = FinalLayer::new(cfg.dim, patch_dim, vb.pp("all_final_layer").pp(&key))?;
         let x_pad_token = vb.get((1, cfg.dim), "x_pad_token")?;
         let cap_pad_token = vb.get((1, cfg.dim), "cap_pad_token")?;
-        let blocks = |name: &str, n: usize, modulation: bool| -> candle_core::Result<Vec<ZImageTransformerBlock>> {
-            (0..n).map(|i| ZImageTransformerBlock::new(&cfg, modulation, vb.pp(name).pp(i))).collect()
+        let blocks = |name: &str, n: usize, modulation: bool| -> candle_core::Result<Vec<ZImageBlock>> {
+            (0..n).map(|i| ZImageBlock::new(&cfg, modulation, vb.pp(name).pp(i), kernels)).collect()
         };
         let noise_refiner = blocks("noise_refiner", cfg.n_refiner_layers, true)?;
         let context_refiner = blocks("context_refiner", cfg.n_refiner_layers, false)?;
@@ -234,16 +237,16 @@ impl ZImageTransformer {
         let (cap_cos, cap_sin) = self.rope(&cap_pos, dev)?;
 
         for block in &self.noise_refiner {
-            img = block.forward(&img, None, &img_cos, &img_sin, Some(&adaln))?;
+            img = block.forward(&img, &img_cos, &img_sin, Some(&adaln))?;
         }
         for block in &self.context_refiner {
-            cap = block.forward(&cap, None, &cap_cos, &cap_sin, None)?;
+            cap = block.forward(&cap, &cap_cos, &cap_sin, None)?;
         }
         let mut seq = Tensor::cat(&[&img, &cap], 1)?;
         let cos = Tensor::cat(&[&img_cos, &cap_cos], 0)?;
         let sin = Tensor::cat(&[&img_sin, &cap_sin], 0)?;
         for block in &self.layers {
-            seq = block.forward(&seq, None, &cos, &sin, Some(&adaln))?;
+            seq = block.forward(&seq, &cos, &sin, Some(&adaln))?;
         }
         // The final layer acts per token: only the real image tokens are needed.
         let out = self.final_layer.forward(&seq.narrow(1, 0, n)?, &adaln)?;

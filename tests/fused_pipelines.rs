@@ -1,0 +1,110 @@
+//! The fused kernels inside the whole pipelines (issue 16, item 2): each tiny
+//! model folder runs once with candle's ops and once with our fused ops (on
+//! the CPU: their references, the same arithmetic the CUDA kernels do), from
+//! the same seeds; the decoded images (f32, before rounding to bytes) and the
+//! final latents must agree within a max relative error of 1e-4.
+//!
+//! What the fused path changes: GroupNorm+SiLU in every ResNet block (UNet
+//! and autoencoder), GEGLU in the UNet's feed-forwards, attention without the
+//! score matrix (UNet, autoencoder mid-block, Z-Image DiT), and the guidance
+//! combine with the sampler's update in one op. A test that compares a path
+//! with itself proves nothing, so each case first checks that the two models
+//! were built with different kernels (their outputs differ in the last bits).
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use raftgen::models::files::ModelFiles;
+use raftgen::models::noise::{batch_noise, NoiseStream};
+use raftgen::models::sd::SdPipeline;
+use raftgen::models::z_image::ZImagePipeline;
+use raftgen::models::{Kernels, SamplerKind};
+
+const TOLERANCE: f32 = 1e-4;
+const SIDE: usize = 64;
+const STEPS: usize = 4;
+
+fn files(name: &str) -> ModelFiles {
+    ModelFiles::Dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models").join(name))
+}
+
+fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let max = |t: Tensor| t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let (a, b) = (a.to_dtype(DType::F32).unwrap(), b.to_dtype(DType::F32).unwrap());
+    let diff = max((&a - &b).unwrap());
+    assert!(diff.is_finite(), "non-finite difference");
+    diff / max(b).max(f32::MIN_POSITIVE)
+}
+
+fn no_progress(_: usize, _: usize) -> bool {
+    true
+}
+
+/// (final latents, decoded image) of one SD-family run.
+fn sd_run(name: &str, kernels: Kernels, sampler: SamplerKind, guidance: f64) -> (Tensor, Tensor) {
+    let p = SdPipeline::load(&files(name), &Device::Cpu, DType::F32, kernels).expect("loading the pipeline");
+    let f = SIDE / 8;
+    let mut streams = vec![NoiseStream::new(7), NoiseStream::new(8)];
+    let shape = [p.latent_channels(), f, f];
+    let init = batch_noise(&mut streams, &shape, &Device::Cpu).unwrap();
+    let prompts = ["a red circle on the left", "a blue square"];
+    let cond = p.condition(&prompts, &["", "blurry"], guidance, SIDE, SIDE).unwrap();
+    let latents = p.sample(&init, &cond, sampler, STEPS, guidance, &mut streams, &mut no_progress).unwrap();
+    let image = p.decode(&latents).unwrap();
+    (latents, image)
+}
+
+fn check(case: &str, candle: (Tensor, Tensor), fused: (Tensor, Tensor)) {
+    let (el, ei) = (rel_err(&fused.0, &candle.0), rel_err(&fused.1, &candle.1));
+    println!("{case}: latents {el:.2e}, image {ei:.2e}");
+    // Different kernels sum in a different order: exactly equal outputs
+    // would mean both runs took the same path.
+    assert!(ei > 0.0, "{case}: the fused and candle images are bit-identical: did the fused path run?");
+    assert!(el <= TOLERANCE, "{case}: latents differ by {el:.3e} > {TOLERANCE:e}");
+    assert!(ei <= TOLERANCE, "{case}: images differ by {ei:.3e} > {TOLERANCE:e}");
+}
+
+#[test]
+fn sd15_fused_matches_candle() {
+    for (sampler, guidance) in [(SamplerKind::Ddim, 7.5), (SamplerKind::EulerAncestral, 5.0), (SamplerKind::Euler, 1.0)]
+    {
+        let case = format!("tiny-sd {sampler:?} guidance {guidance}");
+        check(
+            &case,
+            sd_run("tiny-sd", Kernels::Candle, sampler, guidance),
+            sd_run("tiny-sd", Kernels::Fused, sampler, guidance),
+        );
+    }
+}
+
+#[test]
+fn sdxl_fused_matches_candle() {
+    check(
+        "tiny-sdxl ddim guidance 5",
+        sd_run("tiny-sdxl", Kernels::Candle, SamplerKind::Ddim, 5.0),
+        sd_run("tiny-sdxl", Kernels::Fused, SamplerKind::Ddim, 5.0),
+    );
+}
+
+fn z_run(kernels: Kernels, guidance: f64) -> (Tensor, Tensor) {
+    let p = ZImagePipeline::load(&files("tiny-z-image"), &Device::Cpu, DType::F32, kernels).expect("loading");
+    let f = SIDE / 8;
+    let mut streams = vec![NoiseStream::new(3)];
+    let init = batch_noise(&mut streams, &[p.latent_channels(), f, f], &Device::Cpu).unwrap();
+    let cond = p.condition(&["a green triangle at the top"], &["noise"], guidance).unwrap();
+    let latents = p.sample(&init, &cond, STEPS, guidance, &mut no_progress).unwrap();
+    let image = p.decode(&latents).unwrap();
+    (latents, image)
+}
+
+#[test]
+fn z_image_fused_matches_candle() {
+    for guidance in [0.0, 4.0] {
+        check(
+            &format!("tiny-z-image guidance {guidance}"),
+            z_run(Kernels::Candle, guidance),
+            z_run(Kernels::Fused, guidance),
+        );
+    }
+}
