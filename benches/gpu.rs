@@ -61,7 +61,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
-use raftgen::kernels::{attention_with, guided_step, AttentionKernel, Guidance};
+use raftgen::kernels::{attention_bshd, attention_with, guided_step, AttentionKernel, Guidance};
 use raftgen::models::scheduler::{self, FlowMatchEuler, SamplerKind, Scheduler, SchedulerConfig};
 use raftgen::models::sd::unet::{UNet, UNetConfig};
 use raftgen::models::z_image::transformer::ZImageTransformer;
@@ -509,8 +509,8 @@ fn attention_bench(set: &Settings, seed: u64, json_rows: &mut Vec<Value>) -> Res
     let reps = (set.reps * 10).max(10);
     println!();
     println!("attention alone ({reps} runs each, median)");
-    println!("| shape | dtype | candle f32 (stock SD) ms | candle in dtype ms | ours SIMT ms | ours tensor-core ms | tensor-core TFLOP/s | tensor-core / stock | rel. error |");
-    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| shape | dtype | candle f32 (stock SD) ms | candle in dtype ms | ours SIMT ms | ours tensor-core v1 ms | ours v2 (tokens-major) ms | v2 TFLOP/s | v2 / stock | v2 rel. error |");
+    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for &(name, [b, h], lq, lk, d, dtype) in ATTENTION_SHAPES {
         let q = input(seed, &format!("{name}.q"), &[b, h, lq, d], dtype, dev)?;
         let k = input(seed, &format!("{name}.k"), &[b, h, lk, d], dtype, dev)?;
@@ -527,8 +527,11 @@ fn attention_bench(set: &Settings, seed: u64, json_rows: &mut Vec<Value>) -> Res
         let in_dtype = || unfused(&q, &k, &v);
         let simt = || Ok(attention_with(&q, &k, &v, scale, AttentionKernel::Simt)?);
         let mma = || Ok(attention_with(&q, &k, &v, scale, AttentionKernel::Auto)?);
+        let t = |x: &Tensor| -> Result<Tensor> { Ok(x.transpose(1, 2)?.contiguous()?) };
+        let (qt, kt, vt) = (t(&q)?, t(&k)?, t(&v)?);
+        let v2 = || Ok(attention_bshd(&qt, &kt, &vt, scale)?);
         let want = stock()?.to_dtype(DType::F32)?;
-        let got = mma()?.to_dtype(DType::F32)?;
+        let got = v2()?.transpose(1, 2)?.to_dtype(DType::F32)?;
         let err = ((got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?
             / want.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-12)) as f64;
         let t = [
@@ -536,16 +539,17 @@ fn attention_bench(set: &Settings, seed: u64, json_rows: &mut Vec<Value>) -> Res
             time_ms(dev, reps, &in_dtype)?,
             time_ms(dev, reps, &simt)?,
             time_ms(dev, reps, &mma)?,
+            time_ms(dev, reps, &v2)?,
         ];
-        let tflops = 4.0 * (b * h * lq * lk * d) as f64 / (t[3] * 1e-3) / 1e12;
+        let tflops = 4.0 * (b * h * lq * lk * d) as f64 / (t[4] * 1e-3) / 1e12;
         println!(
-            "| {name} [{b},{h},{lq},{lk},{d}] | {dtype:?} | {:.3} | {:.3} | {:.3} | {:.3} | {tflops:.1} | {:.3} | {err:.1e} |",
-            t[0], t[1], t[2], t[3], t[3] / t[0]
+            "| {name} [{b},{h},{lq},{lk},{d}] | {dtype:?} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {tflops:.1} | {:.3} | {err:.1e} |",
+            t[0], t[1], t[2], t[3], t[4], t[4] / t[0]
         );
         json_rows.push(json!({
             "shape": name, "dims": [b, h, lq, lk, d], "dtype": format!("{dtype:?}"),
-            "candle_f32_ms": t[0], "candle_dtype_ms": t[1], "simt_ms": t[2], "mma_ms": t[3],
-            "mma_tflops": tflops, "mma_rel_err": err,
+            "candle_f32_ms": t[0], "candle_dtype_ms": t[1], "simt_ms": t[2], "mma_v1_ms": t[3], "v2_ms": t[4],
+            "v2_tflops": tflops, "v2_rel_err": err,
         }));
     }
     Ok(())

@@ -41,18 +41,29 @@ fn no_progress(_: usize, _: usize) -> bool {
     true
 }
 
-/// (final latents, decoded image) of one SD-family run.
+/// (final latents, decoded image) of one SD-family run, on the CPU in f32.
 fn sd_run(name: &str, kernels: Kernels, sampler: SamplerKind, guidance: f64) -> (Tensor, Tensor) {
-    let p = SdPipeline::load(&files(name), &Device::Cpu, DType::F32, kernels).expect("loading the pipeline");
+    sd_run_on(name, &Device::Cpu, DType::F32, kernels, sampler, guidance)
+}
+
+fn sd_run_on(
+    name: &str,
+    device: &Device,
+    dtype: DType,
+    kernels: Kernels,
+    sampler: SamplerKind,
+    guidance: f64,
+) -> (Tensor, Tensor) {
+    let p = SdPipeline::load(&files(name), device, dtype, kernels).expect("loading the pipeline");
     let f = SIDE / 8;
     let mut streams = vec![NoiseStream::new(7), NoiseStream::new(8)];
     let shape = [p.latent_channels(), f, f];
-    let init = batch_noise(&mut streams, &shape, &Device::Cpu).unwrap();
+    let init = batch_noise(&mut streams, &shape, device).unwrap().to_dtype(dtype).unwrap();
     let prompts = ["a red circle on the left", "a blue square"];
     let cond = p.condition(&prompts, &["", "blurry"], guidance, SIDE, SIDE).unwrap();
     let latents = p.sample(&init, &cond, sampler, STEPS, guidance, &mut streams, &mut no_progress).unwrap();
     let image = p.decode(&latents).unwrap();
-    (latents, image)
+    (latents.to_device(&Device::Cpu).unwrap(), image.to_device(&Device::Cpu).unwrap())
 }
 
 fn check(case: &str, candle: (Tensor, Tensor), fused: (Tensor, Tensor)) {
@@ -88,14 +99,18 @@ fn sdxl_fused_matches_candle() {
 }
 
 fn z_run(kernels: Kernels, guidance: f64) -> (Tensor, Tensor) {
-    let p = ZImagePipeline::load(&files("tiny-z-image"), &Device::Cpu, DType::F32, kernels).expect("loading");
+    z_run_on(&Device::Cpu, DType::F32, kernels, guidance)
+}
+
+fn z_run_on(device: &Device, dtype: DType, kernels: Kernels, guidance: f64) -> (Tensor, Tensor) {
+    let p = ZImagePipeline::load(&files("tiny-z-image"), device, dtype, kernels).expect("loading");
     let f = SIDE / 8;
     let mut streams = vec![NoiseStream::new(3)];
-    let init = batch_noise(&mut streams, &[p.latent_channels(), f, f], &Device::Cpu).unwrap();
+    let init = batch_noise(&mut streams, &[p.latent_channels(), f, f], device).unwrap();
     let cond = p.condition(&["a green triangle at the top"], &["noise"], guidance).unwrap();
     let latents = p.sample(&init, &cond, STEPS, guidance, &mut no_progress).unwrap();
     let image = p.decode(&latents).unwrap();
-    (latents, image)
+    (latents.to_device(&Device::Cpu).unwrap(), image.to_device(&Device::Cpu).unwrap())
 }
 
 #[test]
@@ -107,4 +122,71 @@ fn z_image_fused_matches_candle() {
             z_run(Kernels::Fused, guidance),
         );
     }
+}
+
+/// Part (b) of the GPU device check (`tools/gpu-check.sh`): the tiny
+/// pipelines on CUDA against the CPU (candle's ops in f32, the reference),
+/// in f32 with both kernel sets (max relative error 1e-3) and in each
+/// family's CUDA dtype with the fused kernels (f16 for SD, bf16 for SDXL and
+/// Z-Image), whose error is printed and bounded by HALF_TOLERANCE. Skips,
+/// saying so, without a GPU.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_pipelines_match_the_cpu() {
+    const F32_TOLERANCE: f32 = 1e-3;
+    const HALF_TOLERANCE: f32 = 5e-2;
+    let gpu = match std::panic::catch_unwind(|| Device::new_cuda(0)) {
+        Ok(Ok(d)) => d,
+        other => {
+            eprintln!("skipping: no CUDA device ({:?})", other.map(|r| r.map(|_| ())));
+            return;
+        }
+    };
+    let report = |case: &str, cpu: &(Tensor, Tensor), got: &(Tensor, Tensor), bound: f32| {
+        let (el, ei) = (rel_err(&got.0, &cpu.0), rel_err(&got.1, &cpu.1));
+        println!("cuda pipeline {case}: latents {el:.2e}, image {ei:.2e} (bound {bound:e})");
+        (case.to_string(), el.max(ei), bound)
+    };
+    let mut results = Vec::new();
+    for (name, half, sampler, guidance) in [
+        ("tiny-sd", DType::F16, SamplerKind::Ddim, 7.5),
+        ("tiny-sd", DType::F16, SamplerKind::Ddim, 1.0),
+        ("tiny-sdxl", DType::BF16, SamplerKind::Ddim, 5.0),
+        ("tiny-sdxl", DType::BF16, SamplerKind::Ddim, 1.0),
+    ] {
+        let cpu = sd_run(name, Kernels::Candle, sampler, guidance);
+        for kernels in [Kernels::Candle, Kernels::Fused] {
+            let got = sd_run_on(name, &gpu, DType::F32, kernels, sampler, guidance);
+            results.push(report(&format!("{name} g{guidance} f32 {kernels:?}"), &cpu, &got, F32_TOLERANCE));
+        }
+        let got = sd_run_on(name, &gpu, half, Kernels::Fused, sampler, guidance);
+        results.push(report(&format!("{name} g{guidance} {half:?} Fused"), &cpu, &got, HALF_TOLERANCE));
+    }
+    for guidance in [0.0, 4.0] {
+        let cpu = z_run(Kernels::Candle, guidance);
+        for kernels in [Kernels::Candle, Kernels::Fused] {
+            let got = z_run_on(&gpu, DType::F32, kernels, guidance);
+            results.push(report(&format!("tiny-z-image g{guidance} f32 {kernels:?}"), &cpu, &got, F32_TOLERANCE));
+        }
+        let got = z_run_on(&gpu, DType::BF16, Kernels::Fused, guidance);
+        results.push(report(&format!("tiny-z-image g{guidance} BF16 Fused"), &cpu, &got, HALF_TOLERANCE));
+    }
+    // Where an SD image differs: the same latents decoded on both devices,
+    // stage by stage (first stage over 1e-4 named).
+    for name in ["tiny-sd", "tiny-sdxl"] {
+        let cpu = SdPipeline::load(&files(name), &Device::Cpu, DType::F32, Kernels::Candle).unwrap();
+        let cuda = SdPipeline::load(&files(name), &gpu, DType::F32, Kernels::Candle).unwrap();
+        let latents = sd_run(name, Kernels::Candle, SamplerKind::Ddim, 1.0).0;
+        let mut stages = Vec::new();
+        cpu.decode_traced(&latents, &mut |s, t| stages.push((s.to_string(), t.clone()))).unwrap();
+        let mut k = 0;
+        cuda.decode_traced(&latents.to_device(&gpu).unwrap(), &mut |s, t| {
+            let e = rel_err(&t.to_device(&Device::Cpu).unwrap(), &stages[k].1);
+            println!("decode stage {name} {s}: cuda vs cpu {e:.2e}");
+            k += 1;
+        })
+        .unwrap();
+    }
+    let failed: Vec<_> = results.iter().filter(|(_, e, bound)| !(e <= bound)).collect();
+    assert!(failed.is_empty(), "over the bound: {failed:?}");
 }

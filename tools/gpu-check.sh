@@ -12,7 +12,9 @@
 # fit is skipped and says so; $RAFTGEN_GPU_CHECK_SKIP names steps to skip):
 #   a. kernels   the fused-kernel tests on the GPU (f32 1e-3, f16/bf16 1e-2,
 #                outputs poisoned with NaN before each launch)
-#   b/c. cluster 3-node clusters on loopback with the tiny model folders, jobs
+#   b. pipelines the tiny pipelines on CUDA against the CPU in floats
+#                (tests/fused_pipelines.rs, cuda_pipelines_match_the_cpu)
+#   c. cluster   3-node clusters on loopback with the tiny model folders, jobs
 #                through a follower: --device cpu (the reference), --device
 #                cuda --dtype f32 and --dtype auto (f16/bf16); images compared
 #                with the CPU's; GPU metrics read from /metrics
@@ -83,7 +85,10 @@ export bin pack repo work python
 # a. kernels
 TAIL_LINES=60 step kernels 150 "$bin/kernel-tests" --test-threads=1 --nocapture kernels::
 
-# b/c. cluster: CPU reference, CUDA f32, CUDA auto (f16 SD / bf16 SDXL, Z-Image)
+# b. the tiny pipelines on CUDA (f32 and f16/bf16) against the CPU, in floats
+TAIL_LINES=40 step pipelines 120 "$bin/pipeline-tests" --test-threads=1 --nocapture
+
+# c. cluster: CPU reference, CUDA f32, CUDA auto (f16 SD / bf16 SDXL, Z-Image)
 cluster() { "$python" "$pack/tools/gpu_check_cluster.py" run --raftgen "$bin/raftgen" --models "$repo/models" \
     --out "$work/cluster" --data "$work/cluster-data" "$@"; }
 export -f cluster
@@ -101,8 +106,10 @@ TAIL_LINES=40 step bench 240 "$bin/gpu-bench"
 unset RAFTGEN_GPU_BENCH_JSON
 
 # d''. the SD cases again with candle's convolutions through cuDNN
-TAIL_LINES=20 RAFTGEN_GPU_BENCH_CASES=sd15-b1,sd15-b2,sd15-b4 RAFTGEN_GPU_BENCH_ATTENTION=0 RAFTGEN_GPU_BENCH_SAVE=0 \
-    step bench-cudnn 90 "$bin/gpu-bench-cudnn"
+if [ -x "$bin/gpu-bench-cudnn" ]; then
+    TAIL_LINES=20 RAFTGEN_GPU_BENCH_CASES=sd15-b1,sd15-b2,sd15-b4 RAFTGEN_GPU_BENCH_ATTENTION=0 \
+        RAFTGEN_GPU_BENCH_SAVE=0 RAFTGEN_GPU_BENCH_PATHS=stock step bench-cudnn 90 "$bin/gpu-bench-cudnn"
+fi
 
 # d'. diffusers eager on the same weights
 diffusers() {
@@ -118,10 +125,12 @@ TAIL_LINES=60 step diffusers 200 diffusers
 ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
 profile() { # CASE
     [ -n "$ncu" ] || { echo "ncu not found"; return 1; }
-    RAFTGEN_GPU_BENCH_PROFILE=1 RAFTGEN_GPU_BENCH_SAVE=0 RAFTGEN_GPU_BENCH_PATHS=stock RAFTGEN_GPU_BENCH_CASES=$1 \
+    RAFTGEN_GPU_BENCH_PROFILE=1 RAFTGEN_GPU_BENCH_SAVE=0 RAFTGEN_GPU_BENCH_CASES=$1 \
+        RAFTGEN_GPU_BENCH_PATHS=${RAFTGEN_GPU_CHECK_PROFILE_PATH:-fused} \
         "$ncu" --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
         --log-file "$work/logs/ncu-$1.csv" "$bin/gpu-bench" || return 1
-    "$python" "$pack/tools/gpu_profile.py" ncu "$work/logs/ncu-$1.csv" --title "candle stock $1, one step" \
+    "$python" "$pack/tools/gpu_profile.py" ncu "$work/logs/ncu-$1.csv" \
+        --title "candle ${RAFTGEN_GPU_CHECK_PROFILE_PATH:-fused} $1, one step" \
         --json "$work/logs/profile-$1.json"
 }
 export ncu
@@ -141,6 +150,9 @@ step profile-zimage 120 profile zimage-b1
     echo
     echo "## kernels"
     grep -E "^test |test result|relative error|panicked" "$work/logs/kernels.log" | head -n 80
+    echo
+    echo "## pipelines on CUDA vs the CPU"
+    grep -E "^cuda pipeline|^test |test result|panicked|skipping" "$work/logs/pipelines.log"
     echo
     echo "## cluster"
     grep -hE "^\[|^\|" "$work/logs"/cluster-*.log

@@ -11,8 +11,12 @@
 #     kernel-tests       the lib's test binary with `cuda` (release profile):
 #                        the fused-kernel GPU tests
 #     gpu-bench          benches/gpu.rs (candle stock vs fused, attention)
-#     gpu-bench-cudnn    the same with the `cudnn` feature (candle's
-#                        convolutions through cuDNN; tools/cudnn.sh)
+#     pipeline-tests     tests/fused_pipelines.rs with `cuda`: the tiny
+#                        pipelines on CUDA against the CPU
+#     gpu-bench-cudnn    with RAFTGEN_GPU_PACK_CUDNN=1 only: the benchmark
+#                        with the `cudnn` feature (candle's convolutions
+#                        through cuDNN; tools/cudnn.sh), measured 7x slower
+#                        than candle's default convolutions (docs/gpu.md)
 #   wheels/              what tools/bench_diffusers.py needs beyond the GPU
 #                        machine's PyTorch image: diffusers and the
 #                        huggingface_hub it was tested with (pip download
@@ -61,24 +65,35 @@ pack_bin "$exe" kernel-tests
 say "building the GPU benchmark (cargo bench --features cuda --bench gpu --no-run)"
 exe=$(cargo bench -p raftgen --features cuda --bench gpu --no-run --message-format json | built gpu | tail -n 1)
 pack_bin "$exe" gpu-bench
-say "building the GPU benchmark with cuDNN convolutions (--features cudnn)"
-cudnn_env=$("$repo/tools/cudnn.sh") || die "tools/cudnn.sh failed"
-exe=$(eval "$cudnn_env" && cargo bench -p raftgen --features cudnn --bench gpu --no-run --message-format json | built gpu | tail -n 1)
-pack_bin "$exe" gpu-bench-cudnn
+say "building the pipeline tests (cargo test --release --features cuda --test fused_pipelines --no-run)"
+exe=$(cargo test --release -p raftgen --features cuda --test fused_pipelines --no-run --message-format json |
+    built fused_pipelines | tail -n 1)
+pack_bin "$exe" pipeline-tests
+bins=(raftgen kernel-tests gpu-bench pipeline-tests)
+if [ "${RAFTGEN_GPU_PACK_CUDNN:-0}" = 1 ]; then
+    say "building the GPU benchmark with cuDNN convolutions (--features cudnn)"
+    cudnn_env=$("$repo/tools/cudnn.sh") || die "tools/cudnn.sh failed"
+    exe=$(eval "$cudnn_env" &&
+        cargo bench -p raftgen --features cudnn --bench gpu --no-run --message-format json | built gpu | tail -n 1)
+    pack_bin "$exe" gpu-bench-cudnn
+    bins+=(gpu-bench-cudnn)
+fi
 
 # One xz archive with a dictionary larger than a binary: the binaries share
 # most of their bytes (candle's PTX), which the archive then stores once
 # (three binaries of 50-80 MB become about 16 MB; gzip would make 70 MB).
 say "compressing the binaries (xz, 256 MiB dictionary; about 2 minutes)"
-tar -C "$dest/bin" -cf - raftgen kernel-tests gpu-bench gpu-bench-cudnn |
+tar -C "$dest/bin" -cf - "${bins[@]}" |
     xz -T1 --lzma2=preset=9e,dict=256MiB -c >"$dest/bin/binaries.tar.xz" || die "xz failed"
-rm -f "$dest/bin"/{raftgen,kernel-tests,gpu-bench,gpu-bench-cudnn}
+(cd "$dest/bin" && rm -f "${bins[@]}")
 
 say "downloading the diffusers wheels (CPython $pyver)"
 req=$repo/tools/requirements-gpu-bench.txt
 # The GPU machine's image has PyTorch, numpy, requests, PyYAML, tqdm, ...:
 # only what it lacks (or has in a version diffusers 0.36 was not tested with).
-for name in diffusers huggingface_hub importlib_metadata; do
+# Not huggingface_hub: the machine's transformers 5 needs its own hub 1.x,
+# which diffusers 0.36 accepts (<2.0).
+for name in diffusers importlib_metadata; do
     pin=$(grep -iE "^$name==" "$req") || die "$name is not pinned in $req"
     "$python" -m pip download --no-deps --only-binary=:all: --python-version "$pyver" --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

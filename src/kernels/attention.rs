@@ -42,6 +42,72 @@ pub fn attention_with(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, kernel: At
     q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &Attention { scale, kernel })
 }
 
+/// Attention in the tokens-major layout the projections produce: q
+/// [B, Lq, H, D], k and v [B, Lk, H, D] (the head dimension contiguous, any
+/// other strides: `to_q(x).reshape((b, l, h, d))` as it comes), output
+/// [B, Lq, H, D] contiguous, ready for the output projection. On CUDA with
+/// f16/bf16 and an even head dimension of at most 160 it runs the v2
+/// tensor-core kernel, which reads these layouts directly; elsewhere it
+/// transposes to [B, H, L, D] around [`attention`].
+pub fn attention_bshd(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(dev) = q.device() {
+        let (b, lq, h, d) = q.dims4()?;
+        let fits = matches!(q.dtype(), candle_core::DType::F16 | candle_core::DType::BF16)
+            && [q, k, v].iter().all(|t| t.stride()[3] == 1)
+            && gpu::mma_fits(dev, &Dims { heads: b * h, lq, lk: k.dim(1)?, d });
+        if fits {
+            return q.apply_op3_no_bwd(k, v, &AttentionBshd { scale });
+        }
+    }
+    let t = |x: &Tensor| x.transpose(1, 2);
+    attention(&t(q)?, &t(k)?, &t(v)?, scale)?.transpose(1, 2)?.contiguous()
+}
+
+/// The op behind [`attention_bshd`] on CUDA (no CPU half: the CPU path
+/// transposes around [`Attention`]).
+#[derive(Copy, Clone, Debug)]
+pub struct AttentionBshd {
+    pub scale: f64,
+}
+
+impl CustomOp3 for AttentionBshd {
+    fn name(&self) -> &'static str {
+        "attention-bshd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("attention-bshd: CUDA only (attention_bshd transposes on the CPU)")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        qs: &candle_core::CudaStorage,
+        ql: &Layout,
+        ks: &candle_core::CudaStorage,
+        kl: &Layout,
+        vs: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::cuda_backend::CudaStorageSlice as S;
+        let out = match &qs.slice {
+            S::F16(q) => gpu::launch_bshd(self, (q, ql), (ks, kl), (vs, vl), "f16")?,
+            S::BF16(q) => gpu::launch_bshd(self, (q, ql), (ks, kl), (vs, vl), "bf16")?,
+            _ => bail!("attention-bshd: f16 or bf16 only"),
+        };
+        Ok((out, ql.shape().clone()))
+    }
+}
+
 /// (heads: the product of the leading dimensions, lq, lk, d).
 struct Dims {
     heads: usize,
@@ -173,6 +239,62 @@ mod gpu {
     fn compute_major(dev: &candle_core::CudaDevice) -> i32 {
         static MAJOR: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
         *MAJOR.get_or_init(|| dev.cuda_stream().context().compute_capability().map_or(0, |(major, _)| major))
+    }
+
+    /// V2_ROWS in attention_mma.cu: query rows per block (8 warps of 16).
+    const V2_ROWS: usize = 128;
+
+    pub(super) fn launch_bshd<T: DeviceRepr + CudaDType>(
+        op: &super::AttentionBshd,
+        (q, ql): (&CudaSlice<T>, &Layout),
+        (ks, kl): (&CudaStorage, &Layout),
+        (vs, vl): (&CudaStorage, &Layout),
+        suffix: &str,
+    ) -> Result<CudaStorage> {
+        let (&[b, lq, h, d], &[_, lk, kh, kd], vd) = (ql.dims(), kl.dims(), vl.dims()) else {
+            bail!("attention-bshd: q, k and v must be [B, L, H, D]");
+        };
+        if kl.dims()[0] != b || kh != h || kd != d || vd != kl.dims() {
+            bail!("attention-bshd: q {:?}, k {:?}, v {vd:?} do not agree", ql.dims(), kl.dims());
+        }
+        let Some(&dp) = MMA_DIMS.iter().find(|&&p| p >= d) else {
+            bail!("attention-bshd: head dim {d} is too large");
+        };
+        if lk == 0 || [ql, kl, vl].iter().any(|l| l.stride()[3] != 1) {
+            bail!("attention-bshd: the head dimension must be contiguous and lk > 0");
+        }
+        let dev = &ks.device;
+        let qv = q.slice(ql.start_offset()..);
+        let kv = T::as_cuda_slice(ks)?.slice(kl.start_offset()..);
+        let vv = T::as_cuda_slice(vs)?.slice(vl.start_offset()..);
+        let mut o = alloc_output::<T>(dev, b * lq * h * d)?;
+        if b * lq * h * d > 0 {
+            // 16-byte K/V loads need every row start 8-element aligned.
+            let aligned = |l: &Layout| l.start_offset() % 8 == 0 && l.stride()[..3].iter().all(|s| s % 8 == 0);
+            let vec = i32::from(d % 8 == 0 && aligned(kl) && aligned(vl));
+            let st = |l: &Layout| -> [i64; 3] { [l.stride()[0] as i64, l.stride()[1] as i64, l.stride()[2] as i64] };
+            let (qst, kst, vst) = (st(ql), st(kl), st(vl));
+            let ost: [i64; 3] = [(lq * h * d) as i64, (h * d) as i64, d as i64];
+            let name = format!("attention_bshd_{suffix}_{dp}");
+            let func = dev.get_or_load_custom_func(&name, MMA_MODULE.name, MMA_MODULE.ptx()?)?;
+            let scale_log2 = (op.scale * std::f64::consts::LOG2_E) as f32;
+            let (h32, lq32, lk32, d32) = (h as i32, lq as i32, lk as i32, d as i32);
+            let mut bld = func.builder();
+            bld.arg(&qv).arg(&kv).arg(&vv).arg(&mut o).arg(&h32).arg(&lq32).arg(&lk32).arg(&d32).arg(&scale_log2);
+            for s in qst.iter().chain(&kst).chain(&vst).chain(&ost) {
+                bld.arg(s);
+            }
+            bld.arg(&vec);
+            let cfg = LaunchConfig {
+                grid_dim: (lq.div_ceil(V2_ROWS) as u32, (b * h) as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: the arguments match attention_bshd_* in attention_mma.cu;
+            // the strides keep every access inside the views (checked shapes).
+            unsafe { bld.launch(cfg) }.w()?;
+        }
+        Ok(T::wrap_cuda_slice(o, dev.clone()))
     }
 
     pub(super) fn launch_mma<T: DeviceRepr + CudaDType>(
@@ -320,6 +442,56 @@ mod tests {
         assert!(err <= 1e-4, "strided q: relative error {err}");
         assert!(attention(&q, &k.narrow(3, 0, 8)?, &v, 0.25).is_err(), "head dims differ");
         assert!(attention(&q, &k, &v.narrow(2, 0, 5)?, 0.25).is_err(), "k and v lengths differ");
+        Ok(())
+    }
+
+    #[test]
+    fn bshd_layout_on_the_cpu() -> Result<()> {
+        let (q, k, v) = inputs(&([2, 3], 7, 9, 8), 11, &Device::Cpu)?;
+        let want = unfused(&q, &k, &v, 0.3)?.transpose(1, 2)?;
+        let t = |x: &Tensor| x.transpose(1, 2).unwrap().contiguous().unwrap();
+        let got = super::attention_bshd(&t(&q), &t(&k), &t(&v), 0.3)?;
+        assert_eq!(got.dims(), &[2, 7, 3, 8]);
+        let err = rel_err(&got, &want.contiguous()?)?;
+        assert!(err <= 1e-5, "relative error {err}");
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_bshd_matches_unfused_ops() -> Result<()> {
+        use crate::kernels::test_util::{cuda_device, GPU_TOLERANCES};
+        let Some(gpu) = cuda_device() else { return Ok(()) };
+        let cases = CASES.iter().copied().chain([
+            ([2, 8], 4096, 4096, 40),
+            ([2, 8], 1024, 77, 80),
+            ([1, 30], 515, 515, 128),
+            ([2, 4], 100, 100, 20),
+        ]);
+        for (n, case) in cases.enumerate() {
+            let (q, k, v) = inputs(&case, 100 + n as u64, &Device::Cpu)?;
+            let scale = 1.0 / (case.3 as f64).sqrt();
+            for (dtype, tolerance) in GPU_TOLERANCES {
+                let [q, k, v] = [&q, &k, &v].map(|t| t.to_dtype(dtype).unwrap().to_device(&gpu).unwrap());
+                let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+                let want = unfused(&f(&q), &f(&k), &f(&v), scale)?.transpose(1, 2)?.contiguous()?;
+                // Contiguous [B, L, H, D], and strided: k and v as halves of
+                // one [B, L, 2, H, D] tensor (a fused kv projection).
+                let t = |x: &Tensor| x.transpose(1, 2).unwrap().contiguous().unwrap();
+                let got = super::attention_bshd(&t(&q), &t(&k), &t(&v), scale)?;
+                let err = rel_err(&got, &want)?;
+                let kv = Tensor::stack(&[t(&k), t(&v)], 2)?;
+                let got2 = super::attention_bshd(
+                    &t(&q),
+                    &kv.narrow(2, 0, 1)?.squeeze(2)?,
+                    &kv.narrow(2, 1, 1)?.squeeze(2)?,
+                    scale,
+                )?;
+                let err2 = rel_err(&got2, &want)?;
+                eprintln!("attention_bshd {case:?} {dtype:?}: relative error {err:.2e}, strided k/v {err2:.2e}");
+                assert!(err <= tolerance && err2 <= tolerance, "{case:?} {dtype:?}: relative error {err}, {err2}");
+            }
+        }
         Ok(())
     }
 

@@ -228,3 +228,213 @@ ATTENTION_MMA_ALL(80)
 ATTENTION_MMA_ALL(96)
 ATTENTION_MMA_ALL(128)
 ATTENTION_MMA_ALL(160)
+
+// ---------------------------------------------------------------------------
+// v2: tokens-major layouts, wider blocks, vector loads.
+//
+// q [B, lq, H, d], k and v [B, lk, H, d] with d contiguous and any other
+// strides (in elements), o [B, lq, H, d] likewise: the layout the linear
+// projections produce and the output projection reads, so neither side
+// needs a transpose copy. V2_WARPS warps of 16 query rows each share every
+// K/V tile, staged with 16-byte loads (`vec`: the host checked alignment;
+// else element loads), both row-major; the P V product reads its B
+// fragments with ldmatrix.trans (four 8x8 matrices per instruction).
+
+#define V2_WARPS 8
+#define V2_ROWS (V2_WARPS * 16)
+
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned* r, const unsigned short* p) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
+// Eight consecutive 16-bit elements (row, col..col+7) of a row-strided
+// matrix, zero where col + e >= d or row >= rows.
+__device__ __forceinline__ uint4 load8(const unsigned short* m, long long row_stride, int row, int col, int rows, int d,
+                                       int vec) {
+    uint4 r = make_uint4(0u, 0u, 0u, 0u);
+    if (row >= rows || col >= d) return r;
+    const unsigned short* p = m + (long long)row * row_stride + col;
+    if (vec) return *reinterpret_cast<const uint4*>(p);
+    unsigned short e[8];
+#pragma unroll
+    for (int i = 0; i < 8; i++) e[i] = col + i < d ? p[i] : (unsigned short)0;
+    r.x = (unsigned)e[0] | ((unsigned)e[1] << 16);
+    r.y = (unsigned)e[2] | ((unsigned)e[3] << 16);
+    r.z = (unsigned)e[4] | ((unsigned)e[5] << 16);
+    r.w = (unsigned)e[6] | ((unsigned)e[7] << 16);
+    return r;
+}
+
+template <typename T, int DP>
+__device__ void attention_bshd(const unsigned short* __restrict__ q, const unsigned short* __restrict__ k,
+                               const unsigned short* __restrict__ v, unsigned short* __restrict__ o, int H, int lq,
+                               int lk, int d, float scale_log2, long long qsb, long long qsl, long long qsh,
+                               long long ksb, long long ksl, long long ksh, long long vsb, long long vsl,
+                               long long vsh, long long osb, long long osl, long long osh, int vec) {
+    constexpr int KS = DP + 8;  // row stride of both tiles, in elements (16-byte multiple)
+    __shared__ __align__(16) unsigned short ks[MMA_KT * KS];
+    __shared__ __align__(16) unsigned short vs[MMA_KT * KS];
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int b = blockIdx.y / H, h = blockIdx.y % H;
+    const unsigned short* qb = q + b * qsb + h * qsh;
+    const unsigned short* kb = k + b * ksb + h * ksh;
+    const unsigned short* vb = v + b * vsb + h * vsh;
+    const int row0 = blockIdx.x * V2_ROWS + warp * 16;
+
+    // Q rows as A fragments (once; element loads, as they are few).
+    unsigned qa[DP / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < DP / 16; kk++) {
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            const int c = 16 * kk + 8 * half + 2 * t;
+#pragma unroll
+            for (int rr = 0; rr < 2; rr++) {
+                const int row = row0 + g + 8 * rr;
+                unsigned val = 0u;
+                if (row < lq && c < d) {
+                    const unsigned short* p = qb + (long long)row * qsl + c;
+                    val = (unsigned)p[0] | ((unsigned)p[1] << 16);
+                }
+                qa[kk][2 * half + rr] = val;
+            }
+        }
+    }
+
+    float oacc[DP / 8][4];
+#pragma unroll
+    for (int n = 0; n < DP / 8; n++) oacc[n][0] = oacc[n][1] = oacc[n][2] = oacc[n][3] = 0.0f;
+    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.0f, l1 = 0.0f;
+
+    for (int k0 = 0; k0 < lk; k0 += MMA_KT) {
+        __syncthreads();
+        for (int i = threadIdx.x; i < MMA_KT * (DP / 8); i += blockDim.x) {
+            const int j = i / (DP / 8), c = 8 * (i - j * (DP / 8));
+            *reinterpret_cast<uint4*>(&ks[j * KS + c]) = load8(kb, ksl, k0 + j, c, lk, d, vec);
+            *reinterpret_cast<uint4*>(&vs[j * KS + c]) = load8(vb, vsl, k0 + j, c, lk, d, vec);
+        }
+        __syncthreads();
+
+        float s[MMA_KT / 8][4];
+#pragma unroll
+        for (int n = 0; n < MMA_KT / 8; n++) {
+            s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < DP / 16; kk++) {
+                const unsigned short* kr = ks + (8 * n + g) * KS + 16 * kk + 2 * t;
+                unsigned bf[2];
+                bf[0] = *reinterpret_cast<const unsigned*>(kr);
+                bf[1] = *reinterpret_cast<const unsigned*>(kr + 8);
+                mma_16816(s[n], qa[kk], bf, T());
+            }
+        }
+
+        float mx0 = NEG_INF, mx1 = NEG_INF;
+#pragma unroll
+        for (int n = 0; n < MMA_KT / 8; n++) {
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const bool valid = k0 + 8 * n + 2 * t + e < lk;
+                s[n][e] = valid ? s[n][e] * scale_log2 : NEG_INF;
+                s[n][2 + e] = valid ? s[n][2 + e] * scale_log2 : NEG_INF;
+                mx0 = fmaxf(mx0, s[n][e]);
+                mx1 = fmaxf(mx1, s[n][2 + e]);
+            }
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
+        const float c0 = exp2f(m0 - n0), c1 = exp2f(m1 - n1);
+        m0 = n0;
+        m1 = n1;
+        float r0 = 0.0f, r1 = 0.0f;
+#pragma unroll
+        for (int n = 0; n < MMA_KT / 8; n++) {
+            s[n][0] = exp2f(s[n][0] - n0);
+            s[n][1] = exp2f(s[n][1] - n0);
+            s[n][2] = exp2f(s[n][2] - n1);
+            s[n][3] = exp2f(s[n][3] - n1);
+            r0 += s[n][0] + s[n][1];
+            r1 += s[n][2] + s[n][3];
+        }
+        l0 = l0 * c0 + r0;
+        l1 = l1 * c1 + r1;
+#pragma unroll
+        for (int n = 0; n < DP / 8; n++) {
+            oacc[n][0] *= c0;
+            oacc[n][1] *= c0;
+            oacc[n][2] *= c1;
+            oacc[n][3] *= c1;
+        }
+
+#pragma unroll
+        for (int kk = 0; kk < MMA_KT / 16; kk++) {
+            unsigned pa[4];
+            pa[0] = pack2(s[2 * kk][0], s[2 * kk][1], T());
+            pa[1] = pack2(s[2 * kk][2], s[2 * kk][3], T());
+            pa[2] = pack2(s[2 * kk + 1][0], s[2 * kk + 1][1], T());
+            pa[3] = pack2(s[2 * kk + 1][2], s[2 * kk + 1][3], T());
+            // Lane L addresses key 16kk + (L & 7) + 8 ((L >> 3) & 1), dims
+            // 16np + 8 (L >> 4): matrices (keys 0-7 | 8-15) x (dims 0-7 | 8-15).
+            const unsigned short* vrow = vs + (16 * kk + (lane & 7) + 8 * ((lane >> 3) & 1)) * KS + 8 * (lane >> 4);
+#pragma unroll
+            for (int np = 0; np < DP / 16; np++) {
+                unsigned bf[4];
+                ldmatrix_x4_trans(bf, vrow + 16 * np);
+                mma_16816(oacc[2 * np], pa, bf, T());
+                mma_16816(oacc[2 * np + 1], pa, bf + 2, T());
+            }
+        }
+    }
+
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    const float i0 = 1.0f / l0, i1 = 1.0f / l1;
+    unsigned short* ob = o + b * osb + h * osh;
+#pragma unroll
+    for (int n = 0; n < DP / 8; n++) {
+        const int c = 8 * n + 2 * t;
+        if (c >= d) continue;
+#pragma unroll
+        for (int rr = 0; rr < 2; rr++) {
+            const int row = row0 + g + 8 * rr;
+            if (row >= lq) continue;
+            const float inv = rr ? i1 : i0;
+            const unsigned p = pack2(oacc[n][2 * rr] * inv, oacc[n][2 * rr + 1] * inv, T());
+            unsigned short* dst = ob + (long long)row * osl + c;
+            dst[0] = (unsigned short)(p & 0xffffu);
+            dst[1] = (unsigned short)(p >> 16);
+        }
+    }
+}
+
+#define ATTENTION_BSHD(TY, NAME, DP)                                                                              \
+    extern "C" __global__ void __launch_bounds__(V2_WARPS * 32) attention_bshd_##NAME##_##DP(                   \
+        const unsigned short* q, const unsigned short* k, const unsigned short* v, unsigned short* o, int H,     \
+        int lq, int lk, int d, float scale_log2, long long qsb, long long qsl, long long qsh, long long ksb,     \
+        long long ksl, long long ksh, long long vsb, long long vsl, long long vsh, long long osb, long long osl, \
+        long long osh, int vec) {                                                                               \
+        attention_bshd<TY, DP>(q, k, v, o, H, lq, lk, d, scale_log2, qsb, qsl, qsh, ksb, ksl, ksh, vsb, vsl,   \
+                               vsh, osb, osl, osh, vec);                                                        \
+    }
+#define ATTENTION_BSHD_ALL(DP)          \
+    ATTENTION_BSHD(f16_t, f16, DP)      \
+    ATTENTION_BSHD(bf16_t, bf16, DP)
+
+ATTENTION_BSHD_ALL(16)
+ATTENTION_BSHD_ALL(32)
+ATTENTION_BSHD_ALL(48)
+ATTENTION_BSHD_ALL(64)
+ATTENTION_BSHD_ALL(80)
+ATTENTION_BSHD_ALL(96)
+ATTENTION_BSHD_ALL(128)
+ATTENTION_BSHD_ALL(160)

@@ -48,11 +48,15 @@ mod cuda;
 mod geglu;
 mod group_norm_silu;
 mod guided_step;
+mod im2col;
+mod rms_norm_rope;
 
-pub use attention::{attention, attention_with, Attention, AttentionKernel};
+pub use attention::{attention, attention_bshd, attention_with, Attention, AttentionBshd, AttentionKernel};
 pub use geglu::{geglu, Geglu, Gelu};
 pub use group_norm_silu::{group_norm_silu, GroupNormSilu};
 pub use guided_step::{guided_step, Guidance, GuidedStep};
+pub use im2col::{conv2d, im2col, Im2Col};
+pub use rms_norm_rope::{rms_norm_rope, RmsNormRope};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, DType, Layout, Result, WithDType};

@@ -7,9 +7,10 @@
 //! time) run the fused GroupNorm+SiLU with [`Kernels::Fused`].
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::blocks::attention::AttentionBlock;
+use super::blocks::conv::Conv2d;
 use super::blocks::norm::GroupNorm;
 use super::blocks::resnet::{ResnetBlock2D, ResnetConfig, Upsample2D};
 use super::blocks::Kernels;
@@ -44,7 +45,6 @@ impl Decoder {
         let Some(&top) = c.block_out_channels.last() else {
             candle_core::bail!("vae config: block_out_channels is empty");
         };
-        let pad1 = Conv2dConfig { padding: 1, ..Default::default() };
         let groups = c.norm_num_groups;
         let resnet = |i: usize, o: usize, vb: VarBuilder| {
             let rc = ResnetConfig {
@@ -59,7 +59,7 @@ impl Decoder {
         };
         let post_quant_conv = if c.use_post_quant_conv {
             let n = c.latent_channels;
-            Some(candle_nn::conv2d(n, n, 1, Default::default(), vb.pp("post_quant_conv"))?)
+            Some(Conv2d::new(n, n, 1, 1, 0, vb.pp("post_quant_conv"), kernels)?)
         } else {
             None
         };
@@ -83,39 +83,65 @@ impl Decoder {
                 };
                 resnets.push(resnet(from, out, vbi.pp("resnets").pp(j.to_string()))?);
             }
-            let upsampler =
-                if i + 1 < reversed.len() { Some(Upsample2D::new(out, vbi.pp("upsamplers").pp("0"))?) } else { None };
+            let upsampler = if i + 1 < reversed.len() {
+                Some(Upsample2D::new(out, vbi.pp("upsamplers").pp("0"), kernels)?)
+            } else {
+                None
+            };
             up_blocks.push((resnets, upsampler));
         }
         let bottom = reversed[reversed.len() - 1];
         Ok(Decoder {
             post_quant_conv,
-            conv_in: candle_nn::conv2d(c.latent_channels, top, 3, pad1, vb.pp("conv_in"))?,
+            conv_in: Conv2d::new(c.latent_channels, top, 3, 1, 1, vb.pp("conv_in"), kernels)?,
             mid,
             up_blocks,
             conv_norm_out: GroupNorm::new(groups, bottom, EPS, vb.pp("conv_norm_out"), kernels)?,
-            conv_out: candle_nn::conv2d(bottom, c.out_channels, 3, pad1, vb.pp("conv_out"))?,
+            conv_out: Conv2d::new(bottom, c.out_channels, 3, 1, 1, vb.pp("conv_out"), kernels)?,
         })
+    }
+}
+
+impl Decoder {
+    /// [`Module::forward`] that also hands every intermediate result to
+    /// `seen` with its name (`conv_in`, `mid.resnet0`, `up.1.resnet2`, ...):
+    /// for comparing devices stage by stage.
+    pub fn forward_traced(&self, xs: &Tensor, seen: &mut dyn FnMut(&str, &Tensor)) -> Result<Tensor> {
+        let mut xs = match &self.post_quant_conv {
+            Some(c) => c.forward(xs)?,
+            None => xs.clone(),
+        };
+        seen("post_quant_conv", &xs);
+        let (r0, attn, r1) = &self.mid;
+        xs = self.conv_in.forward(&xs)?;
+        seen("conv_in", &xs);
+        xs = r0.forward(&xs, None)?;
+        seen("mid.resnet0", &xs);
+        xs = attn.forward(&xs)?;
+        seen("mid.attention", &xs);
+        xs = r1.forward(&xs, None)?;
+        seen("mid.resnet1", &xs);
+        for (i, (resnets, upsampler)) in self.up_blocks.iter().enumerate() {
+            for (j, r) in resnets.iter().enumerate() {
+                xs = r.forward(&xs, None)?;
+                seen(&format!("up.{i}.resnet{j}"), &xs);
+            }
+            if let Some(up) = upsampler {
+                xs = up.forward(&xs, None)?;
+                seen(&format!("up.{i}.upsample"), &xs);
+            }
+        }
+        xs = self.conv_norm_out.forward_silu(&xs)?;
+        seen("norm_out", &xs);
+        let out = self.conv_out.forward(&xs)?;
+        seen("conv_out", &out);
+        Ok(out)
     }
 }
 
 impl Module for Decoder {
     /// Latents already unscaled (`latents / scaling_factor + shift_factor`).
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let xs = match &self.post_quant_conv {
-            Some(c) => c.forward(xs)?,
-            None => xs.clone(),
-        };
-        let (r0, attn, r1) = &self.mid;
-        let mut xs = r1.forward(&attn.forward(&r0.forward(&self.conv_in.forward(&xs)?, None)?)?, None)?;
-        for (resnets, upsampler) in &self.up_blocks {
-            for r in resnets {
-                xs = r.forward(&xs, None)?;
-            }
-            if let Some(up) = upsampler {
-                xs = up.forward(&xs, None)?;
-            }
-        }
-        self.conv_out.forward(&self.conv_norm_out.forward_silu(&xs)?)
+        self.forward_traced(xs, &mut |_, _| {})
     }
 }

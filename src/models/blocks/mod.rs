@@ -11,6 +11,7 @@
 //! compares the images.
 
 pub mod attention;
+pub mod conv;
 pub mod norm;
 pub mod resnet;
 pub mod transformer;

@@ -3,15 +3,11 @@
 //! the resampling layers between levels.
 
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 
+use super::conv::Conv2d;
 use super::norm::GroupNorm;
 use super::Kernels;
-
-fn conv(in_ch: usize, out_ch: usize, kernel: usize, stride: usize, padding: usize, vb: VarBuilder) -> Result<Conv2d> {
-    let cfg = Conv2dConfig { stride, padding, ..Default::default() };
-    candle_nn::conv2d(in_ch, out_ch, kernel, cfg, vb)
-}
 
 /// `x + conv2(silu(norm2(conv1(silu(norm1(x))) + proj(silu(temb)))))`,
 /// divided by `output_scale_factor`; a 1x1 `conv_shortcut` on the skip path
@@ -44,14 +40,18 @@ impl ResnetBlock2D {
         let (i, o) = (c.in_channels, c.out_channels);
         Ok(ResnetBlock2D {
             norm1: GroupNorm::new(c.groups, i, c.eps, vb.pp("norm1"), kernels)?,
-            conv1: conv(i, o, 3, 1, 1, vb.pp("conv1"))?,
+            conv1: Conv2d::new(i, o, 3, 1, 1, vb.pp("conv1"), kernels)?,
             norm2: GroupNorm::new(c.groups, o, c.eps, vb.pp("norm2"), kernels)?,
-            conv2: conv(o, o, 3, 1, 1, vb.pp("conv2"))?,
+            conv2: Conv2d::new(o, o, 3, 1, 1, vb.pp("conv2"), kernels)?,
             time_emb_proj: match c.temb_channels {
                 Some(t) => Some(candle_nn::linear(t, o, vb.pp("time_emb_proj"))?),
                 None => None,
             },
-            conv_shortcut: if i != o { Some(conv(i, o, 1, 1, 0, vb.pp("conv_shortcut"))?) } else { None },
+            conv_shortcut: if i != o {
+                Some(Conv2d::new(i, o, 1, 1, 0, vb.pp("conv_shortcut"), kernels)?)
+            } else {
+                None
+            },
             output_scale_factor: c.output_scale_factor,
         })
     }
@@ -86,8 +86,8 @@ pub struct Downsample2D {
 }
 
 impl Downsample2D {
-    pub fn new(channels: usize, padding: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Downsample2D { conv: conv(channels, channels, 3, 2, padding, vb.pp("conv"))?, padding })
+    pub fn new(channels: usize, padding: usize, vb: VarBuilder, kernels: Kernels) -> Result<Self> {
+        Ok(Downsample2D { conv: Conv2d::new(channels, channels, 3, 2, padding, vb.pp("conv"), kernels)?, padding })
     }
 }
 
@@ -111,8 +111,8 @@ pub struct Upsample2D {
 }
 
 impl Upsample2D {
-    pub fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Upsample2D { conv: conv(channels, channels, 3, 1, 1, vb.pp("conv"))? })
+    pub fn new(channels: usize, vb: VarBuilder, kernels: Kernels) -> Result<Self> {
+        Ok(Upsample2D { conv: Conv2d::new(channels, channels, 3, 1, 1, vb.pp("conv"), kernels)? })
     }
 
     pub fn forward(&self, xs: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {

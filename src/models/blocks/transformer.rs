@@ -4,9 +4,10 @@
 //! pre-LayerNorm and residual), the projection back, residual.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, Linear, VarBuilder};
 
 use super::attention::CrossAttention;
+use super::conv::Conv2d;
 use super::norm::GroupNorm;
 use super::Kernels;
 use crate::kernels::Gelu;
@@ -109,7 +110,7 @@ impl SpatialTransformer {
             Ok(if c.use_linear_projection {
                 Proj::Linear(candle_nn::linear(ch, ch, vb.pp(name))?)
             } else {
-                Proj::Conv(candle_nn::conv2d(ch, ch, 1, Default::default(), vb.pp(name))?)
+                Proj::Conv(Conv2d::new(ch, ch, 1, 1, 0, vb.pp(name), kernels)?)
             })
         };
         let blocks = (0..c.depth)

@@ -337,6 +337,12 @@ impl SdPipeline {
         self.vae.forward(&self.vae_config.unscale(latents)?)
     }
 
+    /// [`SdPipeline::decode`] handing every decoder stage to `seen`
+    /// (device comparisons, stage by stage).
+    pub fn decode_traced(&self, latents: &Tensor, seen: &mut dyn FnMut(&str, &Tensor)) -> candle_core::Result<Tensor> {
+        self.vae.forward_traced(&self.vae_config.unscale(latents)?, seen)
+    }
+
     /// Runs a batch of requests that share size, steps, sampler and guidance.
     pub fn generate(&self, reqs: &[GenRequest], progress: &mut Progress<'_>) -> anyhow::Result<Vec<GenOutput>> {
         let first = reqs.first().context("empty batch")?;

@@ -12,6 +12,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
 
+use crate::models::blocks::conv::Conv2d;
 use crate::models::blocks::norm::GroupNorm;
 use crate::models::blocks::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use crate::models::blocks::transformer::{SpatialTransformer, SpatialTransformerConfig};
@@ -199,7 +200,7 @@ struct AddEmbedding {
 }
 
 pub struct UNet {
-    conv_in: candle_nn::Conv2d,
+    conv_in: Conv2d,
     time_proj: Timesteps,
     time_embedding: TimestepEmbedding,
     add: Option<AddEmbedding>,
@@ -207,7 +208,7 @@ pub struct UNet {
     mid: MidBlock,
     up: Vec<UpBlock>,
     norm_out: GroupNorm,
-    conv_out: candle_nn::Conv2d,
+    conv_out: Conv2d,
     pub config: UNetConfig,
 }
 
@@ -267,8 +268,7 @@ impl UNet {
         }
         let ch0 = cfg.block_out_channels[0];
         let time_dim = ch0 * 4;
-        let conv = candle_nn::Conv2dConfig { padding: 1, ..Default::default() };
-        let conv_in = candle_nn::conv2d(cfg.in_channels, ch0, 3, conv, vb.pp("conv_in"))?;
+        let conv_in = Conv2d::new(cfg.in_channels, ch0, 3, 1, 1, vb.pp("conv_in"), kernels)?;
         let time_proj = Timesteps::new(ch0, cfg.flip_sin_to_cos, cfg.freq_shift);
         let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), ch0, time_dim)?;
         let add = match cfg.addition_embed_type.as_deref() {
@@ -324,7 +324,7 @@ impl UNet {
             }
             if i + 1 < n {
                 block.downsampler =
-                    Some(Downsample2D::new(out_ch, cfg.downsample_padding, vbi.pp("downsamplers").pp("0"))?);
+                    Some(Downsample2D::new(out_ch, cfg.downsample_padding, vbi.pp("downsamplers").pp("0"), kernels)?);
             }
             down.push(block);
         }
@@ -356,12 +356,12 @@ impl UNet {
                 }
             }
             if i + 1 < n {
-                block.upsampler = Some(Upsample2D::new(out_ch, vbi.pp("upsamplers").pp("0"))?);
+                block.upsampler = Some(Upsample2D::new(out_ch, vbi.pp("upsamplers").pp("0"), kernels)?);
             }
             up.push(block);
         }
         let norm_out = GroupNorm::new(groups, ch0, eps, vb.pp("conv_norm_out"), kernels)?;
-        let conv_out = candle_nn::conv2d(ch0, cfg.out_channels, 3, conv, vb.pp("conv_out"))?;
+        let conv_out = Conv2d::new(ch0, cfg.out_channels, 3, 1, 1, vb.pp("conv_out"), kernels)?;
         Ok(UNet { conv_in, time_proj, time_embedding, add, down, mid, up, norm_out, conv_out, config: cfg.clone() })
     }
 

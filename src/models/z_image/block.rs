@@ -13,6 +13,7 @@ use candle_nn::{Linear, VarBuilder};
 use candle_transformers::models::with_tracing::RmsNorm;
 use candle_transformers::models::z_image::transformer::{apply_rotary_emb, Config, ADALN_EMBED_DIM};
 
+use crate::kernels::{attention_bshd, rms_norm_rope};
 use crate::models::blocks::Kernels;
 
 struct Attention {
@@ -22,6 +23,9 @@ struct Attention {
     to_out: Linear,
     norm_q: RmsNorm,
     norm_k: RmsNorm,
+    /// The norms' weights, for the fused QK-norm + RoPE.
+    norm_q_weight: Tensor,
+    norm_k_weight: Tensor,
     heads: usize,
     head_dim: usize,
 }
@@ -38,6 +42,8 @@ impl Attention {
             to_out: lin(dim, dim, "to_out.0")?,
             norm_q: RmsNorm::new(head_dim, 1e-5, vb.pp("norm_q"))?,
             norm_k: RmsNorm::new(head_dim, 1e-5, vb.pp("norm_k"))?,
+            norm_q_weight: vb.pp("norm_q").get(head_dim, "weight")?,
+            norm_k_weight: vb.pp("norm_k").get(head_dim, "weight")?,
             heads,
             head_dim,
         })
@@ -46,6 +52,15 @@ impl Attention {
     fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, kernels: Kernels) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let shape = (b, l, self.heads, self.head_dim);
+        if kernels == Kernels::Fused {
+            // QK-norm + RoPE in one pass each, attention in the tokens-major
+            // layout the projections produce: no transposes.
+            let q = rms_norm_rope(&self.to_q.forward(x)?.reshape(shape)?, &self.norm_q_weight, cos, sin, 1e-5)?;
+            let k = rms_norm_rope(&self.to_k.forward(x)?.reshape(shape)?, &self.norm_k_weight, cos, sin, 1e-5)?;
+            let v = self.to_v.forward(x)?.reshape(shape)?;
+            let out = attention_bshd(&q, &k, &v, 1.0 / (self.head_dim as f64).sqrt())?;
+            return self.to_out.forward(&out.reshape((b, l, ()))?);
+        }
         let q = self.norm_q.forward(&self.to_q.forward(x)?.reshape(shape)?)?;
         let k = self.norm_k.forward(&self.to_k.forward(x)?.reshape(shape)?)?;
         let v = self.to_v.forward(x)?.reshape(shape)?;
