@@ -7,6 +7,10 @@
 //! memory from SD-1.5's real `unet/config.json`, no file needed), for one
 //! image (2 rows with guidance) and a batch of 2 images (4 rows).
 //!
+//! Then, for each tiny model, candle's ops against our fused kernels' CPU
+//! references (`Kernels::Candle` vs `Kernels::Fused`), images alternating
+//! between the two in one sitting: which the CPU default should be.
+//!
 //! Environment: `RAFTGEN_BENCH_IMAGES` (images per tiny measurement, default
 //! 8), `RAFTGEN_BENCH_SKIP_SD15=1` skips the SD-1.5 step (about 2-3 minutes
 //! and 6-11 GB of memory).
@@ -19,7 +23,7 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 use raftgen::models::files::ModelFiles;
 use raftgen::models::sd::unet::{UNet, UNetConfig};
-use raftgen::models::{Family, GenRequest, Pipeline, SamplerKind};
+use raftgen::models::{Family, GenRequest, Kernels, Pipeline, SamplerKind};
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -88,6 +92,36 @@ fn tiny(name: &str, images: usize) {
     );
 }
 
+/// candle's ops vs our fused kernels' CPU references on one tiny model: the
+/// same images, alternating between the two models, median ms per image.
+fn kernels_on_cpu(name: &str, images: usize) {
+    let files = ModelFiles::Dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models").join(name));
+    let family = Family::detect(&files).unwrap();
+    let load = |k| Pipeline::load_with(family, &files, &Device::Cpu, DType::F32, k).unwrap();
+    let (candle, fused) = (load(Kernels::Candle), load(Kernels::Fused));
+    let steps = 20;
+    for p in [&candle, &fused] {
+        p.generate(&[request(family, 0, 2)], &mut |_, _| true).unwrap();
+    }
+    let (mut c_ms, mut f_ms) = (Vec::new(), Vec::new());
+    for i in 0..images {
+        for (p, out) in [(&candle, &mut c_ms), (&fused, &mut f_ms)] {
+            let start = Instant::now();
+            p.generate(&[request(family, i as u64, steps)], &mut |_, _| true).unwrap();
+            out.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    let (c, f) = (med(&mut c_ms), med(&mut f_ms));
+    println!(
+        "{name:<13} CPU kernels: candle {c:>7.1} ms/image, fused references {f:>7.1} ms/image, fused/candle {:.2}",
+        f / c
+    );
+}
+
 /// Random weights for any requested shape: N(0, 0.02), norms at their init.
 struct RandomWeights;
 
@@ -150,6 +184,9 @@ fn main() {
     );
     for name in ["tiny-sd", "tiny-sdxl", "tiny-z-image"] {
         tiny(name, images);
+    }
+    for name in ["tiny-sd", "tiny-sdxl", "tiny-z-image"] {
+        kernels_on_cpu(name, images);
     }
     if std::env::var("RAFTGEN_BENCH_SKIP_SD15").as_deref() != Ok("1") {
         sd15_step();

@@ -1,9 +1,9 @@
 //! GPU benchmark (issue 7): candle stock vs. candle with our fused kernels,
 //! on the denoiser of each family at its real size, with random weights.
 //!
-//! `tools/gpu-bench.sh` runs it on the GPU machine beside
+//! `tools/gpu-check.sh` runs it on the GPU machine beside
 //! `tools/bench_diffusers.py` (PyTorch diffusers eager, same weights, same
-//! shapes) and prints the combined table; see docs/gpu.md ("Benchmark").
+//! shapes); see docs/gpu.md ("The device check").
 //!
 //! What it does:
 //! 1. Builds each model from its real config (`benches/data/`) with random
@@ -20,11 +20,9 @@
 //!    - `stock`: what `SdPipeline::sample` / `ZImagePipeline::sample` do per
 //!      step: the batch doubled for classifier-free guidance, the denoiser,
 //!      the guidance combine with candle ops, `Scheduler::step`;
-//!    - `fused`: the same denoiser, then `kernels::guided_step` (guidance
-//!      combine + scheduler update in one kernel). That is the only fusion
-//!      active: GroupNorm+SiLU, GEGLU and attention sit inside
-//!      candle-transformers' blocks that `src/models` calls, and are not wired
-//!      in yet (the output says so, in `fusions` in the JSON too).
+//!    - `fused`: the same weights loaded with `Kernels::Fused` (our kernels in
+//!      the UNet / DiT blocks: docs/gpu.md), then `kernels::guided_step`
+//!      (guidance combine + scheduler update in one kernel).
 //!
 //!    Per step: each step between `Device::synchronize` calls, median over all
 //!    steps of all repetitions. Per image: the whole loop (initial noise

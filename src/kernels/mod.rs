@@ -14,33 +14,22 @@
 //!   bf16, computing in f32. Inputs must be contiguous (the public functions
 //!   make them so); the ops return an error otherwise.
 //!
-//! The ops are not wired into the pipelines yet (that waits for a GPU
-//! profile); the unfused paths stay as they are, so callers can compare. Where
-//! each would plug in:
-//! - [`group_norm_silu()`]: `silu(GroupNorm(x))`, twice in every ResNet block:
-//!   candle-transformers' `stable_diffusion::resnet::ResnetBlock2D::forward`
-//!   (`norm1`/`norm2` then `silu`), reached from `UNet::forward` in
-//!   `src/models/sd/unet.rs` through candle's `unet_2d_blocks` (plugging in
-//!   there means a local copy of the block), and directly at the end of
-//!   `UNet::forward` (`silu(norm_out(xs))`); the VAE decoders' ResNet blocks
-//!   (`SdPipeline::decode` in `src/models/sd/mod.rs`, `ZImagePipeline::decode`
-//!   in `src/models/z_image/mod.rs`) have the same pair.
+//! The models call them through `models::blocks::Kernels` (fused on CUDA,
+//! candle's ops on the CPU, where they are as fast; docs/gpu.md):
+//! - [`group_norm_silu()`]: `silu(GroupNorm(x))`, twice in every ResNet block
+//!   of the UNet and the autoencoder (`models::blocks::resnet`) and at the
+//!   UNet's and decoder's output norms.
 //! - [`guided_step()`]: the guidance combine and `Scheduler::step` of each
-//!   denoising step, with the scalars of `Scheduler::linear_step`
-//!   (`src/models/scheduler/`): `SdPipeline::sample` in `src/models/sd/mod.rs`
-//!   (rows `[uncond, cond]`, [`Guidance::UncondFirst`]), and
-//!   `ZImagePipeline::sample`/`velocity`/`model_output` in
-//!   `src/models/z_image/mod.rs` (rows `[cond, uncond]`,
-//!   [`Guidance::CondFirst`], and the step's `model_output` coefficient
-//!   negated, since Z-Image steps with the negated prediction).
-//! - [`geglu()`]: the feed-forward input of every transformer block of the SD
-//!   UNet, candle-transformers' `stable_diffusion::attention::GeGlu::forward`
-//!   (`proj` then chunk, tanh `gelu`, multiply), reached through
-//!   `unet_2d_blocks` from `UNet::forward` (`src/models/sd/unet.rs`).
-//! - [`attention()`]: `softmax(Q Kᵀ · scale) V` of candle-transformers'
-//!   `stable_diffusion::attention::CrossAttention::attention` (the non-flash
-//!   path), the UNet's self- and cross-attention, and of the Z-Image blocks'
-//!   attention used by `src/models/z_image/transformer.rs`.
+//!   denoising step, with the scalars of `Scheduler::linear_step`: SD rows
+//!   `[uncond, cond]` ([`Guidance::UncondFirst`]), Z-Image rows `[cond,
+//!   uncond]` ([`Guidance::CondFirst`]) with the step's `model_output`
+//!   coefficient negated (Z-Image steps with the negated prediction).
+//! - [`geglu()`]: the feed-forward gate of the UNet's transformer blocks.
+//! - [`attention()`] / [`attention_bshd()`]: `softmax(Q Kᵀ · scale) V` without
+//!   the score matrix; on CUDA for f16/bf16 on the tensor cores (mma.sync),
+//!   the second reading the tokens-major layout the projections produce.
+//! - [`conv2d()`] through [`im2col()`]: the convolutions on CUDA.
+//! - [`rms_norm_rope()`]: Z-Image's QK-norm and rotary embedding in one pass.
 
 mod attention;
 #[cfg(feature = "cuda")]
