@@ -208,9 +208,12 @@ mod tests {
     use super::conv2d;
     use crate::kernels::test_util::{randn, rel_err};
 
-    /// (B, C, H, W, O, K, stride, padding): SD's 3x3 convolutions, the
+    /// (B, C, H, W, O, K, stride, padding).
+    type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
+
+    /// SD's 3x3 convolutions, the
     /// stride-2 downsampler, 1x1 projections, odd sizes, a 3-channel input.
-    const CASES: &[(usize, usize, usize, usize, usize, usize, usize, usize)] = &[
+    const CASES: &[Case] = &[
         (2, 4, 8, 8, 8, 3, 1, 1),
         (1, 6, 9, 7, 5, 3, 2, 1),
         (2, 8, 6, 6, 8, 3, 2, 0),
@@ -225,7 +228,7 @@ mod tests {
     }
 
     fn inputs(
-        case: &(usize, usize, usize, usize, usize, usize, usize, usize),
+        case: &Case,
         seed: u64,
         dev: &Device,
     ) -> Result<[Tensor; 3]> {

@@ -37,7 +37,7 @@ impl RmsNormRope {
     fn dims(&self, x: &Layout, w: &Layout, cs: &Layout) -> Result<Dims> {
         let xd = x.dims();
         let r = xd.len();
-        if r < 3 || xd[r - 1] % 2 != 0 || xd[r - 1] == 0 {
+        if r < 3 || !xd[r - 1].is_multiple_of(2) || xd[r - 1] == 0 {
             bail!("rms_norm_rope: x must be [..., L, H, D] with D even, got {xd:?}");
         }
         let (l, h, d) = (xd[r - 3], xd[r - 2], xd[r - 1]);
