@@ -47,7 +47,7 @@ fn request(model: Family, seed: u64, steps: usize) -> GenRequest {
 }
 
 fn tiny(name: &str, images: usize) {
-    let files = ModelFiles::Dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models").join(name));
+    let files = ModelFiles::dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models").join(name));
     let family = Family::detect(&files).unwrap();
     let t = Instant::now();
     let p = Pipeline::load(family, &files, &Device::Cpu, DType::F32).unwrap();
@@ -95,7 +95,7 @@ fn tiny(name: &str, images: usize) {
 /// candle's ops vs our fused kernels' CPU references on one tiny model: the
 /// same images, alternating between the two models, median ms per image.
 fn kernels_on_cpu(name: &str, images: usize) {
-    let files = ModelFiles::Dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models").join(name));
+    let files = ModelFiles::dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models").join(name));
     let family = Family::detect(&files).unwrap();
     let load = |k| Pipeline::load_with(family, &files, &Device::Cpu, DType::F32, k).unwrap();
     let (candle, fused) = (load(Kernels::Candle), load(Kernels::Fused));

@@ -22,7 +22,7 @@ fn models_dir() -> PathBuf {
 }
 
 fn entry(name: &str) -> ModelEntry {
-    ModelEntry::open(name, ModelFiles::Dir(models_dir().join(name)), None).unwrap()
+    ModelEntry::open(name, ModelFiles::dir(models_dir().join(name)), None).unwrap()
 }
 
 fn job(model: &str, size: u32) -> (JobSpec, RunControl) {

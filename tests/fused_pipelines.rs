@@ -25,7 +25,7 @@ const SIDE: usize = 64;
 const STEPS: usize = 4;
 
 fn files(name: &str) -> ModelFiles {
-    ModelFiles::Dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models").join(name))
+    ModelFiles::dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models").join(name))
 }
 
 fn rel_err(a: &Tensor, b: &Tensor) -> f32 {

@@ -81,7 +81,7 @@ fn never_called(_: &[usize]) -> candle_core::Result<Tensor> {
 /// Checks tokenization, text conditioning, one UNet step, one sampler step,
 /// the full run from the reference latents, the VAE decode and the bytes.
 fn check_family(name: &str) -> (SdPipeline, Reference) {
-    let files = ModelFiles::Dir(root().join("models").join(name));
+    let files = ModelFiles::dir(root().join("models").join(name));
     let p = SdPipeline::load(&files, &Device::Cpu, DType::F32, Kernels::Candle).unwrap();
     let r = Reference::load(name);
     let (prompt, negative) = (r.s("prompt"), r.s("negative_prompt"));
@@ -191,7 +191,7 @@ fn request(seed: u64, prompt: &str) -> GenRequest {
 
 #[test]
 fn same_seed_same_pixels_and_different_seeds_differ() {
-    let files = ModelFiles::Dir(root().join("models/tiny-sd"));
+    let files = ModelFiles::dir(root().join("models/tiny-sd"));
     let p = SdPipeline::load(&files, &Device::Cpu, DType::F32, Kernels::Candle).unwrap();
     let alone = p.generate(&[request(1, "a red fox")], &mut |_, _| true).unwrap().remove(0).rgb;
     let again = p.generate(&[request(1, "a red fox")], &mut |_, _| true).unwrap().remove(0).rgb;

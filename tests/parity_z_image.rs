@@ -28,7 +28,7 @@ fn root() -> PathBuf {
 fn pipeline() -> &'static ZImagePipeline {
     static P: OnceLock<ZImagePipeline> = OnceLock::new();
     P.get_or_init(|| {
-        let files = ModelFiles::Dir(root().join("models/tiny-z-image"));
+        let files = ModelFiles::dir(root().join("models/tiny-z-image"));
         ZImagePipeline::load(&files, &Device::Cpu, DType::F32, Kernels::Candle).expect("loading models/tiny-z-image")
     })
 }

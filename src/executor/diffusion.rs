@@ -370,7 +370,7 @@ mod tests {
 
     fn tiny(name: &str) -> ModelEntry {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models").join(name);
-        ModelEntry::open(name, ModelFiles::Dir(dir), None).unwrap()
+        ModelEntry::open(name, ModelFiles::dir(dir), None).unwrap()
     }
 
     fn job(model: &str, seed: u64) -> (JobSpec, RunControl) {

@@ -227,11 +227,7 @@ mod tests {
         candle_nn::Conv2d::new(w.clone(), Some(b.clone()), cfg).forward(x)
     }
 
-    fn inputs(
-        case: &Case,
-        seed: u64,
-        dev: &Device,
-    ) -> Result<[Tensor; 3]> {
+    fn inputs(case: &Case, seed: u64, dev: &Device) -> Result<[Tensor; 3]> {
         let &(b, c, h, w, o, k, _, _) = case;
         Ok([randn(&[b, c, h, w], seed, dev)?, randn(&[o, c, k, k], seed + 1, dev)?, randn(&[o], seed + 2, dev)?])
     }

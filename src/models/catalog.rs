@@ -36,14 +36,16 @@ impl ModelEntry {
     pub fn open(name: &str, files: ModelFiles, cache: Option<&mut HashCache>) -> anyhow::Result<ModelEntry> {
         let family = Family::detect(&files)?;
         let meta = family.meta(&files)?;
-        let components = family.components(&files);
+        let weight_files = family.weight_files(&files)?;
         let hash = match cache {
-            Some(c) => c.hash(&files, &components)?,
-            None => content_hash(&files, &components)?,
+            Some(c) => c.hash(&files, &weight_files)?,
+            None => content_hash(&files, &weight_files)?,
         };
         let mut params = 0;
-        for f in files.all_weight_files(&components)? {
-            params += count_params(&files, &f)?;
+        for c in family.components(&files) {
+            let weights = files.weights(c.dir, c.library)?;
+            params +=
+                files.tensor_infos(&weights)?.values().map(|t| t.shape.iter().product::<usize>() as u64).sum::<u64>();
         }
         Ok(ModelEntry { name: name.to_string(), family, files, hash, params, meta })
     }
@@ -54,44 +56,14 @@ impl ModelEntry {
     }
 }
 
-/// Parameters in one safetensors file, from its header alone.
-fn count_params(files: &ModelFiles, rel: &str) -> anyhow::Result<u64> {
-    let header: Vec<u8> = match files {
-        ModelFiles::Dir(root) => {
-            use std::io::Read;
-            let mut f = std::fs::File::open(root.join(rel))?;
-            let mut len = [0u8; 8];
-            f.read_exact(&mut len)?;
-            let n = u64::from_le_bytes(len);
-            anyhow::ensure!(n < 100 << 20, "{rel}: safetensors header of {n} bytes");
-            let mut h = vec![0; n as usize];
-            f.read_exact(&mut h)?;
-            h
-        }
-        ModelFiles::Embedded(_) => {
-            let bytes = files.read(rel)?;
-            anyhow::ensure!(bytes.len() >= 8, "{rel}: not a safetensors file");
-            let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
-            anyhow::ensure!(bytes.len() >= 8 + n, "{rel}: truncated safetensors header");
-            bytes[8..8 + n].to_vec()
-        }
-    };
-    let map: BTreeMap<String, serde_json::Value> =
-        serde_json::from_slice(&header).with_context(|| format!("{rel}: bad safetensors header"))?;
-    Ok(map
-        .iter()
-        .filter(|(k, _)| *k != "__metadata__")
-        .map(|(_, v)| v["shape"].as_array().map_or(0, |s| s.iter().map(|d| d.as_u64().unwrap_or(0)).product::<u64>()))
-        .sum())
-}
-
-/// sha256 over the weight files of `components`.
-pub fn content_hash(files: &ModelFiles, components: &[&str]) -> anyhow::Result<String> {
+/// sha256 over `weight_files` (path, length, bytes, in path order): exactly
+/// the files the model loads.
+pub fn content_hash(files: &ModelFiles, weight_files: &[String]) -> anyhow::Result<String> {
     let mut h = Sha256::new();
-    for f in files.all_weight_files(components)? {
-        match files {
-            ModelFiles::Dir(root) => {
-                let path = root.join(&f);
+    for f in weight_files {
+        match files.root() {
+            Some(root) => {
+                let path = root.join(f);
                 let len = std::fs::metadata(&path)?.len();
                 h.update(f.as_bytes());
                 h.update([0]);
@@ -99,8 +71,8 @@ pub fn content_hash(files: &ModelFiles, components: &[&str]) -> anyhow::Result<S
                 let mut file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
                 std::io::copy(&mut file, &mut h)?;
             }
-            ModelFiles::Embedded(_) => {
-                let bytes = files.read(&f)?;
+            None => {
+                let bytes = files.read(f)?;
                 h.update(f.as_bytes());
                 h.update([0]);
                 h.update((bytes.len() as u64).to_le_bytes());
@@ -134,10 +106,11 @@ impl HashCache {
         HashCache { path, entries }
     }
 
-    fn hash(&mut self, files: &ModelFiles, components: &[&str]) -> anyhow::Result<String> {
-        let ModelFiles::Dir(root) = files else { return content_hash(files, components) };
+    fn hash(&mut self, files: &ModelFiles, weight_files: &[String]) -> anyhow::Result<String> {
+        let Some(root) = files.root() else { return content_hash(files, weight_files) };
+        let root = root.to_path_buf();
         let mut stamp_files = Vec::new();
-        for f in files.all_weight_files(components)? {
+        for f in weight_files.iter().cloned() {
             let md = std::fs::metadata(root.join(&f))?;
             let mtime = md.modified()?.duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
             stamp_files.push((f, md.len(), mtime));
@@ -148,7 +121,7 @@ impl HashCache {
                 return Ok(s.hash.clone());
             }
         }
-        let hash = content_hash(files, components)?;
+        let hash = content_hash(files, weight_files)?;
         self.entries.insert(key, Stamp { files: stamp_files, hash: hash.clone() });
         if let Some(p) = &self.path {
             let tmp = p.with_extension("tmp");
@@ -171,7 +144,7 @@ pub fn scan(dir: &Path, cache: &mut HashCache) -> anyhow::Result<Vec<ModelEntry>
     dirs.sort();
     for path in dirs {
         let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-        match ModelEntry::open(&name, ModelFiles::Dir(path.clone()), Some(cache)) {
+        match ModelEntry::open(&name, ModelFiles::dir(path.clone()), Some(cache)) {
             Ok(e) => out.push(e),
             Err(e) => tracing::warn!("skipping model folder {}: {e:#}", path.display()),
         }
@@ -183,7 +156,7 @@ pub fn scan(dir: &Path, cache: &mut HashCache) -> anyhow::Result<Vec<ModelEntry>
 /// `tools/make_tiny_models.py`). Its images are noise: it exists so a fresh
 /// checkout runs end to end without downloading anything.
 pub fn builtin() -> anyhow::Result<ModelEntry> {
-    ModelEntry::open(BUILTIN_MODEL, ModelFiles::Embedded(BUILTIN_FILES), None)
+    ModelEntry::open(BUILTIN_MODEL, ModelFiles::embedded(BUILTIN_FILES), None)
 }
 
 macro_rules! embed {

@@ -8,6 +8,7 @@
 pub mod blocks;
 pub mod catalog;
 pub mod files;
+pub mod layout;
 pub mod noise;
 pub mod scheduler;
 pub mod sd;
@@ -91,13 +92,24 @@ impl Family {
         }
     }
 
-    /// Components whose weights make up the model (its content hash).
-    pub fn components(self, files: &ModelFiles) -> Vec<&'static str> {
-        let all: &[&'static str] = match self {
-            Family::StableDiffusion => &["text_encoder", "text_encoder_2", "unet", "vae"],
-            Family::ZImage => &["text_encoder", "transformer", "vae"],
+    /// The components of this family present in `files` (those with a
+    /// `config.json`), from the table in `models::layout`.
+    pub fn components(self, files: &ModelFiles) -> Vec<&'static layout::Component> {
+        let all = match self {
+            Family::StableDiffusion => layout::SD_COMPONENTS,
+            Family::ZImage => layout::Z_IMAGE_COMPONENTS,
         };
-        all.iter().copied().filter(|c| files.exists(&format!("{c}/config.json"))).collect()
+        all.iter().filter(|c| files.exists(&format!("{}/config.json", c.dir))).collect()
+    }
+
+    /// Every weight file the model loads, sorted: what its content hash covers.
+    pub fn weight_files(self, files: &ModelFiles) -> anyhow::Result<Vec<String>> {
+        let mut v = Vec::new();
+        for c in self.components(files) {
+            v.extend(files.weights(c.dir, c.library)?.files);
+        }
+        v.sort();
+        Ok(v)
     }
 
     pub fn meta(self, files: &ModelFiles) -> anyhow::Result<ModelMeta> {

@@ -17,6 +17,7 @@ use self::clip::{ClipConfig, ClipTextModel};
 use self::unet::{UNet, UNetConfig};
 use super::blocks::Kernels;
 use super::files::ModelFiles;
+use super::layout::Library;
 use super::noise::{batch_noise, NoiseStream};
 use super::scheduler::{self, SamplerKind, SchedulerConfig};
 use super::tokenizer::ClipTokenizer;
@@ -166,7 +167,7 @@ impl SdPipeline {
             }
             let cfg: ClipConfig = files.json(&format!("{enc_dir}/config.json"))?;
             let with_projection = cfg.architectures.iter().any(|a| a == "CLIPTextModelWithProjection");
-            let vb = files.var_builder(enc_dir, dtype, device)?;
+            let vb = files.component(enc_dir, Library::Transformers, dtype, device)?;
             let model = ClipTextModel::new(&cfg, with_projection, vb).with_context(|| format!("loading {enc_dir}"))?;
             let tokenizer = ClipTokenizer::load(files, tok_dir, cfg.max_position_embeddings)?;
             encoders.push(TextEncoder { tokenizer, model });
@@ -175,12 +176,14 @@ impl SdPipeline {
             bail!("{}: no text_encoder/config.json", files.describe());
         }
         let unet_cfg: UNetConfig = files.json("unet/config.json")?;
-        let unet = UNet::new(&unet_cfg, files.var_builder("unet", dtype, device)?, kernels).context("loading unet")?;
+        let unet = UNet::new(&unet_cfg, files.component("unet", Library::Diffusers, dtype, device)?, kernels)
+            .context("loading unet")?;
         if unet.wants_text_time() && encoders.len() != 2 {
             bail!("an SDXL UNet needs two text encoders");
         }
         let (vae_config, vae) =
-            VaeConfig::load(files, files.var_builder("vae", dtype, device)?, kernels).context("loading vae")?;
+            VaeConfig::load(files, files.component("vae", Library::Diffusers, dtype, device)?, kernels)
+                .context("loading vae")?;
         let scheduler: SchedulerConfig = files.json("scheduler/scheduler_config.json")?;
         let xl = unet.wants_text_time();
         Ok(SdPipeline {

@@ -32,6 +32,7 @@ use serde::Deserialize;
 use self::transformer::{ZImageTransformer, PATCH_SIZE};
 use super::blocks::Kernels;
 use super::files::ModelFiles;
+use super::layout::Library;
 use super::noise::{batch_noise, NoiseStream};
 use super::scheduler::{FlowMatchEuler, SamplerKind, Scheduler, SchedulerConfig};
 use super::tokenizer::{Encoded, JsonTokenizer};
@@ -128,6 +129,26 @@ pub struct Conditioning {
     pub dropped_tokens: Vec<usize>,
 }
 
+/// The Qwen3 text encoder's weights, saved as `Qwen3ForCausalLM` (tensors
+/// under `model.`, which the loader asks for) or as `Qwen3Model` (no prefix,
+/// as diffusers' `save_pretrained` writes it back).
+fn text_encoder_weights(
+    files: &ModelFiles,
+    dtype: DType,
+    device: &Device,
+) -> anyhow::Result<candle_nn::VarBuilder<'static>> {
+    let weights = files.weights("text_encoder", Library::Transformers)?;
+    let infos = files.tensor_infos(&weights)?;
+    let rename = if infos.contains_key("model.embed_tokens.weight") {
+        None
+    } else if infos.contains_key("embed_tokens.weight") {
+        Some(("model.", ""))
+    } else {
+        bail!("text_encoder/: no embed_tokens.weight (with or without the model. prefix): not a Qwen3 model");
+    };
+    files.var_builder(&weights, dtype, device, rename)
+}
+
 pub struct ZImagePipeline {
     tokenizer: JsonTokenizer,
     text_encoder: ZImageTextEncoder,
@@ -147,7 +168,7 @@ impl ZImagePipeline {
         let tokenizer = JsonTokenizer::load(files, "tokenizer")?;
         let te_cfg: TextEncoderConfig = files.json("text_encoder/config.json")?;
         ensure!(te_cfg.num_hidden_layers >= 2, "text encoder: hidden_states[-2] needs at least 2 layers");
-        let text_encoder = ZImageTextEncoder::new(&te_cfg, files.var_builder("text_encoder", dtype, device)?)
+        let text_encoder = ZImageTextEncoder::new(&te_cfg, text_encoder_weights(files, dtype, device)?)
             .context("loading text_encoder")?;
 
         let t_cfg: Config = files.json("transformer/config.json")?;
@@ -157,8 +178,9 @@ impl ZImagePipeline {
             t_cfg.cap_feat_dim,
             te_cfg.hidden_size
         );
-        let transformer = ZImageTransformer::new(&t_cfg, files.var_builder("transformer", dtype, device)?, kernels)
-            .context("loading transformer")?;
+        let transformer =
+            ZImageTransformer::new(&t_cfg, files.component("transformer", Library::Diffusers, dtype, device)?, kernels)
+                .context("loading transformer")?;
 
         let vf: VaeFile = files.json("vae/config.json")?;
         if vf.use_post_quant_conv || !vf.mid_block_add_attention {
@@ -179,7 +201,8 @@ impl ZImagePipeline {
             use_post_quant_conv: false,
         };
         // Only the decoder: text-to-image never encodes.
-        let vae = Decoder::new(&vae_cfg, files.var_builder("vae", dtype, device)?, kernels).context("loading vae")?;
+        let vae = Decoder::new(&vae_cfg, files.component("vae", Library::Diffusers, dtype, device)?, kernels)
+            .context("loading vae")?;
 
         let scheduler: SchedulerConfig = files.json("scheduler/scheduler_config.json")?;
         if scheduler.kind().is_some_and(|k| k != SamplerKind::FlowMatchEuler) {
@@ -416,7 +439,7 @@ mod tests {
     use super::*;
 
     fn files() -> ModelFiles {
-        ModelFiles::Dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/tiny-z-image"))
+        ModelFiles::dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/tiny-z-image"))
     }
 
     fn pipeline() -> &'static ZImagePipeline {
