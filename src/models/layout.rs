@@ -158,6 +158,13 @@ pub fn select(component: &str, library: Library, names: &[String], asked: Option
     ))
 }
 
+/// The pipeline classes (`model_index.json`'s `_class_name`) raftgen runs.
+pub const PIPELINES: &[(&str, super::Family)] = &[
+    ("StableDiffusionPipeline", super::Family::StableDiffusion),
+    ("StableDiffusionXLPipeline", super::Family::StableDiffusion),
+    ("ZImagePipeline", super::Family::ZImage),
+];
+
 /// The component folders of each family and how they are named.
 pub struct Component {
     pub dir: &'static str,

@@ -83,11 +83,23 @@ impl Family {
             class: String,
         }
         let index: Index = files.json("model_index.json")?;
-        match index.class.as_str() {
-            c if c.starts_with("StableDiffusion") && !c.contains('3') => Ok(Family::StableDiffusion),
-            c if c.starts_with("ZImage") => Ok(Family::ZImage),
-            other => {
-                anyhow::bail!("pipeline class '{other}' is not supported (Stable Diffusion 1/2/XL and Z-Image are)")
+        match layout::PIPELINES.iter().find(|(class, _)| *class == index.class) {
+            Some((_, family)) => Ok(*family),
+            None => {
+                let class = index.class.as_str();
+                let kind = if ["Img2Img", "Inpaint", "Upscale", "Depth2Img", "InstructPix2Pix"]
+                    .iter()
+                    .any(|k| class.contains(k))
+                {
+                    " is an image-to-image pipeline (an SDXL refiner, inpainting or upscaling model)"
+                } else {
+                    " is not a pipeline raftgen runs"
+                };
+                let served: Vec<&str> = layout::PIPELINES.iter().map(|(c, _)| *c).collect();
+                anyhow::bail!(
+                    "model_index.json: {class}{kind}; raftgen serves text-to-image pipelines: {}",
+                    served.join(", ")
+                )
             }
         }
     }
