@@ -240,6 +240,11 @@ pub struct NodeArgs {
     /// Simulated run time per job of the test-pattern executor.
     #[arg(long, default_value_t = 500)]
     pub test_pattern_delay_ms: u64,
+    /// TEST DOUBLE (only with --executor test-pattern): draw incompressible
+    /// noise (a PNG of about 3 bytes a pixel) instead of stripes, for
+    /// measuring what result bytes cost the cluster.
+    #[arg(long)]
+    pub test_pattern_noise: bool,
     /// TEST DOUBLE fault (only with --executor test-pattern): the first N
     /// jobs this node runs hang until cancelled (exercises --job-timeout-ms).
     #[arg(long, default_value_t = 0)]
@@ -391,8 +396,12 @@ impl NodeArgs {
             bail!("--max-batch must be between 1 and {MAX_BATCH}");
         }
         let faults = Faults { stall_first: self.test_pattern_stall_first, fail_first: self.test_pattern_fail_first };
-        if self.executor != ExecutorKind::TestPattern && (faults.stall_first > 0 || faults.fail_first > 0) {
-            bail!("--test-pattern-stall-first and --test-pattern-fail-first need --executor test-pattern");
+        if self.executor != ExecutorKind::TestPattern
+            && (faults.stall_first > 0 || faults.fail_first > 0 || self.test_pattern_noise)
+        {
+            bail!(
+                "--test-pattern-stall-first, --test-pattern-fail-first and --test-pattern-noise need --executor test-pattern"
+            );
         }
         let executor: Arc<dyn Executor> = match self.executor {
             ExecutorKind::Diffusion => Arc::new(diffusion_executor(&self)?),
@@ -405,7 +414,9 @@ impl NodeArgs {
                 if faults.stall_first > 0 || faults.fail_first > 0 {
                     tracing::warn!("test pattern: injecting faults into the first jobs: {faults:?}");
                 }
-                Arc::new(TestPatternExecutor::new(self.test_pattern_delay_ms, faults))
+                Arc::new(
+                    TestPatternExecutor::new(self.test_pattern_delay_ms, faults).with_noise(self.test_pattern_noise),
+                )
             }
         };
         let slots = match self.executor {

@@ -8,6 +8,7 @@
 //! retry, so a batch that fails as a whole is simply retried by each caller.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,10 +39,11 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
-    /// `scheme` says how `client` reaches the leader's port.
-    pub fn start(client: reqwest::Client, scheme: Scheme, secret: Arc<str>) -> Self {
+    /// `scheme` says how `client` reaches the leader's port; the bytes of
+    /// every forwarded batch are counted into `sent_bytes`.
+    pub fn start(client: reqwest::Client, scheme: Scheme, secret: Arc<str>, sent_bytes: Arc<AtomicU64>) -> Self {
         let (tx, rx) = mpsc::channel(MAX_QUEUED_COMMANDS);
-        tokio::spawn(run(client, scheme, secret, rx));
+        tokio::spawn(run(client, scheme, secret, sent_bytes, rx));
         Forwarder { tx }
     }
 
@@ -57,6 +59,7 @@ async fn run(
     client: reqwest::Client,
     scheme: Scheme,
     secret: Arc<str>,
+    sent_bytes: Arc<AtomicU64>,
     mut rx: mpsc::Receiver<(String, Command, Reply)>,
 ) {
     let limits = crate::batch::Limits {
@@ -71,14 +74,21 @@ async fn run(
             by_leader.entry(addr).or_default().push((cmd, reply));
         }
         for (addr, batch) in by_leader {
-            in_flight.spawn(send(client.clone(), scheme.url(&addr, PATH_FORWARD), secret.clone(), batch));
+            let url = scheme.url(&addr, PATH_FORWARD);
+            in_flight.spawn(send(client.clone(), url, secret.clone(), sent_bytes.clone(), batch));
         }
     }
 }
 
-async fn send(client: reqwest::Client, url: String, secret: Arc<str>, batch: Vec<(Command, Reply)>) {
+async fn send(
+    client: reqwest::Client,
+    url: String,
+    secret: Arc<str>,
+    sent_bytes: Arc<AtomicU64>,
+    batch: Vec<(Command, Reply)>,
+) {
     let (cmds, replies): (Vec<Command>, Vec<Reply>) = batch.into_iter().unzip();
-    let answers = post(&client, &url, &secret, &cmds).await;
+    let answers = post(&client, &url, &secret, &sent_bytes, &cmds).await;
     match answers {
         Ok(answers) if answers.len() == replies.len() => {
             for (reply, answer) in replies.into_iter().zip(answers) {
@@ -97,9 +107,11 @@ async fn post(
     client: &reqwest::Client,
     url: &str,
     secret: &str,
+    sent_bytes: &AtomicU64,
     cmds: &[Command],
 ) -> Result<Vec<Result<Committed, ForwardReject>>, String> {
     let body = codec::encode(cmds).map_err(|e| e.to_string())?;
+    sent_bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
     let resp = client
         .post(url)
         .header(SECRET_HEADER, secret)

@@ -69,7 +69,9 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
         None => b,
     };
     let raft_client = tls_client(raftgen_raft::network::client_builder()).build().context("raft http client")?;
-    let network = NetworkFactory::new(opts.id, &opts.secret, health.clone(), raft_client, scheme);
+    let metrics = crate::metrics::NodeMetrics::default();
+    let network = NetworkFactory::new(opts.id, &opts.secret, health.clone(), raft_client, scheme)
+        .count_sent_bytes(metrics.peer_sent_bytes.clone());
     let config = Arc::new(opts.settings.raft_config().validate().context("raft settings")?);
     let raft = Raft::new(opts.id, config, network, log, sm).await.context("starting raft")?;
     let listener =
@@ -92,13 +94,18 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
         secret: opts.secret.clone().into(),
         api_keys: opts.api_keys.clone(),
         proposer: crate::proposer::Proposer::start(raft.clone()),
-        forwarder: crate::forwarder::Forwarder::start(client.clone(), scheme, opts.secret.clone().into()),
+        forwarder: crate::forwarder::Forwarder::start(
+            client.clone(),
+            scheme,
+            opts.secret.clone().into(),
+            metrics.peer_sent_bytes.clone(),
+        ),
         snapshot_guard: crate::snapshot_guard::SnapshotGuard::new(
             raft.clone(),
             Duration::from_millis(2 * opts.settings.election_timeout_max_ms),
         ),
         shutdown: shutdown_rx,
-        metrics: crate::metrics::NodeMetrics::default(),
+        metrics,
         event_streams: crate::http::events::Streams::new(opts.settings.max_event_streams),
     });
 

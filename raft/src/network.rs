@@ -14,6 +14,7 @@
 //! answered for `node_timeout_ms`, by this clock and no other.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -105,12 +106,20 @@ pub struct NetworkFactory {
     scheme: Scheme,
     secret: Arc<str>,
     health: PeerHealth,
+    sent_bytes: Arc<AtomicU64>,
 }
 
 impl NetworkFactory {
     /// `client` is built from [`client_builder`]; `scheme` says how it reaches peers.
     pub fn new(id: NodeId, secret: &str, health: PeerHealth, client: reqwest::Client, scheme: Scheme) -> Self {
-        NetworkFactory { id, client, scheme, secret: secret.into(), health }
+        NetworkFactory { id, client, scheme, secret: secret.into(), health, sent_bytes: Arc::default() }
+    }
+
+    /// Counts the bytes of every RPC body this node sends into `counter`
+    /// (for `raftgen_peer_sent_bytes_total`).
+    pub fn count_sent_bytes(mut self, counter: Arc<AtomicU64>) -> Self {
+        self.sent_bytes = counter;
+        self
     }
 }
 
@@ -125,6 +134,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             client: self.client.clone(),
             secret: self.secret.clone(),
             health: self.health.clone(),
+            sent_bytes: self.sent_bytes.clone(),
         }
     }
 }
@@ -136,6 +146,7 @@ pub struct PeerClient {
     client: reqwest::Client,
     secret: Arc<str>,
     health: PeerHealth,
+    sent_bytes: Arc<AtomicU64>,
 }
 
 type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
@@ -164,6 +175,7 @@ impl PeerClient {
             }
         };
         let body = codec::encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        self.sent_bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
         let resp = self
             .client
             .post(format!("{}{}", self.base, path))

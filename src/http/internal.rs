@@ -23,6 +23,10 @@ use crate::app::{App, PATH_FORWARD};
 
 /// This replica's jobs as it holds them now (see [`dump`]).
 pub const PATH_DUMP: &str = "/raft/dump";
+/// Builds a snapshot now and answers its size (see [`snapshot_now`]).
+pub const PATH_SNAPSHOT_NOW: &str = "/raft/snapshot-now";
+/// Longest [`snapshot_now`] waits for the snapshot it asked for.
+const SNAPSHOT_NOW_MAX_MS: u64 = 120_000;
 
 /// Largest node-to-node body: a batch of entries that carry result images.
 const MAX_RAFT_BODY_BYTES: usize = 1 << 30;
@@ -34,6 +38,7 @@ pub fn routes() -> Router<Arc<App>> {
         .route(PATH_SNAPSHOT, post(snapshot))
         .route(PATH_FORWARD, post(forward))
         .route(PATH_DUMP, get(dump))
+        .route(PATH_SNAPSHOT_NOW, post(snapshot_now))
         .layer(DefaultBodyLimit::max(MAX_RAFT_BODY_BYTES))
 }
 
@@ -44,21 +49,24 @@ fn decode_req<T: DeserializeOwned>(app: &App, headers: &HeaderMap, body: &[u8]) 
     codec::decode(body).map_err(|e| ApiError::field("body", e.to_string()))
 }
 
-fn encoded<T: Serialize>(value: &T) -> Response {
+fn encoded<T: Serialize>(app: &App, value: &T) -> Response {
     match codec::encode(value) {
-        Ok(bytes) => (StatusCode::OK, bytes).into_response(),
+        Ok(bytes) => {
+            app.metrics.peer_sent_bytes.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            (StatusCode::OK, bytes).into_response()
+        }
         Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "codec", e.to_string()).into_response(),
     }
 }
 
 async fn append(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     let req = decode_req(&app, &headers, &body)?;
-    Ok(encoded(&app.raft.append_entries(req).await))
+    Ok(encoded(&app, &app.raft.append_entries(req).await))
 }
 
 async fn vote(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     let req = decode_req(&app, &headers, &body)?;
-    Ok(encoded(&app.raft.vote(req).await))
+    Ok(encoded(&app, &app.raft.vote(req).await))
 }
 
 async fn snapshot(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
@@ -68,7 +76,7 @@ async fn snapshot(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) 
     // Before decoding: a multi-MB chunk takes a while, and a leader is alive.
     let _no_elections = app.snapshot_guard.enter();
     let req = decode_req(&app, &headers, &body)?;
-    Ok(encoded(&app.raft.install_snapshot(req).await))
+    Ok(encoded(&app, &app.raft.install_snapshot(req).await))
 }
 
 /// A follower forwards commands; we propose them if we lead, or say who does.
@@ -78,7 +86,27 @@ async fn forward(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -
         return Err(ApiError::field("body", format!("more than {MAX_BATCH_COMMANDS} commands")));
     }
     let answers = futures_util::future::join_all(cmds.into_iter().map(|cmd| app.propose_local(cmd))).await;
-    Ok(encoded(&answers))
+    Ok(encoded(&app, &answers))
+}
+
+/// Builds a snapshot of this node's applied state now, waits until it is
+/// stored, and answers `{"index", "bytes"}`: for operators (a snapshot before
+/// a backup) and benchmarks (the snapshot size at a known point).
+async fn snapshot_now(State(app): State<Arc<App>>, headers: HeaderMap) -> Result<axum::Json<Value>, ApiError> {
+    if !secret_ok(&app, &headers) {
+        return Err(ApiError::unauthorized());
+    }
+    let applied = app.view.applied_index();
+    let unavailable = |e: String| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "snapshot", e).retry_after(1);
+    app.raft.trigger().snapshot().await.map_err(|e| unavailable(e.to_string()))?;
+    let wait = std::time::Duration::from_millis(SNAPSHOT_NOW_MAX_MS);
+    app.raft
+        .wait(Some(wait))
+        .metrics(|m| m.snapshot.is_some_and(|s| s.index >= applied), "snapshot built")
+        .await
+        .map_err(|e| unavailable(e.to_string()))?;
+    let index = app.raft.metrics().borrow().snapshot.map_or(0, |s| s.index);
+    Ok(axum::Json(json!({ "index": index, "bytes": app.view.snapshot_bytes() })))
 }
 
 /// Every job this replica holds, without request bodies, with the sha256 of

@@ -26,7 +26,7 @@ pub mod rate;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use exposition::{Exposition, Kind, Labels};
 use histogram::{Histogram, JOB_SECONDS_BUCKETS};
@@ -50,6 +50,10 @@ pub struct NodeMetrics {
     /// Priorities ever queued while this node ran: their gauges stay, at 0
     /// when empty, instead of vanishing (0 is always there).
     priorities: Mutex<BTreeSet<i32>>,
+    /// Bytes this node sent to other nodes: the bodies of its Raft RPCs and
+    /// forwarded writes, and of its answers to theirs (shared with the Raft
+    /// network and the forwarder, which count as they send).
+    pub peer_sent_bytes: Arc<AtomicU64>,
 }
 
 impl Default for NodeMetrics {
@@ -63,6 +67,7 @@ impl Default for NodeMetrics {
             images: AtomicU64::new(0),
             image_rate: RateWindow::default(),
             priorities: Mutex::new(BTreeSet::from([0])),
+            peer_sent_bytes: Arc::default(),
         }
     }
 }
@@ -110,6 +115,18 @@ pub fn render(app: &App) -> String {
         Kind::Gauge,
         "Bytes this node's sled database takes on disk (Raft log, vote and snapshot).",
         app.view.disk_bytes() as f64,
+    );
+    e.single(
+        "raftgen_snapshot_bytes",
+        Kind::Gauge,
+        "Bytes of this node's stored Raft snapshot (0 before the first).",
+        app.view.snapshot_bytes() as f64,
+    );
+    e.single(
+        "raftgen_peer_sent_bytes_total",
+        Kind::Counter,
+        "Bytes this node sent to other nodes since it started: bodies of Raft RPCs, forwarded writes and their answers.",
+        app.metrics.peer_sent_bytes.load(Ordering::Relaxed) as f64,
     );
     gpu::write(&mut e, &gpu::sample());
     e.finish()

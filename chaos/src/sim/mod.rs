@@ -38,6 +38,7 @@
 mod network;
 mod node;
 mod runtime;
+pub mod scale;
 mod store;
 mod workload;
 mod world;
@@ -67,6 +68,9 @@ pub struct SimOptions {
     pub seed: u64,
     /// Raft voters (1 to [`MAX_NODES`]; 3 and 5 are the interesting ones).
     pub nodes: usize,
+    /// Nodes beyond the voters, added as learners once a leader is elected
+    /// (0 to [`MAX_LEARNERS`]).
+    pub learners: usize,
     /// Jobs submitted in total, split across the clients.
     pub jobs: usize,
     /// Concurrent simulated clients (1 to [`MAX_CLIENTS`]).
@@ -78,12 +82,13 @@ pub struct SimOptions {
 
 impl Default for SimOptions {
     fn default() -> Self {
-        SimOptions { seed: 0, nodes: 3, jobs: 60, clients: 3, faults: true }
+        SimOptions { seed: 0, nodes: 3, learners: 0, jobs: 60, clients: 3, faults: true }
     }
 }
 
-/// Most nodes and clients one run accepts.
+/// Most voters, learners and clients one run accepts.
 pub const MAX_NODES: usize = 7;
+pub const MAX_LEARNERS: usize = 63;
 pub const MAX_CLIENTS: usize = 16;
 /// Most jobs one run accepts (the run's length grows with them).
 pub const MAX_JOBS: usize = 10_000;
@@ -106,6 +111,8 @@ pub struct SimResult {
     pub sim_ms: u64,
     /// What happened in storage: snapshots, truncations, writes lost to crashes.
     pub stats: SimStats,
+    /// What the run cost, for the scale run (see [`scale`]).
+    pub costs: scale::Costs,
 }
 
 impl SimResult {
@@ -143,6 +150,9 @@ pub fn replay_command(opts: &SimOptions) -> String {
     let mut cmd =
         format!("cargo run -p chaos --release -- sim --seed {} --nodes {} --jobs {}", opts.seed, opts.nodes, opts.jobs);
     let defaults = SimOptions::default();
+    if opts.learners != defaults.learners {
+        cmd += &format!(" --learners {}", opts.learners);
+    }
     if opts.clients != defaults.clients {
         cmd += &format!(" --clients {}", opts.clients);
     }
@@ -186,8 +196,16 @@ fn max_log_entries(p: &Params) -> usize {
 /// itself could not run (bad options, a host's software returned an error);
 /// a run that found a bug is an `Ok` whose [`SimResult::passed`] is false.
 pub fn run_seed(opts: &SimOptions) -> anyhow::Result<SimResult> {
+    run_with(opts, Params::default())
+}
+
+/// [`run_seed`] with other settings (the scale run's).
+fn run_with(opts: &SimOptions, params: Params) -> anyhow::Result<SimResult> {
     if !(1..=MAX_NODES).contains(&opts.nodes) {
         bail!("--nodes must be 1 to {MAX_NODES}");
+    }
+    if opts.learners > MAX_LEARNERS {
+        bail!("--learners must be at most {MAX_LEARNERS}");
     }
     if !(1..=MAX_CLIENTS).contains(&opts.clients) {
         bail!("--clients must be 1 to {MAX_CLIENTS}");
@@ -199,8 +217,8 @@ pub fn run_seed(opts: &SimOptions) -> anyhow::Result<SimResult> {
     let panics_before = PANICS.with(Cell::get);
     runtime::reseed(opts.seed);
 
-    let members: Vec<u64> = (1..=opts.nodes as u64).collect();
-    let shared = Shared::new(opts.seed, members.clone(), Params::default());
+    let members: Vec<u64> = (1..=(opts.nodes + opts.learners) as u64).collect();
+    let shared = Shared::new(opts.seed, members.clone(), opts.nodes, params);
     let mut sim = turmoil::Builder::new()
         .rng_seed(opts.seed)
         .epoch(UNIX_EPOCH)
@@ -255,6 +273,7 @@ pub fn run_seed(opts: &SimOptions) -> anyhow::Result<SimResult> {
     let sim_ms = sim.elapsed().as_millis() as u64;
 
     let running = shared.running();
+    let costs = scale::Costs::measure(&shared, &running);
     let mut finals = Vec::new();
     for (id, handle) in &running {
         let metrics = handle.raft.metrics().borrow().clone();
@@ -284,7 +303,7 @@ pub fn run_seed(opts: &SimOptions) -> anyhow::Result<SimResult> {
     let history = shared.take_history();
     let report = checker::check(&history, &finals);
     let stats = shared.counters.read();
-    Ok(SimResult { history, finals, report, sim_failures, faults: nemesis.kinds, sim_ms, stats })
+    Ok(SimResult { history, finals, report, sim_failures, faults: nemesis.kinds, sim_ms, stats, costs })
 }
 
 /// Records each running node's own view of leadership whenever it changes.

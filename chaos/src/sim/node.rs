@@ -76,7 +76,7 @@ pub async fn run(shared: Arc<Shared>, id: u64) -> turmoil::Result {
     let store = Store::open(shared.disk(id), shared.counters.clone())
         .map_err(|e| format!("node {id}: opening storage: {e}"))?;
     let health = PeerHealth::default();
-    let network = Network { id, health: health.clone() };
+    let network = Network { id, health: health.clone(), counters: shared.counters.clone() };
     let config = Arc::new(shared.params.raft_config().validate()?);
     let raft = SimRaft::new(id, config, network, store.clone(), store.clone()).await?;
     let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, PORT)).await?;
@@ -85,7 +85,7 @@ pub async fn run(shared: Arc<Shared>, id: u64) -> turmoil::Result {
 
     if id == shared.members[0] && !node.raft.is_initialized().await? {
         let members: BTreeMap<u64, BasicNode> =
-            shared.members.iter().map(|m| (*m, BasicNode { addr: node_addr(*m) })).collect();
+            shared.voters.iter().map(|m| (*m, BasicNode { addr: node_addr(*m) })).collect();
         if let Err(e) = node.raft.initialize(members).await {
             tracing::debug!("node {id}: initialize: {e}");
         }
@@ -93,6 +93,9 @@ pub async fn run(shared: Arc<Shared>, id: u64) -> turmoil::Result {
     tokio::task::spawn_local(scheduler(node.clone()));
     tokio::task::spawn_local(executor(node.clone()));
     tokio::task::spawn_local(register(node.clone()));
+    if shared.voters.len() < shared.members.len() && shared.voters.contains(&id) {
+        tokio::task::spawn_local(add_learners(node.clone()));
+    }
     loop {
         let (stream, _) = listener.accept().await?;
         tokio::task::spawn_local(serve(node.clone(), stream));
@@ -104,6 +107,7 @@ async fn serve(node: Arc<Node>, mut stream: TcpStream) {
     let read = tokio::time::timeout(Duration::from_millis(SERVE_READ_TIMEOUT_MS), read_frame(&mut stream)).await;
     let Ok(Ok(bytes)) = read else { return };
     let Ok(call) = codec::decode::<Call>(&bytes) else { return };
+    let to_node = !matches!(call, Call::Client(_));
     let reply = match call {
         Call::Append(rpc) => encode_reply(&node.raft.append_entries(rpc).await),
         Call::Vote(rpc) => encode_reply(&node.raft.vote(rpc).await),
@@ -111,6 +115,9 @@ async fn serve(node: Arc<Node>, mut stream: TcpStream) {
         Call::Forward(cmd) => encode_reply(&node.propose_local(cmd).await),
         Call::Client(op) => encode_reply(&node.client(op).await),
     };
+    if to_node {
+        node.shared.counters.sent(node.id, reply.len() as u64 + 4);
+    }
     let _ = write_frame(&mut stream, &reply).await;
 }
 
@@ -175,7 +182,9 @@ impl Node {
             Some(id) => {
                 let left = deadline.saturating_duration_since(Instant::now());
                 let timeout = left.min(Duration::from_millis(self.params().forward_timeout_ms));
-                match network::call::<Forwarded>(&node_addr(id), &Call::Forward(cmd.clone()), timeout).await {
+                let sent = |n| self.shared.counters.sent(self.id, n);
+                let call = Call::Forward(cmd.clone());
+                match network::call_counted::<Forwarded>(&node_addr(id), &call, timeout, sent).await {
                     Ok(Ok(response)) => Some(response),
                     Ok(Err(reject)) => {
                         tracing::debug!("node {}: leader {id} did not take the write: {reject:?}", self.id);
@@ -332,11 +341,18 @@ async fn executor(node: Arc<Node>) {
 
 /// The result image of a job: deterministic in the simulation seed and the
 /// job (every attempt of a job makes the same bytes, as a seeded model would).
-pub fn image_bytes(sim_seed: u64, job: JobId, job_seed: u64) -> Vec<u8> {
+/// `len` 0 makes a 72-byte stand-in; otherwise `len` incompressible bytes.
+pub fn image_bytes(sim_seed: u64, job: JobId, job_seed: u64, len: usize) -> Vec<u8> {
     let digest = Sha256::digest(format!("raftgen-sim:{sim_seed}:{job}:{job_seed}").as_bytes());
     let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
     png.extend_from_slice(&digest);
     png.extend_from_slice(&digest);
+    if len > png.len() {
+        use rand::{RngCore, SeedableRng};
+        let mut rest = vec![0u8; len - png.len()];
+        rand::rngs::StdRng::from_seed(digest.into()).fill_bytes(&mut rest);
+        png.extend_from_slice(&rest);
+    }
     png
 }
 
@@ -370,7 +386,7 @@ async fn run_attempt(
                 // it has attempts left.
                 Outcome::Failed { error: "simulated executor failure".into(), retryable: true }
             } else {
-                let png = image_bytes(node.shared.seed, job, seed);
+                let png = image_bytes(node.shared.seed, job, seed, node.params().image_bytes);
                 Outcome::Succeeded { png, model_hash: "sim".into(), notes: Vec::new() }
             };
             let cmd = Command::Complete { job, node: node.id, attempt, outcome };
@@ -380,6 +396,29 @@ async fn run_attempt(
         }
     }
     let _ = done.send((job, attempt));
+}
+
+/// On a voter that leads: adds every node that is not a member yet as a
+/// learner (production's join, without the voter promotion: the scale run
+/// keeps a fixed set of voters).
+async fn add_learners(node: Arc<Node>) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(node.params().register_interval_ms)).await;
+        let missing: Vec<u64> = {
+            let m = node.raft.metrics();
+            let m = m.borrow();
+            if m.current_leader != Some(node.id) {
+                continue;
+            }
+            let membership = m.membership_config.membership();
+            node.shared.members.iter().filter(|id| membership.get_node(id).is_none()).copied().collect()
+        };
+        for id in missing {
+            if let Err(e) = node.raft.add_learner(id, BasicNode { addr: node_addr(id) }, false).await {
+                tracing::debug!("node {}: adding learner {id}: {e}", node.id);
+            }
+        }
+    }
 }
 
 /// What every simulated executor announces.

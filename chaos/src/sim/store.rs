@@ -69,12 +69,25 @@ pub struct Disk {
     last_purged: Option<LogId>,
     log: BTreeMap<u64, Entry>,
     snapshot: Option<StoredSnapshot>,
+    /// Bytes every flush wrote to this disk so far (encoded log entries,
+    /// votes, snapshots), for the scale run.
+    bytes_written: u64,
 }
 
 impl Disk {
     /// Log entries held, for the report (the log must stay bounded).
     pub fn log_len(&self) -> usize {
         self.log.len()
+    }
+
+    /// Bytes flushed to this disk since the run began.
+    pub fn bytes_written(&self) -> u64 {
+        self.bytes_written
+    }
+
+    /// Bytes of the stored snapshot's data (0 before the first).
+    pub fn snapshot_bytes(&self) -> u64 {
+        self.snapshot.as_ref().map_or(0, |s| s.data.len() as u64)
     }
 
     fn apply(&mut self, op: Op) {
@@ -114,8 +127,8 @@ struct Inner {
     disk: Arc<Mutex<Disk>>,
     /// What reads see: the disk plus every write not yet flushed.
     cache: Mutex<Disk>,
-    /// Writes not yet flushed, oldest first.
-    pending: Mutex<Vec<Op>>,
+    /// Writes not yet flushed, oldest first, with their encoded size.
+    pending: Mutex<Vec<(Op, u64)>>,
     sm: RwLock<SmData>,
     /// One wake-up per task that waits for applied entries, in subscription
     /// order (see [`Applied`]).
@@ -202,8 +215,9 @@ impl Store {
 
     /// Records a write: visible to reads now, durable after the next flush.
     fn write(&self, op: Op) {
+        let bytes = op_bytes(&op);
         self.inner.cache.lock().expect("cache lock").apply(op.clone());
-        self.inner.pending.lock().expect("pending lock").push(op);
+        self.inner.pending.lock().expect("pending lock").push((op, bytes));
     }
 
     /// Waits a simulated flush delay, then makes every write made so far
@@ -212,7 +226,8 @@ impl Store {
         tokio::time::sleep(Duration::from_millis(runtime::gen_range(0..MAX_FLUSH_DELAY_MS + 1))).await;
         let ops = std::mem::take(&mut *self.inner.pending.lock().expect("pending lock"));
         let mut disk = self.inner.disk.lock().expect("disk lock");
-        for op in ops {
+        for (op, bytes) in ops {
+            disk.bytes_written += bytes;
             disk.apply(op);
         }
     }
@@ -229,6 +244,20 @@ impl Store {
         }
         self.write(Op::Snapshot(stored));
         self.flush().await;
+    }
+}
+
+/// What a write costs the disk: its encoded size (a log entry as the log
+/// stores it, a snapshot's data and metadata).
+fn op_bytes(op: &Op) -> u64 {
+    let len = |r: Result<Vec<u8>, codec::CodecError>| r.map_or(0, |b| b.len() as u64);
+    match op {
+        Op::Vote(v) => len(codec::encode(v)),
+        Op::Committed(c) => len(codec::encode(c)),
+        Op::Append(entries) => entries.iter().map(|e| len(codec::encode(e))).sum(),
+        Op::Truncate(_) => 8,
+        Op::Purge(l) => len(codec::encode(l)),
+        Op::Snapshot(s) => s.data.len() as u64 + len(codec::encode(&s.meta)),
     }
 }
 

@@ -44,6 +44,9 @@ pub struct Params {
     pub run_max_ms: u64,
     /// Cluster-wide limits the leader writes (small, so they matter).
     pub cluster: ClusterConfig,
+    /// Size of each result image; 0: a 72-byte stand-in (enough for the
+    /// checker, cheap for hundreds of seeds). The scale run sets it.
+    pub image_bytes: usize,
 }
 
 impl Default for Params {
@@ -71,11 +74,22 @@ impl Default for Params {
                 max_finished_jobs: 100_000,
                 max_attempts: 3,
             },
+            image_bytes: 0,
         }
     }
 }
 
 impl Params {
+    /// The scale run's settings (see `super::scale`): results of
+    /// `image_bytes`, retention of 16 results, and snapshots every 100
+    /// entries, so what a snapshot holds and costs shows.
+    pub fn scale(image_bytes: usize) -> Params {
+        let mut p = Params { image_bytes, snapshot_logs: 100, ..Params::default() };
+        p.cluster.max_results = 16;
+        p.cluster.max_result_bytes = 1 << 30;
+        p
+    }
+
     pub fn raft_config(&self) -> openraft::Config {
         openraft::Config {
             cluster_name: "raftgen-sim".into(),
@@ -101,6 +115,9 @@ pub struct Counters {
     pub truncations: AtomicU64,
     /// Writes not yet flushed when their node crashed, lost with it.
     pub writes_lost: AtomicU64,
+    /// Bytes each node sent to other nodes (Raft calls, forwarded writes and
+    /// the answers to theirs), for the scale run.
+    pub sent_bytes: Mutex<BTreeMap<u64, u64>>,
 }
 
 /// What happened inside the storage during a run, read at its end.
@@ -115,6 +132,11 @@ pub struct SimStats {
 impl Counters {
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Node `node` sent `n` bytes to another node.
+    pub fn sent(&self, node: u64, n: u64) {
+        *self.sent_bytes.lock().expect("counter lock").entry(node).or_default() += n;
     }
 
     pub fn read(&self) -> SimStats {
@@ -137,7 +159,11 @@ pub struct NodeHandle {
 
 pub struct Shared {
     pub seed: u64,
+    /// Every node, voters first.
     pub members: Vec<u64>,
+    /// The nodes that vote (the first ones of `members`); the others join
+    /// as learners once a leader is elected.
+    pub voters: Vec<u64>,
     pub params: Params,
     history: Mutex<Vec<Record>>,
     disks: BTreeMap<u64, Arc<Mutex<Disk>>>,
@@ -148,10 +174,11 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(seed: u64, members: Vec<u64>, params: Params) -> Arc<Shared> {
+    pub fn new(seed: u64, members: Vec<u64>, voters: usize, params: Params) -> Arc<Shared> {
         let disks = members.iter().map(|id| (*id, Arc::new(Mutex::new(Disk::default())))).collect();
         Arc::new(Shared {
             seed,
+            voters: members[..voters.min(members.len())].to_vec(),
             members,
             params,
             history: Mutex::new(Vec::new()),
