@@ -42,7 +42,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use raftgen::local::LocalCluster;
+use raftgen::cli::local::LocalCluster;
 use serde_json::{json, Value};
 
 mod common;

@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-rev=${RAFTGEN_BENCH_BEFORE_REV:-BEFORE_REV_PLACEHOLDER}
+rev=${RAFTGEN_BENCH_BEFORE_REV:-0b0095282cb74ac57392c86bff69da2ff927d13f}
 target=$(realpath -m "${CARGO_TARGET_DIR:-target}")
 out=target/bench-before
 bin="$out/raftgen-$rev"

@@ -389,7 +389,7 @@ pub struct Job {
 }
 
 /// Where a job's webhook delivery stands. Replicated, so any leader knows
-/// whether the job still owes its receiver a POST (see `src/webhook.rs`).
+/// whether the job still owes its receiver a POST (see `src/node/webhook.rs`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WebhookStatus {
     /// Every recorded try, oldest first, numbered from 1; at most

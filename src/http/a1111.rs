@@ -43,8 +43,8 @@ use utoipa_axum::routes;
 use super::api::{read_body, served_models};
 use super::sync::{self, SyncError, MAX_JOBS_PER_REQUEST};
 use super::ApiError;
-use crate::app::{now_ms, App};
 use crate::models::SamplerKind;
+use crate::node::app::{now_ms, App};
 
 /// Sampler names A1111 offers (with and without the scheduler suffixes of
 /// older versions). A request naming one of them is valid here; one we do

@@ -22,9 +22,9 @@ use super::auth::{require_admin, Caller};
 use super::openapi::ErrorBody;
 use super::views::{job_json, JobView};
 use super::ApiError;
-use crate::app::{App, WriteError};
-use crate::config::{MAX_LIST_LIMIT, MEMBERSHIP_TIMEOUT_MS};
-use crate::membership;
+use crate::node::app::{App, WriteError};
+use crate::node::config::{MAX_LIST_LIMIT, MEMBERSHIP_TIMEOUT_MS};
+use crate::node::membership;
 
 /// Header a node sets when it proxies a request to the leader, to stop loops.
 const HOPS_HEADER: &str = "x-raftgen-hops";
@@ -229,7 +229,7 @@ fn parse_submit(bytes: &[u8], served_models: &[ModelInfo]) -> Result<JobRequest,
     };
     request.validate().map_err(|e| ApiError::field(&e.field, e.message))?;
     if let Some(url) = &request.webhook {
-        crate::webhook::parse_url(url).map_err(|m| ApiError::field("webhook", m))?;
+        crate::node::webhook::parse_url(url).map_err(|m| ApiError::field("webhook", m))?;
     }
     let m = model.pixel_multiple.max(1);
     for (field, side) in [("width", request.width), ("height", request.height)] {

@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use super::{secret_ok, ApiError};
-use crate::app::{App, PATH_FORWARD};
+use crate::node::app::{App, PATH_FORWARD};
 
 /// This replica's jobs as it holds them now (see [`dump`]).
 pub const PATH_DUMP: &str = "/raft/dump";

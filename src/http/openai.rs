@@ -33,7 +33,7 @@ use utoipa_axum::routes;
 use super::api::{read_body, served_models};
 use super::sync::{self, SyncError};
 use super::ApiError;
-use crate::app::App;
+use crate::node::app::App;
 
 /// Most images one request may ask for (OpenAI's own bound).
 pub const MAX_N: u64 = 10;

@@ -26,7 +26,7 @@ use tokio::task::JoinSet;
 
 use super::api::rejection_error;
 use super::ApiError;
-use crate::app::App;
+use crate::node::app::App;
 
 /// Most jobs one synchronous request may make (OpenAI's `n` stops at 10,
 /// A1111's `batch_size * n_iter` at this).

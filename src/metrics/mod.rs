@@ -32,7 +32,7 @@ use exposition::{Exposition, Kind, Labels};
 use histogram::{Histogram, JOB_SECONDS_BUCKETS};
 use rate::RateWindow;
 
-use crate::app::App;
+use crate::node::app::App;
 
 /// Job timing histograms of this node (see [`observer`]).
 pub struct Timings {

@@ -27,7 +27,7 @@ use raftgen_raft::job::{EventKind, Job, JobId, JobState, NodeId};
 use raftgen_raft::state::JobStateMachine;
 
 use super::NodeMetrics;
-use crate::app::App;
+use crate::node::app::App;
 
 /// Longest wait for the replay after a restart before observing anyway.
 const REPLAY_WAIT: Duration = Duration::from_secs(60);

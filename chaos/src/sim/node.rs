@@ -1,6 +1,6 @@
 //! One simulated raftgen node: real openraft and the real state machine on the
 //! simulated storage and network, with the node's duties as production runs
-//! them (`src/node.rs`, `src/app.rs`, `src/scheduler.rs`, `src/host.rs`):
+//! them (`src/node/mod.rs`, `src/node/app.rs`, `src/node/scheduler.rs`, `src/node/host.rs`):
 //!
 //! - the write path: propose on the leader (stamping the leader's clock and a
 //!   seed), or forward to the leader, retrying across leader changes until a

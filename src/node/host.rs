@@ -35,8 +35,8 @@ use raftgen_raft::command::{NodeRegistration, Outcome};
 use raftgen_raft::job::JobId;
 use raftgen_raft::{Command, Response};
 
-use crate::app::App;
 use crate::executor::{ExecError, JobOutput, JobSpec, RunControl};
+use crate::node::app::App;
 
 /// Least time between two progress reports of one job.
 const PROGRESS_INTERVAL_MS: u64 = 1_000;

@@ -10,8 +10,8 @@ use std::time::Duration;
 use raftgen_raft::schedule::plan;
 use raftgen_raft::Command;
 
-use crate::app::App;
-use crate::config::MAX_ASSIGN_PER_ENTRY;
+use crate::node::app::App;
+use crate::node::config::MAX_ASSIGN_PER_ENTRY;
 
 /// How often the scheduler looks even when nothing was applied (health checks).
 const TICK_MS: u64 = 100;
@@ -55,7 +55,7 @@ pub async fn run(app: Arc<App>) {
         };
         if last_membership_check.elapsed() >= Duration::from_millis(TICK_MS) {
             last_membership_check = std::time::Instant::now();
-            crate::membership::keep_voters(&app, &healthy).await;
+            crate::node::membership::keep_voters(&app, &healthy).await;
         }
         let decision = plan(&app.view.read().jobs, healthy, MAX_ASSIGN_PER_ENTRY);
         if !decision.requeue.is_empty() {

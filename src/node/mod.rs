@@ -1,9 +1,28 @@
-//! Starting and stopping one node: storage, Raft, the HTTP port, and the
-//! background tasks (scheduler, executor host, registration, join, snapshots,
-//! job timing metrics).
+//! The node's runtime, and starting and stopping one node: storage, Raft, the
+//! HTTP port, and the background tasks (scheduler, executor host,
+//! registration, join, snapshots, job timing metrics).
+//!
+//! The runtime's pieces: [`app`] (the shared context and the one write
+//! path), [`proposer`] and [`forwarder`] (group commit on the leader,
+//! batching of forwarded writes, both over [`batch`]), [`scheduler`] (the
+//! leader's loop), [`host`] (the executor host), [`membership`] (join and
+//! leave), [`drain`] (SIGTERM), [`snapshot_guard`], [`webhook`] (deliveries),
+//! [`config`] (settings).
 //! Shutdown is handled here and only here: SIGINT/SIGTERM start the drain
 //! (`drain`: no new jobs, finish or hand back the running ones), then the HTTP
 //! server stops, the shared shutdown flag flips and Raft shuts down.
+
+pub mod app;
+pub mod batch;
+pub mod config;
+pub mod drain;
+pub mod forwarder;
+pub mod host;
+pub mod membership;
+pub mod proposer;
+pub mod scheduler;
+pub mod snapshot_guard;
+pub mod webhook;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -17,9 +36,9 @@ use raftgen_raft::network::{NetworkFactory, PeerHealth, Scheme, SECRET_HEADER};
 use raftgen_raft::{NodeId, Raft};
 use tokio::sync::watch;
 
-use crate::app::App;
-use crate::config::NodeSettings;
 use crate::executor::Executor;
+use crate::node::app::App;
+use crate::node::config::NodeSettings;
 
 pub struct NodeOptions {
     pub id: NodeId,
@@ -93,14 +112,14 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
         scheme,
         secret: opts.secret.clone().into(),
         api_keys: opts.api_keys.clone(),
-        proposer: crate::proposer::Proposer::start(raft.clone()),
-        forwarder: crate::forwarder::Forwarder::start(
+        proposer: crate::node::proposer::Proposer::start(raft.clone()),
+        forwarder: crate::node::forwarder::Forwarder::start(
             client.clone(),
             scheme,
             opts.secret.clone().into(),
             metrics.peer_sent_bytes.clone(),
         ),
-        snapshot_guard: crate::snapshot_guard::SnapshotGuard::new(
+        snapshot_guard: crate::node::snapshot_guard::SnapshotGuard::new(
             raft.clone(),
             Duration::from_millis(2 * opts.settings.election_timeout_max_ms),
         ),
@@ -120,10 +139,10 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
     if let Some(url) = opts.join.clone() {
         tokio::spawn(join_loop(app.clone(), url));
     }
-    tokio::spawn(crate::scheduler::run(app.clone()));
-    tokio::spawn(crate::webhook::run(app.clone()));
-    tokio::spawn(crate::host::run(app.clone()));
-    tokio::spawn(crate::host::register(app.clone()));
+    tokio::spawn(crate::node::scheduler::run(app.clone()));
+    tokio::spawn(crate::node::webhook::run(app.clone()));
+    tokio::spawn(crate::node::host::run(app.clone()));
+    tokio::spawn(crate::node::host::register(app.clone()));
     tokio::spawn(snapshot_by_size(app.clone()));
     tokio::spawn(crate::metrics::observer::run(app.clone()));
 
@@ -139,7 +158,7 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
     let stop = {
         let app = app.clone();
         async move {
-            crate::drain::on_signal(app.clone()).await;
+            crate::node::drain::on_signal(app.clone()).await;
             // Open event streams never end by themselves: end them, or the
             // server would wait for them.
             app.event_streams.close();
@@ -184,7 +203,7 @@ async fn join_loop(app: Arc<App>, url: String) {
             .client
             .post(&url)
             .header(SECRET_HEADER, &*app.secret)
-            .timeout(Duration::from_millis(crate::config::MEMBERSHIP_TIMEOUT_MS))
+            .timeout(Duration::from_millis(crate::node::config::MEMBERSHIP_TIMEOUT_MS))
             .json(&body)
             .send()
             .await;

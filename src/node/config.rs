@@ -23,7 +23,7 @@ pub struct NodeSettings {
     /// How long a leave waits for the node's running jobs before removing it.
     pub drain_timeout_ms: u64,
     /// Longest one job (one attempt) may run on this node's executor before
-    /// it is stopped and the job fails (see `crate::host`).
+    /// it is stopped and the job fails (see `crate::node::host`).
     pub job_timeout_ms: u64,
     /// How long a stopping node (SIGTERM) waits for its running jobs before
     /// handing them back to the queue.
@@ -85,7 +85,7 @@ impl NodeSettings {
     }
 }
 
-/// How the leader delivers webhooks (see `crate::webhook`).
+/// How the leader delivers webhooks (see `crate::node::webhook`).
 #[derive(Clone)]
 pub struct WebhookSettings {
     /// HMAC-SHA256 key of the `X-Raftgen-Signature` header; `None`: the

@@ -18,7 +18,7 @@ use raftgen_raft::{codec, Command};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
-use crate::app::{Committed, ForwardReject, PATH_FORWARD};
+use crate::node::app::{Committed, ForwardReject, PATH_FORWARD};
 
 /// Batches in flight, at most, from this node.
 const MAX_IN_FLIGHT: usize = 8;
@@ -62,13 +62,15 @@ async fn run(
     sent_bytes: Arc<AtomicU64>,
     mut rx: mpsc::Receiver<(String, Command, Reply)>,
 ) {
-    let limits = crate::batch::Limits {
+    let limits = crate::node::batch::Limits {
         max_in_flight: MAX_IN_FLIGHT,
         max_count: MAX_BATCH_COMMANDS,
         max_bytes: MAX_BATCH_BYTES,
     };
     let mut in_flight = JoinSet::new();
-    while let Some(batch) = crate::batch::next(&mut rx, &mut in_flight, &limits, |(_, c, _)| c.approx_bytes()).await {
+    while let Some(batch) =
+        crate::node::batch::next(&mut rx, &mut in_flight, &limits, |(_, c, _)| c.approx_bytes()).await
+    {
         let mut by_leader: HashMap<String, Vec<(Command, Reply)>> = HashMap::new();
         for (addr, cmd, reply) in batch {
             by_leader.entry(addr).or_default().push((cmd, reply));

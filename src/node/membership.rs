@@ -13,9 +13,9 @@ use openraft::{BasicNode, ChangeMembers};
 use raftgen_raft::{Command, NodeId};
 use serde_json::{json, Value};
 
-use crate::app::App;
-use crate::config::MAX_VOTERS;
 use crate::http::ApiError;
+use crate::node::app::App;
+use crate::node::config::MAX_VOTERS;
 
 fn raft_error(e: impl std::fmt::Display) -> ApiError {
     ApiError::new(StatusCode::CONFLICT, "membership", e.to_string())

@@ -1,8 +1,14 @@
 //! The `raftgen` command line: `node` runs a node; `submit`, `status`, `job`,
 //! `jobs` and `leave` talk to any node's HTTP API (every read command has
 //! `--output json` for scripts; `submit --wait` shows a progress bar, see
-//! [`crate::follow`]); `demo` starts a local cluster. Errors are one line on
-//! stderr and a non-zero exit.
+//! [`follow`]); `demo` starts a local cluster ([`demo`], over [`local`], the
+//! local-cluster harness the tests and benchmarks use too); `certs` makes a
+//! test CA ([`certs`]). Errors are one line on stderr and a non-zero exit.
+
+pub mod certs;
+pub mod demo;
+pub mod follow;
+pub mod local;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -15,11 +21,11 @@ use raftgen_raft::command::ClusterConfig;
 use raftgen_raft::network::SECRET_HEADER;
 use serde_json::{json, Value};
 
-use crate::config::NodeSettings;
 use crate::executor::diffusion::DiffusionExecutor;
 use crate::executor::test_pattern::{Faults, TestPatternExecutor};
 use crate::executor::{Executor, NoExecutor};
 use crate::models::catalog::HashCache;
+use crate::node::config::NodeSettings;
 
 /// The secret used when none is given: fine on one machine, never across a network.
 pub const DEV_SECRET: &str = "raftgen-insecure-dev-secret";
@@ -141,9 +147,9 @@ pub enum Cmd {
         cluster_secret: String,
     },
     /// Start a local 3-node cluster, generate a few images through a follower, stop it.
-    Demo(crate::demo::DemoArgs),
+    Demo(crate::cli::demo::DemoArgs),
     /// Write a test CA and node certificates for trying TLS (see docs/tls.md).
-    Certs(crate::certs::CertsArgs),
+    Certs(crate::cli::certs::CertsArgs),
 }
 
 /// How a client command reaches the cluster: the node, the API key (the
@@ -314,7 +320,7 @@ pub struct NodeArgs {
     #[arg(long, default_value_t = 100)]
     pub election_timeout_max_ms: u64,
     #[command(flatten)]
-    pub webhook: crate::webhook::WebhookArgs,
+    pub webhook: crate::node::webhook::WebhookArgs,
 }
 
 #[derive(clap::Args)]
@@ -599,8 +605,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("node {id} left the cluster (drained: {})", v["drained"]);
             Ok(())
         }
-        Cmd::Demo(args) => crate::demo::run(args).await,
-        Cmd::Certs(args) => crate::certs::run(args),
+        Cmd::Demo(args) => crate::cli::demo::run(args).await,
+        Cmd::Certs(args) => crate::cli::certs::run(args),
     }
 }
 
@@ -637,13 +643,13 @@ async fn submit(a: SubmitArgs) -> anyhow::Result<()> {
     let show = match a.output {
         OutputFormat::Text => {
             eprintln!("submitted {id}");
-            crate::follow::Show::Human
+            crate::cli::follow::Show::Human
         }
-        OutputFormat::Json => crate::follow::Show::Quiet,
+        OutputFormat::Json => crate::cli::follow::Show::Quiet,
     };
-    let mut display = crate::follow::Display::new(show);
+    let mut display = crate::cli::follow::Display::new(show);
     display.job(&job);
-    let followed = crate::follow::follow(&client, &id, Duration::from_millis(a.timeout_ms), &mut display).await;
+    let followed = crate::cli::follow::follow(&client, &id, Duration::from_millis(a.timeout_ms), &mut display).await;
     display.finish();
     let job = followed?;
     if job["state"] != "succeeded" {

@@ -17,8 +17,8 @@ use raftgen_storage::StateView;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::config::NodeSettings;
 use crate::executor::Executor;
+use crate::node::config::NodeSettings;
 
 /// Internal endpoint where followers forward commands to the leader: a list
 /// of commands in, a list of `Result<Committed, ForwardReject>` out (bincode).
@@ -49,11 +49,11 @@ pub struct App {
     /// `--api-keys`: when set, the public API needs a key (see [`crate::http::auth`]).
     pub api_keys: Option<Arc<crate::http::auth::ApiKeys>>,
     /// Leader-side group commit of proposals.
-    pub proposer: crate::proposer::Proposer,
+    pub proposer: crate::node::proposer::Proposer,
     /// Follower-side batching of forwarded commands.
-    pub forwarder: crate::forwarder::Forwarder,
+    pub forwarder: crate::node::forwarder::Forwarder,
     /// Keeps this node from standing for election while it receives a snapshot.
-    pub snapshot_guard: crate::snapshot_guard::SnapshotGuard,
+    pub snapshot_guard: crate::node::snapshot_guard::SnapshotGuard,
     /// Becomes true once, when the node starts shutting down.
     pub shutdown: watch::Receiver<bool>,
     /// What `/metrics` reports that only this node knows (timings, images).
