@@ -44,24 +44,43 @@ pub const PATH_SNAPSHOT: &str = "/raft/snapshot";
 /// clock: the wall clock in a node, simulated time in the chaos simulation,
 /// which uses this same type to judge nodes lost.
 #[derive(Clone, Default)]
-pub struct PeerHealth(Arc<Mutex<BTreeMap<NodeId, Instant>>>);
+pub struct PeerHealth(Arc<Mutex<Clocks>>);
+
+#[derive(Default)]
+struct Clocks {
+    /// Last answer, or the last reset (a new leader's grace), per node.
+    ack: BTreeMap<NodeId, Instant>,
+    /// Last real answer per node (never reset).
+    answered: BTreeMap<NodeId, Instant>,
+}
 
 impl PeerHealth {
     pub fn record_ack(&self, node: NodeId) {
-        self.0.lock().expect("health lock").insert(node, Instant::now());
+        let now = Instant::now();
+        let mut c = self.0.lock().expect("health lock");
+        c.ack.insert(node, now);
+        c.answered.insert(node, now);
     }
 
+    /// When `node` last answered, or the last reset if later: what judges a
+    /// node lost (a new leader first gives every node a full timeout).
     pub fn last_ack(&self, node: NodeId) -> Option<Instant> {
-        self.0.lock().expect("health lock").get(&node).copied()
+        self.0.lock().expect("health lock").ack.get(&node).copied()
+    }
+
+    /// When `node` really last answered (resets do not count): what judges
+    /// a node declared lost to be back.
+    pub fn last_answer(&self, node: NodeId) -> Option<Instant> {
+        self.0.lock().expect("health lock").answered.get(&node).copied()
     }
 
     /// A new leader gives every node a full timeout before judging it: it
     /// resets every clock to now.
     pub fn reset_all(&self, nodes: impl IntoIterator<Item = NodeId>) {
         let now = Instant::now();
-        let mut map = self.0.lock().expect("health lock");
-        map.clear();
-        map.extend(nodes.into_iter().map(|n| (n, now)));
+        let mut c = self.0.lock().expect("health lock");
+        c.ack.clear();
+        c.ack.extend(nodes.into_iter().map(|n| (n, now)));
     }
 }
 
