@@ -305,6 +305,59 @@ pub struct NodeArgs {
     pub max_finished_jobs: u64,
     #[arg(long, default_value_t = ClusterConfig::default().max_attempts)]
     pub max_attempts: u32,
+    /// Where result images live: unset, each node's embedded store (in
+    /// --data; `--result-copies` nodes hold each image); or an object store,
+    /// `s3://bucket/prefix`, `gs://bucket/prefix`, `az://container/prefix`
+    /// or `file:///mnt/shared` (credentials from the standard environment:
+    /// AWS_*, GOOGLE_*, AZURE_*). Every node needs the same one.
+    #[arg(long, value_name = "URL")]
+    pub result_store: Option<String>,
+    /// Durable copies of each result on the embedded stores (capped at the
+    /// nodes that can hold one): a result survives the loss of any
+    /// copies - 1 of its holders. Cluster-wide (the leader's setting).
+    #[arg(long, default_value_t = ClusterConfig::default().result_copies,
+          value_parser = clap::value_parser!(u32).range(1..=raftgen_raft::result::MAX_RESULT_HOLDERS as i64))]
+    pub result_copies: u32,
+    /// Images fetched from other nodes (or the object store) kept here for
+    /// the next reader, in MiB; 0: none.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(0..=1_048_576))]
+    pub result_cache_mb: u64,
+    /// Repair copies (results re-replicated after a node left, retired or was
+    /// lost) start no faster than this, cluster-wide, in megabits per second.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub repair_max_mbps: u64,
+    /// How long a node declared lost still counts as holding its copies
+    /// before repair copies them elsewhere (a restart or a short outage
+    /// moves nothing). Cluster-wide (the leader's setting).
+    #[arg(long, default_value_t = ClusterConfig::default().repair_delay_ms,
+          value_parser = clap::value_parser!(u64).range(0..=86_400_000))]
+    pub repair_delay_ms: u64,
+    /// How long the node that made a result keeps trying to make its copies
+    /// durable before the attempt fails (retryably).
+    #[arg(long, default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub result_push_timeout_ms: u64,
+    /// Longest one transfer of an image between nodes (or with the object
+    /// store) may take.
+    #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub result_transfer_timeout_ms: u64,
+    /// A stored image that no retained result names (evicted, or an orphan
+    /// whose job was never reported) is deleted once this old. At least
+    /// --result-push-timeout-ms + --report-timeout-ms: a copy pushed for a
+    /// job not reported yet must not go.
+    #[arg(long, default_value_t = 900_000)]
+    pub result_orphan_grace_ms: u64,
+    /// How often the leader lists the object store for orphaned uploads.
+    #[arg(long, default_value_t = 3_600_000, value_parser = clap::value_parser!(u64).range(1_000..=604_800_000))]
+    pub result_sweep_interval_ms: u64,
+    /// OpenAI `response_format: "url"` answers with a URL presigned by the
+    /// object store, valid this long (needs an s3://, gs:// or az://
+    /// --result-store); 0: a URL on this node.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=604_800))]
+    pub presign_ttl_s: u64,
+    /// TEST HOOK, never for use: report results before their copies are
+    /// durable (the bug the chaos checkers must catch).
+    #[arg(long, hide = true)]
+    pub unsafe_complete_before_durable: bool,
     #[arg(long, default_value_t = 64 << 20)]
     pub snapshot_max_bytes: u64,
     /// Snapshot once this many log entries were applied since the last one.
@@ -398,6 +451,13 @@ impl NodeArgs {
                 _ => {}
             }
         }
+        if self.result_orphan_grace_ms < self.result_push_timeout_ms + self.report_timeout_ms {
+            bail!(
+                "--result-orphan-grace-ms ({}) must be at least --result-push-timeout-ms + --report-timeout-ms ({})",
+                self.result_orphan_grace_ms,
+                self.result_push_timeout_ms + self.report_timeout_ms
+            );
+        }
         if self.max_batch == 0 || self.max_batch > MAX_BATCH {
             bail!("--max-batch must be between 1 and {MAX_BATCH}");
         }
@@ -462,6 +522,19 @@ impl NodeArgs {
                     max_result_bytes: self.max_result_bytes,
                     max_finished_jobs: self.max_finished_jobs,
                     max_attempts: self.max_attempts,
+                    result_copies: self.result_copies,
+                    repair_delay_ms: self.repair_delay_ms,
+                },
+                results: crate::node::results::ResultSettings {
+                    store_url: self.result_store.clone(),
+                    cache_bytes: self.result_cache_mb << 20,
+                    repair_max_bytes_per_s: self.repair_max_mbps * 125_000,
+                    push_timeout_ms: self.result_push_timeout_ms,
+                    transfer_timeout_ms: self.result_transfer_timeout_ms,
+                    orphan_grace_ms: self.result_orphan_grace_ms,
+                    presign_ttl_s: self.presign_ttl_s,
+                    sweep_interval_ms: self.result_sweep_interval_ms,
+                    unsafe_complete_before_durable: self.unsafe_complete_before_durable,
                 },
                 heartbeat_interval_ms: self.heartbeat_interval_ms,
                 election_timeout_min_ms: self.election_timeout_min_ms,

@@ -60,6 +60,8 @@ pub struct App {
     pub metrics: crate::metrics::NodeMetrics,
     /// Open live progress streams (`GET /v1/jobs/{id}/events`).
     pub event_streams: crate::http::events::Streams,
+    /// Result images: this node's store, its cache of others', transfers.
+    pub results: crate::node::results::Results,
 }
 
 /// A write that did not commit.
@@ -108,6 +110,13 @@ impl App {
         let leader = m.current_leader?;
         let addr = m.membership_config.membership().get_node(&leader)?.addr.clone();
         Some((leader, addr))
+    }
+
+    /// Every member (voters and learners) with the address it is reached at.
+    pub fn members(&self) -> std::collections::BTreeMap<NodeId, String> {
+        let m = self.raft.server_metrics();
+        let m = m.borrow();
+        m.membership_config.membership().nodes().map(|(id, n)| (*id, n.addr.clone())).collect()
     }
 
     /// Whether this node is in the cluster's membership (voter or learner).

@@ -22,7 +22,8 @@ use crate::node::app::{Committed, ForwardReject, PATH_FORWARD};
 
 /// Batches in flight, at most, from this node.
 const MAX_IN_FLIGHT: usize = 8;
-/// A batch stops growing past this many bytes (result images are large).
+/// A batch stops growing past this many bytes (the leader proposes each
+/// command on its own, in entries of `proposer::MAX_BATCH_BYTES`).
 const MAX_BATCH_BYTES: u64 = 1 << 20;
 /// Longest one forwarded batch may take; callers have their own deadlines.
 const FORWARD_TIMEOUT_MS: u64 = 10_000;

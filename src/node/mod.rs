@@ -7,7 +7,9 @@
 //! batching of forwarded writes, both over [`batch`]), [`scheduler`] (the
 //! leader's loop), [`host`] (the executor host), [`membership`] (join and
 //! leave), [`drain`] (SIGTERM), [`snapshot_guard`], [`webhook`] (deliveries),
-//! [`config`] (settings).
+//! [`results`] (where result images live: the embedded store, pushes and
+//! reads between nodes, an object store, the janitor and the leader's
+//! repair), [`config`] (settings).
 //! Shutdown is handled here and only here: SIGINT/SIGTERM start the drain
 //! (`drain`: no new jobs, finish or hand back the running ones), then the HTTP
 //! server stops, the shared shutdown flag flips and Raft shuts down.
@@ -20,6 +22,7 @@ pub mod forwarder;
 pub mod host;
 pub mod membership;
 pub mod proposer;
+pub mod results;
 pub mod scheduler;
 pub mod snapshot_guard;
 pub mod webhook;
@@ -77,6 +80,16 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
     crate::logging::set_node_id(opts.id);
     let addr = opts.advertise.clone().unwrap_or_else(|| opts.listen.to_string());
     let (log, sm) = raftgen_storage::open(&opts.data).with_context(|| format!("opening {}", opts.data.display()))?;
+    let results = results::Results::open(&opts.data, opts.settings.results.clone())
+        .with_context(|| format!("opening the result store in {}", opts.data.display()))?;
+    if let Some(object) = &results.object {
+        tracing::info!("result images go to {}", object.url);
+    }
+    if opts.settings.results.unsafe_complete_before_durable {
+        tracing::warn!(
+            "TEST HOOK --unsafe-complete-before-durable: results are reported before their copies are durable"
+        );
+    }
     let view = sm.view();
     let health = PeerHealth::default();
     let (scheme, with_tls) = match &opts.tls {
@@ -126,6 +139,7 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
         shutdown: shutdown_rx,
         metrics,
         event_streams: crate::http::events::Streams::new(opts.settings.max_event_streams),
+        results,
     });
 
     let initialized = raft.is_initialized().await?;
@@ -145,6 +159,8 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
     tokio::spawn(crate::node::host::register(app.clone()));
     tokio::spawn(snapshot_by_size(app.clone()));
     tokio::spawn(crate::metrics::observer::run(app.clone()));
+    tokio::spawn(results::janitor::run(app.clone()));
+    tokio::spawn(results::repair::run(app.clone()));
 
     tracing::info!(
         "node {} listening on {} (executor: {} on {}, dtype {}, slots: {})",
@@ -227,8 +243,8 @@ async fn join_loop(app: Arc<App>, url: String) {
     }
 }
 
-/// Result images make entries large: snapshot by applied bytes as well as by
-/// entry count, so the log (and the disk) stays bounded.
+/// Snapshot by applied bytes as well as by entry count, so the log (and the
+/// disk) stays bounded however large the commands (long prompts) are.
 async fn snapshot_by_size(app: Arc<App>) {
     let mut shutdown = app.shutdown.clone();
     loop {

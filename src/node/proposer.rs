@@ -18,8 +18,10 @@ use crate::node::app::{now_ms, Committed, ForwardReject};
 
 /// Log entries proposed but not yet committed, at most.
 const MAX_IN_FLIGHT: usize = 4;
-/// A batch stops growing past this many bytes (result images are large).
-const MAX_BATCH_BYTES: u64 = 1 << 20;
+/// A batch (one log entry) stops growing past this many bytes, so an
+/// AppendEntries of `max_payload_entries` (16) entries stays under 1 MiB and
+/// inside openraft's deadline of one heartbeat interval (see `config`).
+pub const MAX_BATCH_BYTES: u64 = 64 << 10;
 /// Commands waiting for a batch, at most; callers wait for room beyond it.
 const MAX_QUEUED_COMMANDS: usize = 65_536;
 
