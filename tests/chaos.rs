@@ -34,6 +34,7 @@ async fn a_few_leader_kills_a_pause_and_a_partition_lose_and_duplicate_nothing()
         node_timeout_ms: 2_000,
         seed: 7,
         netns: false,
+        unsafe_complete_before_durable: false,
     };
     let report = run(opts).await.expect("the chaos run");
     eprintln!("{}", report.summary());

@@ -115,6 +115,9 @@ struct SimArgs {
     /// No nemesis: every job must finish.
     #[arg(long)]
     no_faults: bool,
+    /// The planted bug: nodes report results before their copies are durable.
+    #[arg(long, hide = true)]
+    unsafe_complete_before_durable: bool,
     /// Write the failing seeds' histories here.
     #[arg(long, default_value = "target/chaos/sim")]
     out: PathBuf,
@@ -189,6 +192,7 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
         node_timeout_ms: a.node_timeout_ms,
         seed: a.seed,
         netns: a.netns,
+        unsafe_complete_before_durable: false,
     };
     let report = chaos::process::run(opts).await?;
     print!("{}", report.summary());
@@ -211,6 +215,7 @@ fn sim(a: SimArgs) -> anyhow::Result<bool> {
             jobs: a.jobs as usize,
             clients: a.clients as usize,
             faults: !a.no_faults,
+            unsafe_complete_before_durable: a.unsafe_complete_before_durable,
         };
         let result = chaos::sim::run_seed(&opts).with_context(|| format!("seed {seed}"))?;
         if !result.passed() || a.seed.is_some() {

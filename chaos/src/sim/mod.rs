@@ -52,7 +52,6 @@ use anyhow::{bail, Context};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use sha2::{Digest, Sha256};
 
 use crate::checker::{self, Report};
 use crate::history::{FinalJob, FinalNode, Record};
@@ -78,11 +77,22 @@ pub struct SimOptions {
     /// Whether the nemesis injects faults; without, the run checks the
     /// fault-free path (and the checker still judges it).
     pub faults: bool,
+    /// The planted bug "report a result before its copies are durable", for
+    /// the test that shows the checker catches it.
+    pub unsafe_complete_before_durable: bool,
 }
 
 impl Default for SimOptions {
     fn default() -> Self {
-        SimOptions { seed: 0, nodes: 3, learners: 0, jobs: 60, clients: 3, faults: true }
+        SimOptions {
+            seed: 0,
+            nodes: 3,
+            learners: 0,
+            jobs: 60,
+            clients: 3,
+            faults: true,
+            unsafe_complete_before_durable: false,
+        }
     }
 }
 
@@ -132,8 +142,12 @@ impl SimResult {
     pub fn summary(&self) -> String {
         let mut s = format!("simulated {} ms; faults: {}\n", self.sim_ms, self.faults.join(", "));
         s += &format!(
-            "storage: {} snapshots built, {} installed, {} log truncations, {} unflushed writes lost to crashes\n",
-            self.stats.snapshots_built, self.stats.snapshots_installed, self.stats.truncations, self.stats.writes_lost
+            "storage: {} snapshots built, {} installed, {} log truncations, {} unflushed writes lost to crashes, {} result copies made by repair\n",
+            self.stats.snapshots_built,
+            self.stats.snapshots_installed,
+            self.stats.truncations,
+            self.stats.writes_lost,
+            self.stats.repair_copies
         );
         s += &self.report.summary();
         for f in &self.sim_failures {
@@ -158,6 +172,9 @@ pub fn replay_command(opts: &SimOptions) -> String {
     }
     if opts.faults != defaults.faults {
         cmd += " --no-faults";
+    }
+    if opts.unsafe_complete_before_durable {
+        cmd += " --unsafe-complete-before-durable";
     }
     cmd
 }
@@ -196,7 +213,8 @@ fn max_log_entries(p: &Params) -> usize {
 /// itself could not run (bad options, a host's software returned an error);
 /// a run that found a bug is an `Ok` whose [`SimResult::passed`] is false.
 pub fn run_seed(opts: &SimOptions) -> anyhow::Result<SimResult> {
-    run_with(opts, Params::default())
+    let params = Params { unsafe_complete_before_durable: opts.unsafe_complete_before_durable, ..Params::default() };
+    run_with(opts, params)
 }
 
 /// [`run_seed`] with other settings (the scale run's).
@@ -270,10 +288,23 @@ fn run_with(opts: &SimOptions, params: Params) -> anyhow::Result<SimResult> {
             }
         }
     }
+    let costs = scale::Costs::measure(&shared, &shared.running());
+    // Every kept image must be readable, byte-identical, through every live node.
+    if let Err(e) = read_all_images(&mut sim, &shared) {
+        sim_failures.push(format!("reading the images: {e:#}"));
+    }
+    // The nodes kept working meanwhile (janitors, marks): let them agree again.
+    let until = sim.elapsed() + Duration::from_millis(CONVERGE_TIMEOUT_MS);
+    while sim_failures.is_empty() && settled(&shared).is_err() {
+        sim.step().map_err(|e| anyhow::anyhow!("{e}")).context("simulation step")?;
+        if sim.elapsed() >= until {
+            let why = settled(&shared).err().unwrap_or_default();
+            sim_failures.push(format!("not settled again after the image reads: {why}"));
+        }
+    }
     let sim_ms = sim.elapsed().as_millis() as u64;
 
     let running = shared.running();
-    let costs = scale::Costs::measure(&shared, &running);
     let mut finals = Vec::new();
     for (id, handle) in &running {
         let metrics = handle.raft.metrics().borrow().clone();
@@ -284,7 +315,7 @@ fn run_with(opts: &SimOptions, params: Params) -> anyhow::Result<SimResult> {
         if let Err(e) = sm.jobs.check_invariants() {
             sim_failures.push(format!("node {id}: state machine invariant broken: {e}"));
         }
-        finals.push(final_node(*id, &sm));
+        finals.push(final_node(*id, &sm, &shared.image_reads.lock().expect("reads lock")));
     }
     for id in &members {
         let log_len = shared.disk(*id).lock().expect("disk lock").log_len();
@@ -350,7 +381,52 @@ fn settled(shared: &Shared) -> Result<(), String> {
     Ok(())
 }
 
-fn final_node(id: u64, sm: &store::SmData) -> FinalNode {
+/// Longest the final image reads may take, in simulated milliseconds.
+const MAX_READ_PHASE_MS: u64 = 300_000;
+/// One final read's deadline.
+const READ_TIMEOUT_MS: u64 = 5_000;
+
+/// Reads, through each running node, the image of every result that node
+/// keeps (a simulated client calling the node's read path), recording the
+/// sha256 of what it served in `shared.image_reads`.
+fn read_all_images(sim: &mut turmoil::Sim<'_>, shared: &std::sync::Arc<Shared>) -> anyhow::Result<()> {
+    let mut reads = Vec::new();
+    for (id, handle) in shared.running() {
+        let sm = handle.store.read();
+        for job in sm.jobs.recent_jobs(None, usize::MAX) {
+            if sm.jobs.image(&job.id).is_some() {
+                reads.push((id, job.id));
+            }
+        }
+    }
+    let recorder = shared.clone();
+    sim.client("image-reader", async move {
+        for (node, job) in reads {
+            let op = network::ClientOp::ReadImage { job };
+            let call = network::Call::Client(op);
+            let timeout = Duration::from_millis(READ_TIMEOUT_MS);
+            let got = match network::call::<network::ClientReply>(&network::node_addr(node), &call, timeout).await {
+                Ok(network::ClientReply::Image(Ok(sha))) => sha,
+                Ok(network::ClientReply::Image(Err(e))) => format!("error: {e}"),
+                Ok(other) => format!("error: unexpected reply {other:?}"),
+                Err(e) => format!("error: {e}"),
+            };
+            recorder.image_reads.lock().expect("reads lock").insert((node, job.to_string()), got);
+        }
+        Ok(())
+    });
+    let until = sim.elapsed() + Duration::from_millis(MAX_READ_PHASE_MS);
+    loop {
+        if sim.step().map_err(|e| anyhow::anyhow!("{e}"))? {
+            return Ok(());
+        }
+        if sim.elapsed() >= until {
+            anyhow::bail!("not done within {MAX_READ_PHASE_MS} simulated ms");
+        }
+    }
+}
+
+fn final_node(id: u64, sm: &store::SmData, reads: &BTreeMap<(u64, String), String>) -> FinalNode {
     let mut jobs: Vec<FinalJob> = sm
         .jobs
         .recent_jobs(None, usize::MAX)
@@ -362,14 +438,15 @@ fn final_node(id: u64, sm: &store::SmData) -> FinalNode {
             attempt: j.attempt,
             node: j.node,
             events: j.history.iter().map(|e| e.kind.name().to_string()).collect(),
-            image_sha256: sm
+            image_sha256: sm.jobs.image(&j.id).map(|(sha, _)| sha.to_string()),
+            image_read: sm
                 .jobs
                 .image(&j.id)
-                .map(|png| Sha256::digest(png).iter().map(|b| format!("{b:02x}")).collect::<String>()),
+                .map(|_| reads.get(&(id, j.id.to_string())).cloned().unwrap_or_else(|| "error: not read".into())),
         })
         .collect();
     jobs.reverse(); // oldest first
-    FinalNode { node: id, last_applied: sm.last_applied.map_or(0, |l| l.index), jobs }
+    FinalNode { node: id, last_applied: sm.last_applied.map_or(0, |l| l.index), jobs, images_read: true }
 }
 
 // ---- The nemesis ----

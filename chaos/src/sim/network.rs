@@ -24,6 +24,7 @@ use openraft::raft::{
 };
 use openraft::BasicNode;
 use raftgen_raft::job::{JobId, JobRequest};
+use raftgen_raft::result::ResultHash;
 use raftgen_raft::{codec, Command, Response};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -62,6 +63,24 @@ pub enum Call {
     Forward(Command),
     /// A client operation (production's public API). Answered with [`ClientReply`].
     Client(ClientOp),
+    /// A copy of a result pushed by the node that made it (production's
+    /// `PUT /raft/results/{sha}`): answered `Ok` once checked and synced.
+    PushResult {
+        sha: ResultHash,
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+    /// This node's copy of a result, for a reader or a repair (`GET
+    /// /raft/results/{sha}`): answered `Option<ByteBuf>`.
+    FetchResult {
+        sha: ResultHash,
+    },
+    /// The leader's repair: fetch `sha` from `from` and sync it here
+    /// (`POST /raft/results/{sha}/copy`): answered `Result<(), String>`.
+    CopyFrom {
+        sha: ResultHash,
+        from: u64,
+    },
 }
 
 /// The leader's answer to a forwarded command when it could not commit it.
@@ -86,6 +105,10 @@ pub enum ClientOp {
     Cancel {
         job: JobId,
     },
+    /// Read a job's result image through the node (`GET /v1/jobs/{id}/image`).
+    ReadImage {
+        job: JobId,
+    },
 }
 
 /// What a node answers a client.
@@ -104,6 +127,8 @@ pub enum ClientReply {
         state: Option<(String, u32)>,
     },
     Cancelled,
+    /// A read's answer: the sha256 (hex) of the bytes served, or why none.
+    Image(Result<String, String>),
 }
 
 /// Why a call got no answer.

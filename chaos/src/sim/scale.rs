@@ -164,6 +164,7 @@ pub fn run(opts: &ScaleOptions) -> anyhow::Result<ScaleReport> {
         jobs: opts.jobs,
         clients: opts.clients,
         faults: false,
+        unsafe_complete_before_durable: false,
     };
     let result = run_with(&sim, Params::scale(opts.image_bytes))?;
     let c = &result.costs;

@@ -19,6 +19,12 @@
 //! `build_snapshot`/`install_snapshot` return; `save_committed` is not flushed
 //! on its own. The state machine itself is volatile: after a restart it is the
 //! last flushed snapshot, and openraft replays the log from there.
+//!
+//! Result images have the embedded store's contract (`src/node/results/
+//! store.rs`): a blob written is readable at once but durable only once
+//! synced (`put_blob` with `sync`, which takes a flush delay), and a crash
+//! loses every blob not synced yet. Unlike the log, a blob is synced only on
+//! its own (an fsync of one file makes no other file durable).
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -34,6 +40,7 @@ use openraft::{
     StorageIOError, Vote,
 };
 use raftgen_raft::command::ClusterConfig;
+use raftgen_raft::result::ResultHash;
 use raftgen_raft::state::JobStateMachine;
 use raftgen_raft::{codec, Response};
 use serde::{Deserialize, Serialize};
@@ -70,8 +77,10 @@ pub struct Disk {
     log: BTreeMap<u64, Entry>,
     snapshot: Option<StoredSnapshot>,
     /// Bytes every flush wrote to this disk so far (encoded log entries,
-    /// votes, snapshots), for the scale run.
+    /// votes, snapshots, synced result images), for the scale run.
     bytes_written: u64,
+    /// Synced result images, with when they were last written (simulated ms).
+    blobs: BTreeMap<ResultHash, (Vec<u8>, u64)>,
 }
 
 impl Disk {
@@ -129,6 +138,8 @@ struct Inner {
     cache: Mutex<Disk>,
     /// Writes not yet flushed, oldest first, with their encoded size.
     pending: Mutex<Vec<(Op, u64)>>,
+    /// Result images written but not synced (lost with the incarnation).
+    blobs_pending: Mutex<BTreeMap<ResultHash, (Vec<u8>, u64)>>,
     sm: RwLock<SmData>,
     /// One wake-up per task that waits for applied entries, in subscription
     /// order (see [`Applied`]).
@@ -182,6 +193,7 @@ impl Store {
                 disk,
                 cache: Mutex::new(durable),
                 pending: Mutex::new(Vec::new()),
+                blobs_pending: Mutex::new(BTreeMap::new()),
                 sm: RwLock::new(sm),
                 watchers: Mutex::new(Vec::new()),
                 snapshot_counter: AtomicU64::new(0),
@@ -208,9 +220,56 @@ impl Store {
         }
     }
 
-    /// Writes made but not flushed yet.
+    /// Writes made but not flushed yet (result images not synced included).
     pub fn unflushed_writes(&self) -> usize {
         self.inner.pending.lock().expect("pending lock").len()
+            + self.inner.blobs_pending.lock().expect("blob lock").len()
+    }
+
+    /// The last committed log index openraft told this node (0 before any).
+    pub fn committed_index(&self) -> u64 {
+        self.inner.cache.lock().expect("cache lock").committed.map_or(0, |l| l.index)
+    }
+
+    /// Writes a result image at simulated time `now_ms`; with `sync`, waits a
+    /// flush delay and makes it durable (the embedded store's write, fsync,
+    /// rename). Without, it is lost if the node crashes before a later sync
+    /// of the same image.
+    pub async fn put_blob(&self, sha: ResultHash, bytes: Vec<u8>, now_ms: u64, sync: bool) {
+        if !sync {
+            self.inner.blobs_pending.lock().expect("blob lock").insert(sha, (bytes, now_ms));
+            return;
+        }
+        self.inner.blobs_pending.lock().expect("blob lock").insert(sha, (bytes, now_ms));
+        tokio::time::sleep(Duration::from_millis(runtime::gen_range(0..MAX_FLUSH_DELAY_MS + 1))).await;
+        if let Some(blob) = self.inner.blobs_pending.lock().expect("blob lock").remove(&sha) {
+            let mut disk = self.inner.disk.lock().expect("disk lock");
+            disk.bytes_written += blob.0.len() as u64;
+            disk.blobs.insert(sha, blob);
+        }
+    }
+
+    /// A result image held here (synced or not).
+    pub fn get_blob(&self, sha: &ResultHash) -> Option<Vec<u8>> {
+        if let Some((b, _)) = self.inner.blobs_pending.lock().expect("blob lock").get(sha) {
+            return Some(b.clone());
+        }
+        self.inner.disk.lock().expect("disk lock").blobs.get(sha).map(|(b, _)| b.clone())
+    }
+
+    /// Every image held, with when it was last written.
+    pub fn blobs(&self) -> BTreeMap<ResultHash, u64> {
+        let mut out: BTreeMap<ResultHash, u64> =
+            self.inner.disk.lock().expect("disk lock").blobs.iter().map(|(h, (_, t))| (*h, *t)).collect();
+        for (h, (_, t)) in self.inner.blobs_pending.lock().expect("blob lock").iter() {
+            out.insert(*h, *t);
+        }
+        out
+    }
+
+    pub fn delete_blob(&self, sha: &ResultHash) {
+        self.inner.blobs_pending.lock().expect("blob lock").remove(sha);
+        self.inner.disk.lock().expect("disk lock").blobs.remove(sha);
     }
 
     /// Records a write: visible to reads now, durable after the next flush.

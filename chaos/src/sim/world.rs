@@ -47,6 +47,20 @@ pub struct Params {
     /// Size of each result image; 0: a 72-byte stand-in (enough for the
     /// checker, cheap for hundreds of seeds). The scale run sets it.
     pub image_bytes: usize,
+    /// A node deletes a stored image no retained result keeps on it once it
+    /// is this old (production's `--result-orphan-grace-ms`: at least the
+    /// push and report timeouts together).
+    pub orphan_grace_ms: u64,
+    /// How often each node's janitor and the leader's repair look.
+    pub janitor_interval_ms: u64,
+    pub repair_tick_ms: u64,
+    /// Repair copies in flight at once (the leader's).
+    pub max_concurrent_copies: usize,
+    /// The planted bug: report results before their copies are durable
+    /// (production's `--unsafe-complete-before-durable`); the pushes follow
+    /// `unsafe_delay_ms` later.
+    pub unsafe_complete_before_durable: bool,
+    pub unsafe_delay_ms: u64,
 }
 
 impl Default for Params {
@@ -73,8 +87,16 @@ impl Default for Params {
                 max_result_bytes: 1 << 20,
                 max_finished_jobs: 100_000,
                 max_attempts: 3,
+                result_copies: 3,
+                repair_delay_ms: 2_000,
             },
             image_bytes: 0,
+            orphan_grace_ms: 40_000,
+            janitor_interval_ms: 1_000,
+            repair_tick_ms: 250,
+            max_concurrent_copies: 4,
+            unsafe_complete_before_durable: false,
+            unsafe_delay_ms: 500,
         }
     }
 }
@@ -115,6 +137,8 @@ pub struct Counters {
     pub truncations: AtomicU64,
     /// Writes not yet flushed when their node crashed, lost with it.
     pub writes_lost: AtomicU64,
+    /// Result copies repair made and recorded.
+    pub repair_copies: AtomicU64,
     /// Bytes each node sent to other nodes (Raft calls, forwarded writes and
     /// the answers to theirs), for the scale run.
     pub sent_bytes: Mutex<BTreeMap<u64, u64>>,
@@ -127,6 +151,7 @@ pub struct SimStats {
     pub snapshots_installed: u64,
     pub truncations: u64,
     pub writes_lost: u64,
+    pub repair_copies: u64,
 }
 
 impl Counters {
@@ -146,6 +171,7 @@ impl Counters {
             snapshots_installed: get(&self.snapshots_installed),
             truncations: get(&self.truncations),
             writes_lost: get(&self.writes_lost),
+            repair_copies: get(&self.repair_copies),
         }
     }
 }
@@ -171,6 +197,9 @@ pub struct Shared {
     /// Chance, per thousand, that an executor run fails (the nemesis raises it).
     exec_fail_per_mille: AtomicU32,
     pub counters: Arc<Counters>,
+    /// The final check's image reads: (node, job) to the sha256 (hex) of
+    /// what the node served, or `error: …`.
+    pub image_reads: Mutex<BTreeMap<(u64, String), String>>,
 }
 
 impl Shared {
@@ -186,6 +215,7 @@ impl Shared {
             running: Mutex::new(BTreeMap::new()),
             exec_fail_per_mille: AtomicU32::new(0),
             counters: Arc::new(Counters::default()),
+            image_reads: Mutex::new(BTreeMap::new()),
         })
     }
 
