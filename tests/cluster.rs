@@ -188,7 +188,17 @@ async fn idempotency_key_stale_completion_and_bad_input() {
         job: job_id,
         node: (node % 3) + 1,
         attempt,
-        outcome: Outcome::Succeeded { png: b"\x89PNG forged".to_vec(), model_hash: String::new(), notes: Vec::new() },
+        outcome: Outcome::Succeeded {
+            result: raftgen_raft::result::ResultMeta {
+                sha256: raftgen_raft::result::ResultHash::of(b"\x89PNG forged"),
+                bytes: 12,
+                width: 8,
+                height: 8,
+                location: raftgen_raft::result::Location::Nodes([(node % 3) + 1].into()),
+            },
+            model_hash: String::new(),
+            notes: Vec::new(),
+        },
     };
     let resp = internal_write(&cluster.url(leader), &cluster.secret, &stale).await;
     assert!(resp.status().is_success());

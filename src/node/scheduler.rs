@@ -63,7 +63,11 @@ pub async fn run(app: Arc<App>) {
         let marks = {
             let ids: std::collections::BTreeSet<u64> = members.iter().copied().collect();
             let answered = |n: u64| app.health.last_answer(n).is_some_and(|t| t.elapsed() < node_timeout);
-            raftgen_raft::repair::liveness(&app.view.read().jobs, &ids, app.id, |n| !healthy(n), answered)
+            // Silent: heard from (or given the new leader's grace) too long
+            // ago. A member never heard from since this node leads (one that
+            // just joined) is not judged yet.
+            let silent = |n: u64| app.health.last_ack(n).is_some_and(|t| t.elapsed() >= node_timeout);
+            raftgen_raft::repair::liveness(&app.view.read().jobs, &ids, app.id, silent, answered)
         };
         for (node, lost) in marks {
             if lost {

@@ -426,11 +426,12 @@ async fn scheduler(node: Arc<Node>) {
             n == node.id
                 || (members.contains(&n) && node.health.last_ack(n).is_some_and(|t| t.elapsed() < node_timeout))
         };
+        // Production's rule: a member never heard from yet is not judged.
         let marks = repair::liveness(
             &node.store.read().jobs,
             &members,
             node.id,
-            |n| !healthy(n),
+            |n| node.health.last_ack(n).is_some_and(|t| t.elapsed() >= node_timeout),
             |n| node.health.last_answer(n).is_some_and(|t| t.elapsed() < node_timeout),
         );
         for (n, lost) in marks {

@@ -382,7 +382,6 @@ impl Results {
             fetching.entry(sha).or_default().clone()
         };
         let result = cell.get_or_init(|| self.fetch(app, sha, location)).await.clone();
-        self.fetching.lock().unwrap_or_else(|e| e.into_inner()).remove(&sha);
         match &result {
             Ok(bytes) => {
                 self.traffic.reads_fetched.fetch_add(1, Ordering::Relaxed);
@@ -392,6 +391,9 @@ impl Results {
                 self.traffic.reads_unavailable.fetch_add(1, Ordering::Relaxed);
             }
         }
+        // Cached first, then forgotten here: a reader arriving in between
+        // finds one or the other.
+        self.fetching.lock().unwrap_or_else(|e| e.into_inner()).remove(&sha);
         result
     }
 
