@@ -355,15 +355,16 @@ impl Cluster {
             bail!("dumping node {id}: HTTP {}", resp.status());
         }
         let v: Value = resp.json().await?;
-        let mut jobs: Vec<FinalJob> = serde_json::from_value(v["jobs"].clone()).context("decoding the dump")?;
-        self.read_images(id, net, &mut jobs).await;
-        Ok(FinalNode { node: id, last_applied: v["last_applied"].as_u64().unwrap_or(0), jobs, images_read: true })
+        let jobs: Vec<FinalJob> = serde_json::from_value(v["jobs"].clone()).context("decoding the dump")?;
+        Ok(FinalNode { node: id, last_applied: v["last_applied"].as_u64().unwrap_or(0), jobs, images_read: false })
     }
 
     /// Reads every kept result's image through node `id`'s public API, as a
     /// client would, and records the sha256 of what it answered (or why it
     /// could not): the checker requires every one readable and identical.
-    async fn read_images(&self, id: u64, net: Option<&Network>, jobs: &mut [FinalJob]) {
+    pub async fn read_images(&self, node: &mut FinalNode, net: Option<&Network>) {
+        node.images_read = true;
+        let (id, jobs) = (node.node, &mut node.jobs);
         let base = self.url(id, net);
         let mut reads = tokio::task::JoinSet::new();
         let wanted: Vec<(usize, String)> =

@@ -242,6 +242,11 @@ pub async fn run(opts: Options) -> anyhow::Result<RunReport> {
             Err(e) => run_errors.push(format!("{e:#}")),
         }
     }
+    // Then every kept image through every node (after all the dumps: the
+    // nodes may write meanwhile, a janitor reporting a lost copy).
+    for f in &mut finals {
+        cluster.read_images(f, net.as_ref()).await;
+    }
     stop.store(true, Ordering::SeqCst);
     let _ = observer.await;
     for (node, status) in cluster.crashed() {
