@@ -20,7 +20,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
-use raftgen::local::LocalCluster;
+use raftgen::cli::local::LocalCluster;
 use serde_json::json;
 
 mod common;

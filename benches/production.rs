@@ -23,8 +23,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use raftgen::cli::local::LocalCluster;
 use raftgen::cli::Client;
-use raftgen::local::LocalCluster;
 use raftgen::tls::ClientTls;
 use serde_json::{json, Value};
 

@@ -1,36 +1,23 @@
 //! raftgen: one binary per GPU machine. Every node embeds a Raft log holding
-//! the job queue, the assignments and the results; any node accepts HTTP
-//! submissions and forwards writes to the leader; the leader assigns jobs to
-//! the nodes' executors.
+//! the job queue, the assignments and the result metadata; any node accepts
+//! HTTP submissions and forwards writes to the leader; the leader assigns jobs
+//! to the nodes' executors; result images live on the nodes' stores (or an
+//! object store), off the log.
 //!
-//! Modules: [`app`] (shared context and the write path), [`http`] (public API
-//! and `/raft` routes), [`node`] (start-up and shutdown), [`scheduler`]
-//! (leader loop), [`host`] (executor host), [`membership`] (join/leave),
-//! [`executor`] (the trait and the test-pattern test double), [`metrics`]
-//! (`GET /metrics`), [`kernels`] (fused GPU kernels as candle custom ops,
-//! with CPU references), [`cli`], [`demo`].
+//! Modules: [`node`] (the node's runtime: start-up and shutdown, the write
+//! path, the leader's loops, the executor host, membership, webhooks, the
+//! result store), [`http`] (the public API and the node-to-node routes),
+//! [`cli`] (the command line: `node`, the client commands, the demo and the
+//! local-cluster harness), [`executor`] (the trait, the diffusion executor
+//! and the test-pattern test double), [`models`] and [`kernels`] (the
+//! pipelines and fused GPU kernels), [`metrics`] (`GET /metrics`).
 
-pub mod app;
-pub mod batch;
-pub mod certs;
 pub mod cli;
-pub mod config;
-pub mod demo;
-pub mod drain;
 pub mod executor;
-pub mod follow;
-pub mod forwarder;
-pub mod host;
 pub mod http;
 pub mod kernels;
-pub mod local;
 pub mod logging;
-pub mod membership;
 pub mod metrics;
 pub mod models;
 pub mod node;
-pub mod proposer;
-pub mod scheduler;
-pub mod snapshot_guard;
 pub mod tls;
-pub mod webhook;

@@ -7,8 +7,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use raftgen::cli::local::LocalCluster;
 use raftgen::cli::Client;
-use raftgen::local::LocalCluster;
 use raftgen_raft::network::SECRET_HEADER;
 use serde_json::{json, Value};
 
@@ -226,7 +226,7 @@ async fn api_keys_guard_the_public_api_and_stay_out_of_logs_and_metrics() {
 #[test]
 fn a_bad_keys_file_stops_the_node_with_one_line_naming_the_line() {
     let dir = scratch();
-    let port = raftgen::local::free_port().unwrap().to_string();
+    let port = raftgen::cli::local::free_port().unwrap().to_string();
     let listen = format!("127.0.0.1:{port}");
     let data = dir.path.join("data").display().to_string();
     let cases: [(&str, String, &str); 4] = [

@@ -34,6 +34,7 @@ async fn a_few_leader_kills_a_pause_and_a_partition_lose_and_duplicate_nothing()
         node_timeout_ms: 2_000,
         seed: 7,
         netns: false,
+        unsafe_complete_before_durable: false,
     };
     let report = run(opts).await.expect("the chaos run");
     eprintln!("{}", report.summary());
@@ -53,4 +54,37 @@ async fn a_few_leader_kills_a_pause_and_a_partition_lose_and_duplicate_nothing()
     assert_eq!(report.check.final_jobs, report.check.acknowledged + report.check.recovered.count);
     assert!(report.check.succeeded >= 250, "{}", report.summary());
     assert!(out.join("history.jsonl").exists() && out.join("report.json").exists());
+}
+
+/// The planted bug "report a result before its copies are durable"
+/// (`--unsafe-complete-before-durable`: a node names its holders at once and
+/// stores the copies two seconds later): killing nodes loses acknowledged
+/// images, and the checker, reading every kept image through every node,
+/// must say so. Without this, a passing image check could mean it sees
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_reported_before_its_copies_are_durable_is_caught() {
+    let faults = parse_schedule("kill-random,kill-random,kill-random,kill-leader").unwrap();
+    let durations = Durations { down_ms: 1_000, pause_ms: 2_000, partition_ms: 3_000, loss_percent: 20 };
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("chaos-planted");
+    let opts = Options {
+        binary: PathBuf::from(env!("CARGO_BIN_EXE_raftgen")),
+        out_dir: out,
+        nodes: 3,
+        jobs: 200,
+        clients: 8,
+        rate_per_s: Options::rate_for(200, &faults, &durations, 1_000),
+        cancel_fraction: 0.0,
+        faults,
+        durations,
+        gap_ms: 1_000,
+        job_ms: 50,
+        node_timeout_ms: 2_000,
+        seed: 11,
+        netns: false,
+        unsafe_complete_before_durable: true,
+    };
+    let report = run(opts).await.expect("the chaos run");
+    eprintln!("{}", report.summary());
+    assert!(report.check.image_unreadable.count > 0, "the planted bug went unnoticed: {}", report.summary());
 }

@@ -11,7 +11,7 @@ fn run(args: &[&str]) -> (i32, String) {
 
 #[test]
 fn bad_arguments_and_unreachable_servers_give_one_line_and_a_non_zero_exit() {
-    let port = raftgen::local::free_port().unwrap().to_string();
+    let port = raftgen::cli::local::free_port().unwrap().to_string();
     let server = format!("http://127.0.0.1:{port}");
     let cases: [(&[&str], &str); 5] = [
         (&["submit"], "<PROMPT>"),

@@ -43,7 +43,7 @@ async fn run_script(script: &str, args: Vec<String>) {
 }
 
 /// A 3-node test-pattern cluster and one of its followers.
-async fn cluster(dir: &Path, delay_ms: &str) -> (raftgen::local::LocalCluster, u64) {
+async fn cluster(dir: &Path, delay_ms: &str) -> (raftgen::cli::local::LocalCluster, u64) {
     let cluster = start(dir, 3, &["--executor", "test-pattern", "--test-pattern-delay-ms", delay_ms]);
     let leader = cluster.wait_ready(1, 3, 1, Duration::from_secs(60)).await.unwrap();
     let follower = (1..=3).find(|i| *i != leader).unwrap();

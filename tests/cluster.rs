@@ -148,8 +148,9 @@ async fn internal_write(url: &str, secret: &str, cmd: &Command) -> reqwest::Resp
         .unwrap()
 }
 
-fn one_answer(bytes: &[u8]) -> Result<Response, raftgen::app::ForwardReject> {
-    let mut answers: Vec<Result<raftgen::app::Committed, raftgen::app::ForwardReject>> = codec::decode(bytes).unwrap();
+fn one_answer(bytes: &[u8]) -> Result<Response, raftgen::node::app::ForwardReject> {
+    let mut answers: Vec<Result<raftgen::node::app::Committed, raftgen::node::app::ForwardReject>> =
+        codec::decode(bytes).unwrap();
     assert_eq!(answers.len(), 1);
     answers.pop().unwrap().map(|c| c.response)
 }
@@ -187,7 +188,17 @@ async fn idempotency_key_stale_completion_and_bad_input() {
         job: job_id,
         node: (node % 3) + 1,
         attempt,
-        outcome: Outcome::Succeeded { png: b"\x89PNG forged".to_vec(), model_hash: String::new(), notes: Vec::new() },
+        outcome: Outcome::Succeeded {
+            result: raftgen_raft::result::ResultMeta {
+                sha256: raftgen_raft::result::ResultHash::of(b"\x89PNG forged"),
+                bytes: 12,
+                width: 8,
+                height: 8,
+                location: raftgen_raft::result::Location::Nodes([(node % 3) + 1].into()),
+            },
+            model_hash: String::new(),
+            notes: Vec::new(),
+        },
     };
     let resp = internal_write(&cluster.url(leader), &cluster.secret, &stale).await;
     assert!(resp.status().is_success());
@@ -199,7 +210,7 @@ async fn idempotency_key_stale_completion_and_bad_input() {
     // A follower does not propose; it names the leader (the forwarding node retries there).
     let resp = internal_write(&cluster.url(follower), &cluster.secret, &stale).await;
     let answer = one_answer(&resp.bytes().await.unwrap());
-    assert!(matches!(answer, Err(raftgen::app::ForwardReject::NotLeader { leader: Some(l) }) if l == leader));
+    assert!(matches!(answer, Err(raftgen::node::app::ForwardReject::NotLeader { leader: Some(l) }) if l == leader));
     // An older attempt number is rejected too.
     let older = Command::Complete {
         job: job_id,

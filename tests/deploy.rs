@@ -212,7 +212,7 @@ fn port_of(what: &str, host_port: &str) -> u16 {
 // Running the binary
 
 fn free_port() -> u16 {
-    raftgen::local::free_port().expect("a free port")
+    raftgen::cli::local::free_port().expect("a free port")
 }
 
 /// A minimal HTTP/1.0 client for loopback: (status, body).

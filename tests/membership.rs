@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use openraft::storage::{RaftLogStorage, RaftStateMachine};
+use raftgen::cli::local::LocalCluster;
 use raftgen::cli::Client;
-use raftgen::local::LocalCluster;
 use raftgen_raft::network::SECRET_HEADER;
 use serde_json::{json, Value};
 
@@ -324,7 +324,7 @@ async fn a_node_that_missed_compacted_log_catches_up_by_snapshot() {
 /// fired during the install, its higher term made the leader step down, and
 /// the next leader started over. Fixed by storing snapshots as raw bytes (no
 /// decode to serve one) and by not standing for election while receiving one
-/// (`src/snapshot_guard.rs`).
+/// (`src/node/snapshot_guard.rs`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_that_missed_compacted_log_catches_up_by_a_multi_chunk_snapshot() {
     let _serial = serial().await;

@@ -58,7 +58,7 @@ async fn run(program: &Path, args: &[&str], dir: &Path) -> (bool, String) {
 /// limits that keep a fuzzing run bounded and free of legitimate 503s: short
 /// synchronous waits (a 408 after 2 s) and progress streams (closed after
 /// 3 s), and room for every stream and queued job a run makes.
-async fn cluster(dir: &Path) -> (raftgen::local::LocalCluster, u64, u64) {
+async fn cluster(dir: &Path) -> (raftgen::cli::local::LocalCluster, u64, u64) {
     let cluster = start(
         dir,
         3,

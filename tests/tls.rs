@@ -77,13 +77,13 @@ fn http_client(tls: &ClientTls, url: &str) -> reqwest::Client {
     tls.apply(builder, url).expect("client TLS files").build().unwrap()
 }
 
-async fn members(cluster: &raftgen::local::LocalCluster, via: u64) -> Vec<Value> {
+async fn members(cluster: &raftgen::cli::local::LocalCluster, via: u64) -> Vec<Value> {
     let c = cluster.client(via).get("/v1/cluster").await.expect("reading the membership");
     c["members"].as_array().cloned().unwrap_or_default()
 }
 
 /// Submits through `via` over https and waits for the job to succeed.
-async fn submit_and_finish(cluster: &raftgen::local::LocalCluster, via: u64, prompt: &str) -> String {
+async fn submit_and_finish(cluster: &raftgen::cli::local::LocalCluster, via: u64, prompt: &str) -> String {
     let client = cluster.client(via);
     let job = client.submit(&json!({ "prompt": prompt, "width": 64, "height": 64, "steps": 2 }), None).await.unwrap();
     let id = job["id"].as_str().unwrap().to_string();
@@ -231,7 +231,7 @@ fn bad_tls_files_and_flags_stop_a_node_with_one_line_naming_them() {
     let dir = scratch();
     let pki = certs(&dir.path.join("pki"), 2);
     let data = path(&dir.path, "data");
-    let port = raftgen::local::free_port().unwrap();
+    let port = raftgen::cli::local::free_port().unwrap();
     let listen = format!("127.0.0.1:{port}");
     let node = ["node", "--id", "1", "--listen", &listen, "--data", &data, "--executor", "none"];
     let (cert1, key1, key2) = (path(&pki, "node-1.pem"), path(&pki, "node-1-key.pem"), path(&pki, "node-2-key.pem"));

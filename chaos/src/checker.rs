@@ -22,7 +22,10 @@
 //! - **double leaders**: two nodes leading in one term, or two nodes naming
 //!   different leaders for one term;
 //! - **diverged**: replicas that disagree after healing, and result images that
-//!   differ between nodes.
+//!   differ between nodes;
+//! - **image unreadable**: a kept result whose image a live node, after
+//!   healing, could not serve, or served with other bytes than its sha256
+//!   names (only where the run read the images: `FinalNode::images_read`).
 //!
 //! Per fault it measures unavailability (RTO): the time from the fault to the
 //! completion of the first acknowledged submission invoked after it.
@@ -102,6 +105,8 @@ pub struct Report {
     pub double_leaders: Finding,
     pub diverged: Finding,
     pub image_mismatch: Finding,
+    #[serde(default)]
+    pub image_unreadable: Finding,
     /// Jobs still queued or running at the end (the run did not let them
     /// finish): reported, not a violation.
     pub unfinished: usize,
@@ -112,7 +117,7 @@ pub struct Report {
 impl Report {
     /// Every category with its name, and whether any count in it breaks a
     /// guarantee (`recovered` is allowed and only counted).
-    fn categories(&self) -> [(&'static str, &Finding, bool); 9] {
+    fn categories(&self) -> [(&'static str, &Finding, bool); 10] {
         [
             ("lost", &self.lost, true),
             ("duplicated", &self.duplicated, true),
@@ -123,6 +128,7 @@ impl Report {
             ("double leaders", &self.double_leaders, true),
             ("diverged", &self.diverged, true),
             ("image mismatch", &self.image_mismatch, true),
+            ("image unreadable", &self.image_unreadable, true),
         ]
     }
 
@@ -301,6 +307,21 @@ pub fn check(history: &[Record], finals: &[FinalNode]) -> Report {
                 if !jobs.contains_key(id) {
                     r.lost.add(format!("key {key}: acknowledged job {id} is absent"));
                     lost_ids.insert(id);
+                }
+            }
+        }
+
+        // Every kept image must be readable, byte-identical, from every node.
+        for node in finals.iter().filter(|n| n.images_read) {
+            for j in &node.jobs {
+                let Some(want) = &j.image_sha256 else { continue };
+                if j.image_read.as_ref() != Some(want) {
+                    r.image_unreadable.add(format!(
+                        "job {}: node {} read {} for image {want:.12}",
+                        j.id,
+                        node.node,
+                        j.image_read.as_deref().unwrap_or("nothing")
+                    ));
                 }
             }
         }
@@ -492,11 +513,12 @@ mod tests {
             node: Some(2),
             events: ["submitted", "assigned", "started", "succeeded"].map(String::from).to_vec(),
             image_sha256: Some(format!("sha-of-{id}")),
+            image_read: Some(format!("sha-of-{id}")),
         }
     }
 
     fn replicas(jobs: Vec<FinalJob>) -> Vec<FinalNode> {
-        (1..=3).map(|node| FinalNode { node, last_applied: 40, jobs: jobs.clone() }).collect()
+        (1..=3).map(|node| FinalNode { node, last_applied: 40, jobs: jobs.clone(), images_read: true }).collect()
     }
 
     fn leadership(node: u64, term: u64, leader: u64) -> Record {
@@ -634,6 +656,26 @@ mod tests {
         let (h, mut f) = clean();
         f[2].jobs[1].image_sha256 = Some("other".into());
         assert_eq!(check(&h, &f).image_mismatch.count, 1);
+    }
+
+    #[test]
+    fn a_kept_image_that_a_node_cannot_serve_is_a_violation() {
+        // One node could not read it (its holders lost it), another read
+        // other bytes than the sha256 names.
+        let (h, mut f) = clean();
+        f[0].jobs[0].image_read = Some("error: HTTP 503".into());
+        f[1].jobs[2].image_read = Some("sha-of-something-else".into());
+        let r = check(&h, &f);
+        assert_eq!(r.image_unreadable.count, 2, "{}", r.summary());
+        assert!(!r.is_ok());
+        assert!(r.violations().iter().any(|v| v.starts_with("image unreadable: 2")));
+        // A node that did not read images is not judged on them; an evicted
+        // result (no sha256 kept) is not read.
+        f[0].images_read = false;
+        f[1].jobs[2].image_sha256 = None;
+        f[2].jobs[2].image_sha256 = None;
+        f[1].jobs[2].image_read = None;
+        assert_eq!(check(&h, &f).image_unreadable.count, 0);
     }
 
     #[test]

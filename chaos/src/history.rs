@@ -113,8 +113,14 @@ pub struct FinalJob {
     /// The job's recorded transitions, by name (`submitted`, `assigned`,
     /// `started`, `requeued`, `succeeded`, `failed`, `cancelled`, ...).
     pub events: Vec<String>,
-    /// sha256 (hex) of the result image, while the replica still holds it.
+    /// sha256 (hex) of the result image, from the replica's metadata, while
+    /// it keeps the result.
     pub image_sha256: Option<String>,
+    /// What reading the image through this node gave once the cluster had
+    /// healed: the sha256 (hex) of the bytes it answered, or `error: …`.
+    /// Absent where the run did not read images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_read: Option<String>,
 }
 
 /// A replica's state after the run, taken once the cluster has healed.
@@ -123,6 +129,10 @@ pub struct FinalNode {
     pub node: u64,
     pub last_applied: u64,
     pub jobs: Vec<FinalJob>,
+    /// Every kept result's image was read through this node (`image_read`):
+    /// the checker then requires each to be readable and byte-identical.
+    #[serde(default)]
+    pub images_read: bool,
 }
 
 /// Writes records as JSON lines.

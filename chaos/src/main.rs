@@ -5,6 +5,7 @@
 //!   violation.
 //! - `chaos sim`: seeds of the deterministic simulation; a failing seed prints
 //!   the command that replays it.
+//! - `chaos scale`: what one result costs a large simulated cluster.
 //! - `chaos check`: re-judges a saved history and final state.
 
 use std::path::PathBuf;
@@ -27,6 +28,10 @@ enum Cmd {
     Run(RunArgs),
     /// Run seeds of the deterministic simulation (turmoil).
     Sim(SimArgs),
+    /// What one result costs a large simulated cluster (5 voters, 45
+    /// learners, 1.5 MB images by default): bytes the leader sends, bytes
+    /// each node writes, assignment latency, snapshot size.
+    Scale(ScaleArgs),
     /// Check a saved run: DIR holds history.jsonl and finals.json.
     Check { dir: PathBuf },
 }
@@ -99,6 +104,9 @@ struct SimArgs {
     seeds: String,
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=7))]
     nodes: u64,
+    /// Nodes beyond the voters, joined as learners.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=63))]
+    learners: u64,
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     jobs: u64,
     /// Simulated clients.
@@ -107,6 +115,9 @@ struct SimArgs {
     /// No nemesis: every job must finish.
     #[arg(long)]
     no_faults: bool,
+    /// The planted bug: nodes report results before their copies are durable.
+    #[arg(long, hide = true)]
+    unsafe_complete_before_durable: bool,
     /// Write the failing seeds' histories here.
     #[arg(long, default_value = "target/chaos/sim")]
     out: PathBuf,
@@ -181,6 +192,7 @@ async fn run(a: RunArgs) -> anyhow::Result<bool> {
         node_timeout_ms: a.node_timeout_ms,
         seed: a.seed,
         netns: a.netns,
+        unsafe_complete_before_durable: false,
     };
     let report = chaos::process::run(opts).await?;
     print!("{}", report.summary());
@@ -199,9 +211,11 @@ fn sim(a: SimArgs) -> anyhow::Result<bool> {
         let opts = chaos::sim::SimOptions {
             seed,
             nodes: a.nodes as usize,
+            learners: a.learners as usize,
             jobs: a.jobs as usize,
             clients: a.clients as usize,
             faults: !a.no_faults,
+            unsafe_complete_before_durable: a.unsafe_complete_before_durable,
         };
         let result = chaos::sim::run_seed(&opts).with_context(|| format!("seed {seed}"))?;
         if !result.passed() || a.seed.is_some() {
@@ -219,6 +233,47 @@ fn sim(a: SimArgs) -> anyhow::Result<bool> {
     let n = seeds.end - seeds.start;
     println!("{n} seed(s), {failed} failed, {:.1} s", started.elapsed().as_secs_f64());
     Ok(failed == 0)
+}
+
+#[derive(clap::Args)]
+struct ScaleArgs {
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=7))]
+    voters: u64,
+    #[arg(long, default_value_t = 45, value_parser = clap::value_parser!(u64).range(0..=63))]
+    learners: u64,
+    /// Jobs submitted (each makes one image unless cancelled).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    jobs: u64,
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=16))]
+    clients: u64,
+    /// Bytes of each result image.
+    #[arg(long, default_value_t = 1_500_000, value_parser = clap::value_parser!(u64).range(0..=32 << 20))]
+    image_bytes: u64,
+    /// Print the figures as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn scale(a: ScaleArgs) -> anyhow::Result<bool> {
+    let opts = chaos::sim::scale::ScaleOptions {
+        seed: a.seed,
+        voters: a.voters as usize,
+        learners: a.learners as usize,
+        jobs: a.jobs as usize,
+        clients: a.clients as usize,
+        image_bytes: a.image_bytes as usize,
+    };
+    let started = std::time::Instant::now();
+    let report = chaos::sim::scale::run(&opts)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.summary());
+        println!("{:.1} s", started.elapsed().as_secs_f64());
+    }
+    Ok(report.failures.is_empty())
 }
 
 fn check(dir: PathBuf) -> anyhow::Result<bool> {
@@ -239,6 +294,7 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Run(a) => tokio::runtime::Runtime::new().map_err(Into::into).and_then(|rt| rt.block_on(run(a))),
         Cmd::Sim(a) => sim(a),
+        Cmd::Scale(a) => scale(a),
         Cmd::Check { dir } => check(dir),
     };
     match result {

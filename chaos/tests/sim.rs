@@ -107,6 +107,9 @@ fn five_node_seeds() {
     let n = env_u64("SIM_SEEDS", 150);
     let results = run_seeds(start..start + n, 5, JOBS, true);
     assert_exercised(&results, ALL_FAULTS);
+    // With 5 nodes and 3 copies, a node declared lost for long enough has
+    // its results copied elsewhere: repair must have run.
+    assert!(results.iter().map(|r| r.stats.repair_copies).sum::<u64>() > 0, "repair never copied a result");
 }
 
 #[test]
@@ -132,4 +135,22 @@ fn a_seed_replays_exactly() {
         assert_eq!(a.faults, b.faults, "seed {seed}: faults differ");
         assert_eq!(json(&a), json(&b), "seed {seed}: the replay differs ({})", replay_command(&opts));
     }
+}
+
+/// The planted bug "report a result before its copies are durable" (the node
+/// names its holders at once, writes its own copy without syncing it and
+/// pushes the others later): crashes then lose acknowledged images, and the
+/// checker must say so. Without this, a passing image check could mean the
+/// check sees nothing.
+#[test]
+fn a_result_reported_before_its_copies_are_durable_is_caught() {
+    let mut caught = Vec::new();
+    for seed in 0..40 {
+        let opts = SimOptions { seed, jobs: JOBS, unsafe_complete_before_durable: true, ..Default::default() };
+        let r = run_seed(&opts).expect("the run");
+        if r.report.image_unreadable.count > 0 {
+            caught.push(seed);
+        }
+    }
+    assert!(caught.len() >= 3, "the planted bug was caught in seeds {caught:?} only");
 }

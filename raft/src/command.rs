@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::job::{Delivery, FieldError, Job, JobId, JobRequest, JobState, NodeId};
+use crate::result::{ResultHash, ResultMeta};
 
 /// The log payload: a command plus the leader's wall clock when it proposed it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -88,6 +89,38 @@ pub enum Command {
     /// Several commands in one log entry, applied in order (the leader's group
     /// commit). At most [`MAX_BATCH_COMMANDS`]; batches do not nest.
     Batch(Vec<Command>),
+    /// Repair made a durable copy of a result on `node` (see
+    /// [`crate::repair`]). A result no longer kept is ignored (the copy is
+    /// then an orphan, which the node deletes).
+    ResultCopied {
+        sha256: ResultHash,
+        node: NodeId,
+    },
+    /// `node` no longer holds a copy: it lost it (`lost`: its disk no longer
+    /// has it; recorded whatever else holds it), or repair trimmed a copy too
+    /// many (recorded only while another holder not declared lost remains).
+    ResultDropped {
+        sha256: ResultHash,
+        node: NodeId,
+        lost: bool,
+    },
+    /// The leader declares `node` lost (it stopped answering) or back. A lost
+    /// node gets no new copies, and after `repair_delay_ms` its copies no
+    /// longer count (repair makes others). The command's clock says since when.
+    SetLost {
+        node: NodeId,
+        lost: bool,
+    },
+    /// `node` is leaving the cluster: its copies no longer count and it gets
+    /// no new ones, so repair hands them over before it goes. `ForgetNode`
+    /// clears the mark.
+    Retire {
+        node: NodeId,
+    },
+    /// The leader deleted these queued object-store keys (by queue position).
+    ObjectsDeleted {
+        seqs: Vec<u64>,
+    },
 }
 
 /// Most commands in one [`Command::Batch`]. A job's submission order is
@@ -95,15 +128,36 @@ pub enum Command {
 pub const MAX_BATCH_COMMANDS: usize = 1024;
 
 impl Command {
-    /// Rough encoded size, for batching and snapshot-by-size: result images
-    /// dominate, everything else is small.
+    /// Encoded size, roughly (an upper bound for the common commands), for
+    /// batching: the strings a command carries, plus a fixed part.
     pub fn approx_bytes(&self) -> u64 {
+        let len = |s: &str| s.len() as u64;
         match self {
-            Command::Complete { outcome: Outcome::Succeeded { png, notes, .. }, .. } => {
-                png.len() as u64 + 128 + notes.iter().map(|n| n.len() as u64).sum::<u64>()
+            Command::Submit { request: r, idempotency_key, .. } => {
+                128 + len(&r.prompt)
+                    + len(&r.negative_prompt)
+                    + len(&r.model)
+                    + r.sampler.as_deref().map_or(0, len)
+                    + r.webhook.as_deref().map_or(0, len)
+                    + idempotency_key.as_deref().map_or(0, len)
             }
+            Command::Complete { outcome: Outcome::Succeeded { result, model_hash, notes }, .. } => {
+                let holders = result.location.nodes().map_or(0, |n| 8 * n.len() as u64);
+                let key = match &result.location {
+                    crate::result::Location::Object(k) => len(k),
+                    crate::result::Location::Nodes(_) => 0,
+                };
+                192 + holders + key + len(model_hash) + notes.iter().map(|n| len(n)).sum::<u64>()
+            }
+            Command::Complete { outcome: Outcome::Failed { error, .. }, .. } => 128 + len(error),
+            Command::Assign { assignments } => 32 + 24 * assignments.len() as u64,
+            Command::Requeue { jobs, reason } => 32 + 24 * jobs.len() as u64 + len(reason),
+            Command::RegisterNode { info, .. } => {
+                256 + info.models.iter().map(|m| 256 + len(&m.name) + len(&m.hash)).sum::<u64>()
+            }
+            Command::ObjectsDeleted { seqs } => 16 + 8 * seqs.len() as u64,
             Command::Batch(cmds) => cmds.iter().map(Command::approx_bytes).sum(),
-            _ => 256,
+            _ => 128,
         }
     }
 }
@@ -117,10 +171,10 @@ pub struct Assignment {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
-    /// The PNG bytes of the result.
+    /// The result image: its hash, size and where its bytes are durable
+    /// (never the bytes themselves, see [`crate::result`]).
     Succeeded {
-        #[serde(with = "serde_bytes")]
-        png: Vec<u8>,
+        result: ResultMeta,
         /// Content hash of the model that made the image.
         model_hash: String,
         /// Things the job should say about its run (e.g. a truncated prompt).
@@ -180,6 +234,13 @@ pub struct ClusterConfig {
     /// Assignments per job before a lost node or a retryable executor
     /// failure makes the job fail instead of being re-queued again.
     pub max_attempts: u32,
+    /// Durable copies of each result kept on the nodes' embedded stores
+    /// (capped at the nodes that can hold one); a result survives the loss
+    /// of `result_copies - 1` of its holders.
+    pub result_copies: u32,
+    /// How long a node declared lost keeps counting as a holder before
+    /// repair copies its results elsewhere.
+    pub repair_delay_ms: u64,
 }
 
 impl Default for ClusterConfig {
@@ -190,6 +251,8 @@ impl Default for ClusterConfig {
             max_result_bytes: 1 << 30,
             max_finished_jobs: 100_000,
             max_attempts: 5,
+            result_copies: 3,
+            repair_delay_ms: 60_000,
         }
     }
 }

@@ -9,6 +9,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::result::ResultInfo;
+
 /// A Raft node id.
 pub type NodeId = u64;
 
@@ -33,7 +35,7 @@ pub const MAX_NOTE_CHARS: usize = 200;
 /// Priority bounds; higher runs first.
 pub const MIN_PRIORITY: i32 = -100;
 pub const MAX_PRIORITY: i32 = 100;
-/// Largest result image accepted into the log.
+/// Largest result image a job may make (its metadata is what enters the log).
 pub const MAX_IMAGE_BYTES: usize = 32 << 20;
 /// Longest error message kept for a failed job.
 pub const MAX_ERROR_CHARS: usize = 1_000;
@@ -375,8 +377,9 @@ pub struct Job {
     pub assigned_at_ms: Option<u64>,
     pub started_at_ms: Option<u64>,
     pub finished_at_ms: Option<u64>,
-    /// Size of the result image, once succeeded (kept after eviction).
-    pub result_bytes: Option<u64>,
+    /// The result image's hash, size and dimensions, once succeeded (kept
+    /// after eviction).
+    pub result: Option<ResultInfo>,
     pub result_evicted: bool,
     /// Content hash of the model that made the result.
     pub model_hash: Option<String>,

@@ -1,15 +1,20 @@
 //! raftgen's replicated core: the openraft type configuration, the job model,
-//! the deterministic job state machine, the scheduler's pure decisions, the
-//! node-to-node network, and the one codec they all share.
+//! result metadata, the deterministic job state machine, the scheduler's and
+//! the result repair's pure decisions, the node-to-node network, and the one
+//! codec they all share.
 //!
-//! Nothing in `job`, `command`, `state` or `schedule` does I/O or reads a clock;
-//! that is what makes them replayable and testable in isolation.
+//! Nothing in `job`, `result`, `command`, `state`, `schedule`, `placement`
+//! or `repair` does I/O or reads a clock; that is what makes them replayable
+//! and testable in isolation.
 
 pub mod cache;
 pub mod codec;
 pub mod command;
 pub mod job;
 pub mod network;
+pub mod placement;
+pub mod repair;
+pub mod result;
 pub mod schedule;
 pub mod state;
 

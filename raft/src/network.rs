@@ -14,6 +14,7 @@
 //! answered for `node_timeout_ms`, by this clock and no other.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -43,24 +44,43 @@ pub const PATH_SNAPSHOT: &str = "/raft/snapshot";
 /// clock: the wall clock in a node, simulated time in the chaos simulation,
 /// which uses this same type to judge nodes lost.
 #[derive(Clone, Default)]
-pub struct PeerHealth(Arc<Mutex<BTreeMap<NodeId, Instant>>>);
+pub struct PeerHealth(Arc<Mutex<Clocks>>);
+
+#[derive(Default)]
+struct Clocks {
+    /// Last answer, or the last reset (a new leader's grace), per node.
+    ack: BTreeMap<NodeId, Instant>,
+    /// Last real answer per node (never reset).
+    answered: BTreeMap<NodeId, Instant>,
+}
 
 impl PeerHealth {
     pub fn record_ack(&self, node: NodeId) {
-        self.0.lock().expect("health lock").insert(node, Instant::now());
+        let now = Instant::now();
+        let mut c = self.0.lock().expect("health lock");
+        c.ack.insert(node, now);
+        c.answered.insert(node, now);
     }
 
+    /// When `node` last answered, or the last reset if later: what judges a
+    /// node lost (a new leader first gives every node a full timeout).
     pub fn last_ack(&self, node: NodeId) -> Option<Instant> {
-        self.0.lock().expect("health lock").get(&node).copied()
+        self.0.lock().expect("health lock").ack.get(&node).copied()
+    }
+
+    /// When `node` really last answered (resets do not count): what judges
+    /// a node declared lost to be back.
+    pub fn last_answer(&self, node: NodeId) -> Option<Instant> {
+        self.0.lock().expect("health lock").answered.get(&node).copied()
     }
 
     /// A new leader gives every node a full timeout before judging it: it
     /// resets every clock to now.
     pub fn reset_all(&self, nodes: impl IntoIterator<Item = NodeId>) {
         let now = Instant::now();
-        let mut map = self.0.lock().expect("health lock");
-        map.clear();
-        map.extend(nodes.into_iter().map(|n| (n, now)));
+        let mut c = self.0.lock().expect("health lock");
+        c.ack.clear();
+        c.ack.extend(nodes.into_iter().map(|n| (n, now)));
     }
 }
 
@@ -105,12 +125,20 @@ pub struct NetworkFactory {
     scheme: Scheme,
     secret: Arc<str>,
     health: PeerHealth,
+    sent_bytes: Arc<AtomicU64>,
 }
 
 impl NetworkFactory {
     /// `client` is built from [`client_builder`]; `scheme` says how it reaches peers.
     pub fn new(id: NodeId, secret: &str, health: PeerHealth, client: reqwest::Client, scheme: Scheme) -> Self {
-        NetworkFactory { id, client, scheme, secret: secret.into(), health }
+        NetworkFactory { id, client, scheme, secret: secret.into(), health, sent_bytes: Arc::default() }
+    }
+
+    /// Counts the bytes of every RPC body this node sends into `counter`
+    /// (for `raftgen_peer_sent_bytes_total`).
+    pub fn count_sent_bytes(mut self, counter: Arc<AtomicU64>) -> Self {
+        self.sent_bytes = counter;
+        self
     }
 }
 
@@ -125,6 +153,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             client: self.client.clone(),
             secret: self.secret.clone(),
             health: self.health.clone(),
+            sent_bytes: self.sent_bytes.clone(),
         }
     }
 }
@@ -136,6 +165,7 @@ pub struct PeerClient {
     client: reqwest::Client,
     secret: Arc<str>,
     health: PeerHealth,
+    sent_bytes: Arc<AtomicU64>,
 }
 
 type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
@@ -164,6 +194,7 @@ impl PeerClient {
             }
         };
         let body = codec::encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        self.sent_bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
         let resp = self
             .client
             .post(format!("{}{}", self.base, path))

@@ -8,7 +8,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
-use serde_bytes::ByteBuf;
 
 use crate::cache::{self, ResultCache};
 use crate::command::{
@@ -16,9 +15,14 @@ use crate::command::{
 };
 use crate::job::{
     bounded_message, Delivery, EventKind, FieldError, Job, JobId, JobRequest, JobState, NodeId, Progress,
-    WebhookStatus, MAX_DELIVERY_ERROR_CHARS, MAX_IDEMPOTENCY_KEY_BYTES, MAX_IMAGE_BYTES, MAX_NOTES, MAX_NOTE_CHARS,
+    WebhookStatus, MAX_DELIVERY_ERROR_CHARS, MAX_IDEMPOTENCY_KEY_BYTES, MAX_NOTES, MAX_NOTE_CHARS,
     MAX_WEBHOOK_ATTEMPTS,
 };
+use crate::result::{Blob, Location, ResultHash, ResultMeta, MAX_RESULT_HOLDERS};
+
+/// Most object-store keys waiting for the leader to delete them; beyond it
+/// the oldest are dropped from the queue (the leader's sweep finds them).
+pub const MAX_OBJECT_DELETIONS: usize = 100_000;
 
 /// A node's executor as the cluster sees it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,10 +43,23 @@ pub struct JobStateMachine {
     active: BTreeMap<NodeId, BTreeSet<JobId>>,
     /// Terminal jobs in the order they finished (retention order).
     finished: BTreeMap<u64, JobId>,
-    /// Result images of succeeded jobs, keyed like `finished`.
+    /// Retained results of succeeded jobs, keyed like `finished`.
     image_order: BTreeMap<u64, JobId>,
-    images: BTreeMap<JobId, ByteBuf>,
+    /// Each retained result's image (several jobs may share one).
+    images: BTreeMap<JobId, ResultHash>,
+    /// Every image a retained result names: where its bytes are, and how
+    /// many retained results name it.
+    blobs: BTreeMap<ResultHash, Blob>,
+    /// Bytes of the retained results (an image shared by two jobs counts twice).
     result_bytes: u64,
+    /// Nodes the leader declared lost, since when (its clock).
+    lost: BTreeMap<NodeId, u64>,
+    /// Nodes leaving the cluster (their copies are handed over first).
+    retiring: BTreeSet<NodeId>,
+    /// Object-store keys no result names any more, for the leader to
+    /// delete, by queue position.
+    object_deletions: BTreeMap<u64, String>,
+    next_deletion_seq: u64,
     idempotency: BTreeMap<String, JobId>,
     nodes: BTreeMap<NodeId, NodeInfo>,
     /// The hash each model name stands for: the first one registered while no
@@ -148,6 +165,50 @@ impl JobStateMachine {
                 }
                 self.nodes.remove(node);
                 self.forget_unserved_models();
+                // Its copies left with it.
+                for blob in self.blobs.values_mut() {
+                    if let Location::Nodes(holders) = &mut blob.location {
+                        holders.remove(node);
+                    }
+                }
+                self.lost.remove(node);
+                self.retiring.remove(node);
+                Response::Ok
+            }
+            Command::ResultCopied { sha256, node } => {
+                if let Some(Location::Nodes(holders)) = self.blobs.get_mut(sha256).map(|b| &mut b.location) {
+                    if holders.len() < MAX_RESULT_HOLDERS {
+                        holders.insert(*node);
+                    }
+                }
+                Response::Ok
+            }
+            Command::ResultDropped { sha256, node, lost } => {
+                let lost_nodes = &self.lost;
+                if let Some(Location::Nodes(holders)) = self.blobs.get_mut(sha256).map(|b| &mut b.location) {
+                    let others_alive = holders.iter().any(|h| h != node && !lost_nodes.contains_key(h));
+                    if *lost || others_alive {
+                        holders.remove(node);
+                    }
+                }
+                Response::Ok
+            }
+            Command::SetLost { node, lost } => {
+                if *lost {
+                    self.lost.entry(*node).or_insert(at);
+                } else {
+                    self.lost.remove(node);
+                }
+                Response::Ok
+            }
+            Command::Retire { node } => {
+                self.retiring.insert(*node);
+                Response::Ok
+            }
+            Command::ObjectsDeleted { seqs } => {
+                for seq in seqs {
+                    self.object_deletions.remove(seq);
+                }
                 Response::Ok
             }
             Command::WebhookDelivery { job, delivery, max_attempts } => {
@@ -232,7 +293,7 @@ impl JobStateMachine {
             assigned_at_ms: None,
             started_at_ms: None,
             finished_at_ms: None,
-            result_bytes: None,
+            result: None,
             result_evicted: false,
             model_hash: None,
             notes: Vec::new(),
@@ -264,14 +325,15 @@ impl JobStateMachine {
         self.cache.get(&key).filter(|source| self.images.contains_key(source))
     }
 
-    /// Finishes a new job at once with a copy of `source`'s image (a copy, so
-    /// each job's image lives and is evicted on its own, like any result).
+    /// Finishes a new job at once with `source`'s image. The job names the
+    /// same stored image (no bytes are copied), but its result lives and is
+    /// evicted on its own, like any result.
     fn serve_from_cache(&mut self, at: u64, mut job: Job, source: JobId) -> Response {
-        let png = self.images[&source].to_vec();
+        let sha = self.images[&source];
         let src = &self.jobs[&source];
         job.push_event(at, EventKind::CacheHit { source });
         job.progress.step = job.progress.steps;
-        job.result_bytes = Some(png.len() as u64);
+        job.result = src.result;
         job.model_hash = src.model_hash.clone();
         job.notes = src.notes.clone();
         let id = job.id;
@@ -281,7 +343,7 @@ impl JobStateMachine {
         answer.finished_at_ms = Some(at);
         self.counts.entry(job.request.model.clone()).or_default().cache_hits += 1;
         self.jobs.insert(id, job);
-        self.finish(at, id, JobState::Succeeded, None, Some(png));
+        self.finish(at, id, JobState::Succeeded, None, Some((sha, None)));
         let job = self.jobs.get(&id).cloned().unwrap_or(answer);
         Response::Submitted { job: Box::new(job), created: true }
     }
@@ -346,16 +408,16 @@ impl JobStateMachine {
             return Response::Rejected(rejection);
         }
         match outcome {
-            Outcome::Succeeded { png, model_hash, notes } if png.len() <= MAX_IMAGE_BYTES => {
+            Outcome::Succeeded { result, model_hash, notes } if result.validate().is_ok() => {
                 job.push_event(at, EventKind::Succeeded { node, attempt });
                 job.progress.step = job.progress.steps;
-                job.result_bytes = Some(png.len() as u64);
+                job.result = Some(result.info());
                 job.model_hash = Some(bounded_message(model_hash));
                 job.notes = notes.iter().take(MAX_NOTES).map(|n| n.chars().take(MAX_NOTE_CHARS).collect()).collect();
-                self.finish(at, id, JobState::Succeeded, None, Some(png.clone()));
+                self.finish(at, id, JobState::Succeeded, None, Some((result.sha256, Some(result))));
             }
-            Outcome::Succeeded { png, .. } => {
-                let error = format!("result image of {} bytes exceeds {MAX_IMAGE_BYTES} bytes", png.len());
+            Outcome::Succeeded { result, .. } => {
+                let error = result.validate().expect_err("checked above");
                 job.push_event(at, EventKind::Failed { node: Some(node), attempt, error: error.clone() });
                 self.finish(at, id, JobState::Failed, Some(error), None);
             }
@@ -456,7 +518,16 @@ impl JobStateMachine {
     }
 
     /// Moves a queued or active job to a terminal state and applies retention.
-    fn finish(&mut self, at: u64, id: JobId, state: JobState, error: Option<String>, png: Option<Vec<u8>>) {
+    /// A succeeded job keeps `result`: the image's hash, with where its bytes
+    /// are (a fresh result) or `None` (a cache hit: the image is stored).
+    fn finish(
+        &mut self,
+        at: u64,
+        id: JobId,
+        state: JobState,
+        error: Option<String>,
+        result: Option<(ResultHash, Option<&ResultMeta>)>,
+    ) {
         let job = self.jobs.get_mut(&id).expect("finish of a known job");
         if job.state.is_active() {
             let node = job.node.expect("active jobs have a node");
@@ -478,13 +549,75 @@ impl JobStateMachine {
         if job.webhook.is_some() {
             self.webhooks_pending.insert(id);
         }
-        if let Some(png) = png {
-            self.result_bytes += png.len() as u64;
-            self.images.insert(id, ByteBuf::from(png));
+        if let Some((sha, meta)) = result {
+            self.result_bytes += job.result.map_or(0, |r| r.bytes);
+            self.images.insert(id, sha);
             self.image_order.insert(seq, id);
             self.cache.remember(job);
+            self.keep_blob(sha, meta);
         }
         self.enforce_retention(at);
+    }
+
+    /// One more retained result names `sha`; `meta`: a fresh result's
+    /// metadata (where its bytes are), `None` for a cache hit on a stored one.
+    fn keep_blob(&mut self, sha: ResultHash, meta: Option<&ResultMeta>) {
+        let Some(meta) = meta else {
+            self.blobs.get_mut(&sha).expect("a cache hit names a stored image").refs += 1;
+            return;
+        };
+        let Some(blob) = self.blobs.get_mut(&sha) else {
+            self.blobs.insert(sha, Blob { bytes: meta.bytes, location: meta.location.clone(), refs: 1 });
+            return;
+        };
+        blob.refs += 1;
+        // The same image again (a seeded re-run): keep one location.
+        let unused = match (&mut blob.location, &meta.location) {
+            (Location::Nodes(held), Location::Nodes(more)) => {
+                let room = MAX_RESULT_HOLDERS.saturating_sub(held.len());
+                held.extend(more.iter().filter(|n| !held.contains(n)).take(room).copied().collect::<Vec<_>>());
+                None
+            }
+            // An object store outlives the nodes' copies (the nodes delete theirs).
+            (loc @ Location::Nodes(_), Location::Object(key)) => {
+                *loc = Location::Object(key.clone());
+                None
+            }
+            (Location::Object(kept), Location::Object(key)) if kept != key => Some(key.clone()),
+            (Location::Object(_), _) => None,
+        };
+        if let Some(key) = unused {
+            self.queue_object_deletion(key);
+        }
+    }
+
+    /// A retained result no longer names `sha`: the image leaves the state
+    /// with the last one (an object-store key is queued for deletion; the
+    /// nodes delete their copies, see `src/node/results/janitor.rs`).
+    fn release_blob(&mut self, sha: ResultHash) {
+        let Some(blob) = self.blobs.get_mut(&sha) else { return };
+        blob.refs -= 1;
+        if blob.refs == 0 {
+            if let Some(Blob { location: Location::Object(key), .. }) = self.blobs.remove(&sha) {
+                self.queue_object_deletion(key);
+            }
+        }
+    }
+
+    fn queue_object_deletion(&mut self, key: String) {
+        self.object_deletions.insert(self.next_deletion_seq, key);
+        self.next_deletion_seq += 1;
+        while self.object_deletions.len() > MAX_OBJECT_DELETIONS {
+            self.object_deletions.pop_first();
+        }
+    }
+
+    /// Drops a retained result's image (retention), freeing its bytes.
+    fn drop_image(&mut self, id: JobId) {
+        if let Some(sha) = self.images.remove(&id) {
+            self.result_bytes -= self.jobs[&id].result.map_or(0, |r| r.bytes);
+            self.release_blob(sha);
+        }
     }
 
     fn enforce_retention(&mut self, at: u64) {
@@ -492,8 +625,7 @@ impl JobStateMachine {
             || self.result_bytes > self.config.max_result_bytes
         {
             let Some((_, id)) = self.image_order.pop_first() else { break };
-            let bytes = self.images.remove(&id).map_or(0, |b| b.len() as u64);
-            self.result_bytes -= bytes;
+            self.drop_image(id);
             let job = self.jobs.get_mut(&id).expect("images belong to known jobs");
             self.cache.forget(job);
             job.result_evicted = true;
@@ -502,8 +634,7 @@ impl JobStateMachine {
         while self.finished.len() as u64 > self.config.max_finished_jobs {
             let Some((seq, id)) = self.finished.pop_first() else { break };
             if self.image_order.remove(&seq).is_some() {
-                let bytes = self.images.remove(&id).map_or(0, |b| b.len() as u64);
-                self.result_bytes -= bytes;
+                self.drop_image(id);
             }
             let job = self.jobs.remove(&id).expect("finished jobs are known");
             self.cache.forget(&job);
@@ -521,8 +652,43 @@ impl JobStateMachine {
         self.jobs.get(id)
     }
 
-    pub fn image(&self, id: &JobId) -> Option<&[u8]> {
-        self.images.get(id).map(|b| b.as_slice())
+    /// A retained result's image: its hash and where its bytes are.
+    pub fn image(&self, id: &JobId) -> Option<(ResultHash, &Location)> {
+        let sha = self.images.get(id)?;
+        Some((*sha, &self.blobs[sha].location))
+    }
+
+    /// Every stored image, in hash order.
+    pub fn blobs(&self) -> impl Iterator<Item = (&ResultHash, &Blob)> {
+        self.blobs.iter()
+    }
+
+    pub fn blob(&self, sha: &ResultHash) -> Option<&Blob> {
+        self.blobs.get(sha)
+    }
+
+    /// Since when (the leader's clock) `node` is declared lost, if it is.
+    pub fn lost_since(&self, node: NodeId) -> Option<u64> {
+        self.lost.get(&node).copied()
+    }
+
+    pub fn lost_nodes(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.lost.keys().copied()
+    }
+
+    /// Whether `node` is leaving (its copies are being handed over).
+    pub fn is_retiring(&self, node: NodeId) -> bool {
+        self.retiring.contains(&node)
+    }
+
+    /// Object-store keys queued for deletion, oldest first, with their position.
+    pub fn object_deletions(&self) -> impl Iterator<Item = (u64, &str)> {
+        self.object_deletions.iter().map(|(s, k)| (*s, k.as_str()))
+    }
+
+    /// Retained results.
+    pub fn result_count(&self) -> usize {
+        self.images.len()
     }
 
     /// Newest first, optionally only one state, at most `limit`.
@@ -658,7 +824,11 @@ impl JobStateMachine {
                         if has_image == job.result_evicted {
                             return Err(format!("{id}: image present={has_image} evicted={}", job.result_evicted));
                         }
-                    } else if has_image || successes != 0 {
+                        let Some(result) = &job.result else { return Err(format!("{id}: succeeded without a result")) };
+                        if has_image && self.images[id] != result.sha256 {
+                            return Err(format!("{id}: its image is not its result's"));
+                        }
+                    } else if has_image || successes != 0 || job.result.is_some() {
                         return Err(format!("{id}: {state:?} with a result"));
                     }
                 }
@@ -676,10 +846,14 @@ impl JobStateMachine {
         if terminal != self.finished.len() {
             return Err(format!("{terminal} terminal jobs but {} in finish order", self.finished.len()));
         }
-        let bytes: u64 = self.images.values().map(|b| b.len() as u64).sum();
+        let bytes: u64 = self.images.keys().map(|id| self.jobs[id].result.map_or(0, |r| r.bytes)).sum();
         if bytes != self.result_bytes || self.images.len() != self.image_order.len() {
             return Err("image accounting is off".into());
         }
+        if self.image_order.values().any(|id| !self.images.contains_key(id)) {
+            return Err("the retention order names a job without an image".into());
+        }
+        self.check_blobs()?;
         if self.image_order.len() as u64 > self.config.max_results || bytes > self.config.max_result_bytes {
             return Err("result retention exceeded".into());
         }
@@ -712,6 +886,37 @@ impl JobStateMachine {
         }
         self.check_webhooks()?;
         self.check_cache()?;
+        Ok(())
+    }
+
+    /// Every image a retained result names is stored once, counted once per
+    /// result, located within bounds; nothing else is stored; queued object
+    /// deletions name no stored image.
+    fn check_blobs(&self) -> Result<(), String> {
+        let mut refs: BTreeMap<ResultHash, u32> = BTreeMap::new();
+        for sha in self.images.values() {
+            *refs.entry(*sha).or_default() += 1;
+        }
+        if refs.len() != self.blobs.len() {
+            return Err(format!("{} images named but {} stored", refs.len(), self.blobs.len()));
+        }
+        for (sha, blob) in &self.blobs {
+            if refs.get(sha) != Some(&blob.refs) {
+                return Err(format!("{sha}: {} references counted, {:?} found", blob.refs, refs.get(sha)));
+            }
+            match &blob.location {
+                Location::Nodes(h) if h.len() > MAX_RESULT_HOLDERS => {
+                    return Err(format!("{sha}: {} holders", h.len()));
+                }
+                Location::Object(k) if self.object_deletions.values().any(|d| d == k) => {
+                    return Err(format!("{sha}: its key {k} is queued for deletion"));
+                }
+                _ => {}
+            }
+        }
+        if self.object_deletions.len() > MAX_OBJECT_DELETIONS {
+            return Err("object deletion queue exceeds its bound".into());
+        }
         Ok(())
     }
 

@@ -324,7 +324,7 @@ fn random_cluster(rng: &mut StdRng) -> Cluster {
                         .collect();
                 if let Some((job, node, attempt)) = active.choose(rng).copied() {
                     let outcome = if rng.gen_bool(0.5) {
-                        Outcome::Succeeded { png: vec![1; 4], model_hash: "h".into(), notes: Vec::new() }
+                        Outcome::Succeeded { result: meta(), model_hash: "h".into(), notes: Vec::new() }
                     } else {
                         Outcome::Failed { error: "x".into(), retryable: false }
                     };
@@ -409,4 +409,15 @@ fn randomized_plans_are_always_accepted_by_apply() {
         }
     }
     assert!(assignments > 200 && requeues > 50, "{assignments} assignments, {requeues} re-queues");
+}
+
+/// A result's metadata (the image is off the log), held by node 1.
+fn meta() -> raftgen_raft::result::ResultMeta {
+    raftgen_raft::result::ResultMeta {
+        sha256: raftgen_raft::result::ResultHash::of(b"png"),
+        bytes: 4,
+        width: 64,
+        height: 64,
+        location: raftgen_raft::result::Location::Nodes(std::collections::BTreeSet::from([1])),
+    }
 }

@@ -12,6 +12,7 @@ use raftgen_raft::job::{
     EventKind, FieldError, Job, JobId, JobRequest, JobState, NodeId, MAX_ERROR_CHARS, MAX_EVENTS_PER_JOB,
     MAX_IDEMPOTENCY_KEY_BYTES, MAX_IMAGE_BYTES, MAX_PROMPT_CHARS,
 };
+use raftgen_raft::result::{Location, ResultHash, ResultMeta};
 use raftgen_raft::schedule;
 use raftgen_raft::state::{JobCounts, JobStateMachine};
 use rand::rngs::StdRng;
@@ -120,8 +121,24 @@ impl Harness {
     }
 }
 
+/// The metadata of an image of `len` bytes of `fill` (its hash stands for
+/// those bytes), held by node 1.
+fn meta(len: usize, fill: u8) -> ResultMeta {
+    ResultMeta {
+        sha256: image_hash(len, fill),
+        bytes: len as u64,
+        width: 64,
+        height: 64,
+        location: Location::Nodes(BTreeSet::from([1])),
+    }
+}
+
+fn image_hash(len: usize, fill: u8) -> ResultHash {
+    ResultHash::of(format!("{len} bytes of {fill}").as_bytes())
+}
+
 fn png(len: usize, fill: u8) -> Outcome {
-    Outcome::Succeeded { png: vec![fill; len], model_hash: "h".into(), notes: Vec::new() }
+    Outcome::Succeeded { result: meta(len, fill), model_hash: "h".into(), notes: Vec::new() }
 }
 
 fn failed(msg: &str) -> Outcome {
@@ -166,6 +183,7 @@ impl Gen {
             max_result_bytes: r.gen_range(0..=400),
             max_finished_jobs: r.gen_range(0..=12),
             max_attempts: r.gen_range(1..=4),
+            ..ClusterConfig::default()
         }
     }
 
@@ -234,12 +252,13 @@ impl Gen {
     fn outcome(&mut self) -> Outcome {
         match self.rng.gen_range(0..10) {
             0..=5 => {
+                // Sometimes empty (invalid metadata: the job fails).
                 let len = self.rng.gen_range(0..=120);
-                let fill = self.rng.gen();
+                let fill = self.rng.gen_range(0..4);
                 // Mostly the hash the nodes registered (so the cache can hit),
                 // sometimes other bytes.
                 let model_hash = if self.rng.gen_bool(0.9) { String::new() } else { "other".into() };
-                Outcome::Succeeded { png: vec![fill; len], model_hash, notes: Vec::new() }
+                Outcome::Succeeded { result: meta(len, fill), model_hash, notes: Vec::new() }
             }
             6..=7 => failed("bad input"),
             _ => Outcome::Failed { error: "executor crashed".into(), retryable: true },
@@ -348,6 +367,22 @@ impl Gen {
                 let node = self.node();
                 self.slots.remove(&node);
                 Command::ForgetNode { node }
+            }
+            92..=94 => {
+                // Where images are: repair's copies and trims, losses, marks.
+                let blobs: Vec<ResultHash> = sm.blobs().map(|(s, _)| *s).collect();
+                let sha256 = match blobs.choose(&mut self.rng) {
+                    Some(s) if self.rng.gen_bool(0.9) => *s,
+                    _ => image_hash(self.rng.gen_range(1..10), 9),
+                };
+                let node = self.node();
+                match self.rng.gen_range(0..5) {
+                    0 => Command::ResultCopied { sha256, node },
+                    1 => Command::ResultDropped { sha256, node, lost: self.rng.gen_bool(0.5) },
+                    2 => Command::SetLost { node, lost: self.rng.gen_bool(0.6) },
+                    3 => Command::Retire { node },
+                    _ => Command::ObjectsDeleted { seqs: vec![self.rng.gen_range(0..4)] },
+                }
             }
             _ => Command::Configure(self.small_config()),
         }
@@ -559,30 +594,23 @@ impl Observer {
             }
             let image = sm.image(&j.id);
             if j.state == JobState::Succeeded {
-                let Some(bytes) = j.result_bytes else {
+                let Some(result) = j.result else {
                     return Err(format!("{}: succeeded without size", j.id));
                 };
                 match image {
-                    Some(img) if !j.result_evicted && img.len() as u64 == bytes => {}
+                    Some((sha, _)) if !j.result_evicted && sha == result.sha256 => {}
                     None if j.result_evicted => {}
-                    _ => {
-                        return Err(format!(
-                            "{}: image {:?} but evicted={}",
-                            j.id,
-                            image.map(<[u8]>::len),
-                            j.result_evicted
-                        ))
-                    }
+                    _ => return Err(format!("{}: image {:?} but evicted={}", j.id, image, j.result_evicted)),
                 }
                 let evictions = count_events(j, |k| *k == EventKind::ResultEvicted);
                 if evictions != usize::from(j.result_evicted) {
                     return Err(format!("{}: {evictions} eviction events, evicted={}", j.id, j.result_evicted));
                 }
-            } else if image.is_some() || j.result_evicted || j.result_bytes.is_some() {
+            } else if image.is_some() || j.result_evicted || j.result.is_some() {
                 return Err(format!("{}: {:?} with a result", j.id, j.state));
             }
-            if let Some(img) = image {
-                image_bytes += img.len() as u64;
+            if image.is_some() {
+                image_bytes += j.result.map_or(0, |r| r.bytes);
                 images += 1;
             }
             if j.state.is_terminal() {
@@ -871,12 +899,13 @@ impl Observer {
                                 if !sources.contains(&source) {
                                     return Err(format!("served from {source}; the answers are {sources:?}"));
                                 }
-                                let image = before.image(&source).unwrap();
+                                let image = before.image(&source).unwrap().0;
                                 let source_job = before.job(&source).unwrap();
                                 if job.state != JobState::Succeeded
-                                    || job.result_bytes != Some(image.len() as u64)
+                                    || job.result != source_job.result
+                                    || job.result.map(|r| r.sha256) != Some(image)
                                     || job.model_hash != source_job.model_hash
-                                    || after.image(id).is_some_and(|i| i != image)
+                                    || after.image(id).is_some_and(|i| i.0 != image)
                                 {
                                     return Err(format!("cache hit {job:?} does not carry {source}'s result"));
                                 }
@@ -973,7 +1002,11 @@ impl Observer {
                     (Response::Ok, Some(p)) if current => {
                         let max_attempts = before.config().max_attempts;
                         let expected = match outcome {
-                            Outcome::Succeeded { png, .. } if png.len() <= MAX_IMAGE_BYTES => JobState::Succeeded,
+                            Outcome::Succeeded { result, .. }
+                                if result.bytes > 0 && result.bytes <= MAX_IMAGE_BYTES as u64 =>
+                            {
+                                JobState::Succeeded
+                            }
                             Outcome::Failed { retryable: true, .. } if p.attempt < max_attempts => JobState::Queued,
                             _ => JobState::Failed,
                         };
@@ -1096,6 +1129,16 @@ impl Observer {
             Command::Configure(cfg) => {
                 if *resp != Response::Ok || after.config() != cfg {
                     return Err(format!("configure: {resp:?}"));
+                }
+            }
+            Command::ResultCopied { .. }
+            | Command::ResultDropped { .. }
+            | Command::SetLost { .. }
+            | Command::Retire { .. }
+            | Command::ObjectsDeleted { .. } => {
+                // Where images are kept changes; no job does.
+                if *resp != Response::Ok || a != b {
+                    return Err(format!("{cmd:?}: {resp:?} or a job changed"));
                 }
             }
         }
@@ -1429,9 +1472,9 @@ fn a_job_runs_to_success_with_its_image() {
     assert_eq!(h.complete(id, 1, 1, png(10, 7)), Response::Ok);
     let job = h.job(id);
     assert_eq!(job.state, JobState::Succeeded);
-    assert_eq!(job.result_bytes, Some(10));
+    assert_eq!(job.result.map(|r| r.bytes), Some(10));
     assert_eq!(job.progress.step, job.progress.steps);
-    assert_eq!(h.sm.image(&id), Some(&[7u8; 10][..]));
+    assert_eq!(h.sm.image(&id).map(|i| i.0), Some(image_hash(10, 7)));
     assert_eq!(h.sm.active_count(1), 0);
     let kinds: Vec<EventKind> = job.history.iter().map(|e| e.kind.clone()).collect();
     assert_eq!(
@@ -1755,7 +1798,7 @@ fn max_results_evicts_the_oldest_images() {
         assert_eq!(job.state, JobState::Succeeded);
         assert_eq!(job.result_evicted, i < 2, "job {i}");
         assert_eq!(h.sm.image(id).is_some(), i >= 2, "job {i}");
-        assert_eq!(job.result_bytes, Some(10), "the size is kept after eviction");
+        assert_eq!(job.result.map(|r| r.bytes), Some(10), "the size is kept after eviction");
         assert_eq!(job.history.last().unwrap().kind == EventKind::ResultEvicted, i < 2);
     }
     assert_eq!(h.sm.result_bytes(), 20);
@@ -1870,12 +1913,12 @@ fn batches_apply_like_their_commands_in_sequence() {
             let expected: Vec<Response> = expected.into_iter().map(no_seq).collect();
             assert_eq!(got, expected, "seed {seed} entry {entry}");
             batched.check_invariants().unwrap_or_else(|e| panic!("seed {seed} entry {entry}: {e}"));
-            let strip = |sm: &JobStateMachine| -> Vec<(Job, Option<Vec<u8>>)> {
+            let strip = |sm: &JobStateMachine| -> Vec<(Job, Option<(ResultHash, Location)>)> {
                 let mut jobs: Vec<Job> = all_jobs(sm).into_values().collect();
                 jobs.sort_by_key(|j| j.seq);
                 jobs.into_iter()
                     .map(|mut j| {
-                        let image = sm.image(&j.id).map(<[u8]>::to_vec);
+                        let image = sm.image(&j.id).map(|(s, l)| (s, l.clone()));
                         j.seq = 0;
                         (j, image)
                     })
@@ -1923,7 +1966,8 @@ fn a_node_with_other_bytes_under_a_model_name_gets_none_of_its_jobs() {
     assert_eq!(h.apply(Command::RegisterNode { node: 2, info: with_hash(4, "aaaa") }), Response::Ok);
     assert_eq!(h.assign(b, 2, 1), 1);
     // The success records the hash that made the image.
-    let out = Outcome::Succeeded { png: vec![1; 8], model_hash: "aaaa".into(), notes: vec!["prompt truncated".into()] };
+    let out =
+        Outcome::Succeeded { result: meta(8, 1), model_hash: "aaaa".into(), notes: vec!["prompt truncated".into()] };
     assert_eq!(h.complete(b, 2, 1, out), Response::Ok);
     assert_eq!(h.job(b).model_hash.as_deref(), Some("aaaa"));
     assert_eq!(h.job(b).notes, vec!["prompt truncated".to_string()]);
@@ -2101,10 +2145,10 @@ fn an_identical_fixed_seed_job_is_answered_from_the_cache() {
     let kinds: Vec<&EventKind> = hit.history.iter().map(|e| &e.kind).collect();
     assert_eq!(kinds, [&EventKind::Submitted, &EventKind::CacheHit { source: first }]);
     assert_eq!(hit.model_hash.as_deref(), Some("h"));
-    assert_eq!(hit.result_bytes, Some(10));
+    assert_eq!(hit.result.map(|r| r.bytes), Some(10));
     assert_eq!(hit.progress.step, hit.progress.steps);
     assert_eq!(hit.finished_at_ms, Some(hit.submitted_at_ms));
-    assert_eq!(h.sm.image(&hit.id), Some(&[3u8; 10][..]));
+    assert_eq!(h.sm.image(&hit.id).map(|i| i.0), Some(image_hash(10, 3)));
     assert_eq!(h.job(hit.id), &hit, "the answer is the stored job");
     assert_eq!(h.sm.queue_depth(), 1, "the hit was never queued");
     assert_eq!(h.sm.counts()["m1"], JobCounts { submitted: 3, succeeded: 2, failed: 0, cancelled: 0, cache_hits: 1 });
@@ -2208,5 +2252,5 @@ fn the_cache_survives_a_snapshot_restore() {
     let mut h = Harness { sm: restored, index: h.index };
     let hit = submit_as_leader(&mut h, 2, seeded("a cat"));
     assert_eq!((hit.state, cache_source(&hit)), (JobState::Succeeded, Some(first)));
-    assert_eq!(h.sm.image(&hit.id), Some(&[3u8; 10][..]));
+    assert_eq!(h.sm.image(&hit.id).map(|i| i.0), Some(image_hash(10, 3)));
 }

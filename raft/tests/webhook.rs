@@ -75,7 +75,7 @@ impl Harness {
 
     fn succeed(&mut self, job: JobId) {
         self.run(job);
-        let outcome = Outcome::Succeeded { png: vec![7; 10], model_hash: "h".into(), notes: Vec::new() };
+        let outcome = Outcome::Succeeded { result: meta(), model_hash: "h".into(), notes: Vec::new() };
         assert_eq!(self.apply(Command::Complete { job, node: 1, attempt: 1, outcome }), Response::Ok);
     }
 
@@ -158,7 +158,7 @@ fn a_job_owes_its_webhook_only_once_it_has_ended() {
     // A try for a job that has not ended is refused.
     let msg = invalid_webhook(h.record(hooked, 1, Some(200), 8));
     assert!(msg.contains("running"), "{msg}");
-    let outcome = Outcome::Succeeded { png: vec![1; 4], model_hash: "h".into(), notes: Vec::new() };
+    let outcome = Outcome::Succeeded { result: meta(), model_hash: "h".into(), notes: Vec::new() };
     assert_eq!(h.apply(Command::Complete { job: hooked, node: 1, attempt: 1, outcome }), Response::Ok);
     assert_eq!(h.pending(), vec![hooked]);
     h.succeed(plain);
@@ -376,7 +376,7 @@ fn random_histories_keep_the_webhook_invariants() {
                 3 => {
                     let attempt = job.map_or(1, |j| j.attempt);
                     let outcome = if rng.gen_bool(0.5) {
-                        Outcome::Succeeded { png: vec![1; 8], model_hash: "h".into(), notes: Vec::new() }
+                        Outcome::Succeeded { result: meta(), model_hash: "h".into(), notes: Vec::new() }
                     } else {
                         Outcome::Failed { error: "boom".into(), retryable: false }
                     };
@@ -423,4 +423,15 @@ fn random_histories_keep_the_webhook_invariants() {
 
 fn all_webhooks(h: &Harness) -> impl Iterator<Item = WebhookStatus> + '_ {
     h.sm.recent_jobs(None, usize::MAX).into_iter().filter_map(|j| j.webhook.clone())
+}
+
+/// A result's metadata (the image is off the log), held by node 1.
+fn meta() -> raftgen_raft::result::ResultMeta {
+    raftgen_raft::result::ResultMeta {
+        sha256: raftgen_raft::result::ResultHash::of(b"png"),
+        bytes: 4,
+        width: 64,
+        height: 64,
+        location: raftgen_raft::result::Location::Nodes(std::collections::BTreeSet::from([1])),
+    }
 }

@@ -8,6 +8,14 @@
 //! only with `--executor test-pattern`. It can also inject faults ([`Faults`]:
 //! runs that hang or break), for the tests of the execution timeout and of
 //! retries.
+//!
+//! Noise mode (`--test-pattern-noise`): every pixel comes from a ChaCha
+//! stream keyed by the job's fingerprint, stored without compression, so the
+//! PNG is incompressible and its size is what the request's width and height
+//! make it (3 bytes a pixel plus about 0.1%). Realistic results are
+//! incompressible too (a 512x512 photo-like PNG is most of its raw size);
+//! striped test images compress 100-fold and would hide what moving result
+//! bytes costs the cluster. For the result-storage benchmark and tests.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -22,6 +30,8 @@ pub const MODEL: &str = "test-pattern";
 pub struct TestPatternExecutor {
     /// Simulated run time of one job, spread evenly over its steps.
     delay_ms: u64,
+    /// Incompressible noise instead of stripes (see the module docs).
+    noise: bool,
     faults: Faults,
     /// Jobs this executor began so far (what [`Faults`] counts).
     runs: AtomicU64,
@@ -44,7 +54,13 @@ const STALL_CHECK: Duration = Duration::from_millis(10);
 
 impl TestPatternExecutor {
     pub fn new(delay_ms: u64, faults: Faults) -> Self {
-        TestPatternExecutor { delay_ms, faults, runs: AtomicU64::new(0) }
+        TestPatternExecutor { delay_ms, noise: false, faults, runs: AtomicU64::new(0) }
+    }
+
+    /// Draws incompressible noise instead of stripes (see the module docs).
+    pub fn with_noise(mut self, noise: bool) -> Self {
+        self.noise = noise;
+        self
     }
 }
 
@@ -109,7 +125,8 @@ impl TestPatternExecutor {
             }
             ctl.progress(step, steps);
         }
-        render(job).map_err(|e| ExecError::Failed(format!("png encoding: {e}")))
+        let png = if self.noise { render_noise(job) } else { render(job) };
+        png.map_err(|e| ExecError::Failed(format!("png encoding: {e}")))
     }
 }
 
@@ -130,6 +147,28 @@ fn fingerprint(job: &JobSpec) -> u64 {
     eat(&r.steps.to_le_bytes());
     eat(r.model.as_bytes());
     h
+}
+
+/// Pixels from a ChaCha stream keyed by the fingerprint and the size,
+/// stored uncompressed (incompressible data gains nothing from deflate, and
+/// the fast path keeps a 1.5 MB image at a few milliseconds).
+fn render_noise(job: &JobSpec) -> Result<Vec<u8>, png::EncodingError> {
+    use rand::{RngCore, SeedableRng};
+    let (w, h) = (job.request.width, job.request.height);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(fingerprint(job) ^ ((w as u64) << 32 | h as u64));
+    let mut pixels = vec![0u8; (w * h * 3) as usize];
+    rng.fill_bytes(&mut pixels);
+    let mut out = Vec::with_capacity(pixels.len() + pixels.len() / 256 + 1024);
+    {
+        let mut enc = png::Encoder::new(&mut out, w, h);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        enc.set_compression(png::Compression::Fast);
+        enc.set_filter(png::FilterType::NoFilter);
+        let mut writer = enc.write_header()?;
+        writer.write_image_data(&pixels)?;
+    }
+    Ok(out)
 }
 
 /// Diagonal bands whose colours, angle and frequency come from the fingerprint.
@@ -156,4 +195,44 @@ fn render(job: &JobSpec) -> Result<Vec<u8>, png::EncodingError> {
         writer.write_image_data(&pixels)?;
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raftgen_raft::job::JobRequest;
+
+    fn spec(seed: u64, width: u32, height: u32) -> JobSpec {
+        let request = JobRequest {
+            prompt: "noise".into(),
+            negative_prompt: String::new(),
+            width,
+            height,
+            steps: 1,
+            guidance: 0.0,
+            seed: Some(seed),
+            model: MODEL.into(),
+            priority: 0,
+            sampler: None,
+            cache: true,
+            webhook: None,
+        };
+        JobSpec { id: raftgen_raft::job::JobId(seed as u128), attempt: 1, request, seed }
+    }
+
+    #[test]
+    fn noise_is_deterministic_incompressible_and_sized_by_the_request() {
+        let a = render_noise(&spec(1, 368, 368)).unwrap();
+        assert_eq!(a, render_noise(&spec(1, 368, 368)).unwrap(), "same job, same bytes");
+        assert_ne!(a, render_noise(&spec(2, 368, 368)).unwrap(), "another seed, other bytes");
+        let raw = 368 * 368 * 3;
+        assert!(a.len() >= raw && a.len() < raw + raw / 100, "{} bytes for {raw} raw", a.len());
+        // A real PNG of that size.
+        let decoder = png::Decoder::new(std::io::Cursor::new(&a));
+        let reader = decoder.read_info().unwrap();
+        assert_eq!((reader.info().width, reader.info().height), (368, 368));
+        // Stripes of the same size compress to a fraction of it.
+        let stripes = render(&spec(1, 368, 368)).unwrap().len();
+        assert!(stripes < raw / 4, "stripes: {stripes} bytes");
+    }
 }

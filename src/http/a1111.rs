@@ -43,8 +43,8 @@ use utoipa_axum::routes;
 use super::api::{read_body, served_models};
 use super::sync::{self, SyncError, MAX_JOBS_PER_REQUEST};
 use super::ApiError;
-use crate::app::{now_ms, App};
 use crate::models::SamplerKind;
+use crate::node::app::{now_ms, App};
 
 /// Sampler names A1111 offers (with and without the scheduler suffixes of
 /// older versions). A request naming one of them is valid here; one we do
@@ -278,6 +278,7 @@ impl From<ApiError> for Error {
                 error: match status.as_u16() {
                     413 => "PayloadTooLarge",
                     429 => "QueueFull",
+                    503 => "ServiceUnavailable",
                     _ => "HTTPException",
                 },
                 detail: e.message,
@@ -301,7 +302,7 @@ impl IntoResponse for Error {
                     }
                 }
                 let mut resp = (status, Json(body)).into_response();
-                if status == StatusCode::TOO_MANY_REQUESTS {
+                if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
                     resp.headers_mut().insert(axum::http::header::RETRY_AFTER, 1.into());
                 }
                 resp
@@ -475,6 +476,7 @@ fn parse(bytes: &[u8], served: &[ModelInfo]) -> Result<(Parsed, Map<String, Valu
         (status = 422, description = "A field breaks a rule", body = ValidationErrorBody),
         (status = 429, description = "The queue is full", body = OtherErrorBody),
         (status = 500, description = "A job failed (`job_ids`)", body = OtherErrorBody),
+        (status = 503, description = "An image is on no node that answers now (`Retry-After`)", body = OtherErrorBody),
     ))]
 async fn txt2img(
     State(app): State<Arc<App>>,
@@ -514,10 +516,13 @@ async fn txt2img(
     }
     // Interrupted (cancelled) jobs have no image; A1111 too returns what it made.
     let send_images = echo.get("send_images").and_then(Value::as_bool).unwrap_or(true);
-    let images: Vec<String> =
-        if send_images { jobs.iter().filter_map(|j| j.png.as_deref()).map(sync::base64).collect() } else { Vec::new() };
+    let images: Vec<String> = if send_images {
+        sync::images(&app, &jobs).await?.iter().flatten().map(|png| sync::base64(png)).collect()
+    } else {
+        Vec::new()
+    };
     let r = &p.request;
-    let made: Vec<_> = jobs.iter().filter(|j| j.png.is_some()).collect();
+    let made: Vec<_> = jobs.iter().filter(|j| j.result.is_some()).collect();
     let seeds: Vec<u64> = made.iter().map(|j| j.seed).collect();
     let info = json!({
         "prompt": r.prompt,

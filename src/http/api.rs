@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json, Router};
 use raftgen_raft::command::{ModelInfo, Rejection};
 use raftgen_raft::job::{JobId, JobRequest, JobState, MAX_IDEMPOTENCY_KEY_BYTES};
+use raftgen_raft::result::{Location, ResultHash, ResultInfo};
 use raftgen_raft::{Command, NodeId, Response as SmResponse};
 use serde_json::{json, Map, Value};
 use utoipa::ToSchema;
@@ -22,9 +23,9 @@ use super::auth::{require_admin, Caller};
 use super::openapi::ErrorBody;
 use super::views::{job_json, JobView};
 use super::ApiError;
-use crate::app::{App, WriteError};
-use crate::config::{MAX_LIST_LIMIT, MEMBERSHIP_TIMEOUT_MS};
-use crate::membership;
+use crate::node::app::{App, WriteError};
+use crate::node::config::{MAX_LIST_LIMIT, MEMBERSHIP_TIMEOUT_MS};
+use crate::node::membership;
 
 /// Header a node sets when it proxies a request to the leader, to stop loops.
 const HOPS_HEADER: &str = "x-raftgen-hops";
@@ -229,7 +230,7 @@ fn parse_submit(bytes: &[u8], served_models: &[ModelInfo]) -> Result<JobRequest,
     };
     request.validate().map_err(|e| ApiError::field(&e.field, e.message))?;
     if let Some(url) = &request.webhook {
-        crate::webhook::parse_url(url).map_err(|m| ApiError::field("webhook", m))?;
+        crate::node::webhook::parse_url(url).map_err(|m| ApiError::field("webhook", m))?;
     }
     let m = model.pixel_multiple.max(1);
     for (field, side) in [("width", request.width), ("height", request.height)] {
@@ -351,7 +352,7 @@ async fn read_barrier(app: &App) {
 pub(super) async fn with_job<T>(
     app: &App,
     id: JobId,
-    f: impl Fn(&raftgen_raft::job::Job, Option<&[u8]>) -> T,
+    f: impl Fn(&raftgen_raft::job::Job, Option<(ResultHash, &Location)>) -> T,
 ) -> Option<T> {
     for round in 0..2 {
         {
@@ -380,31 +381,66 @@ async fn get_job(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<
     with_job(&app, id, |job, _| Json(job_json(job))).await.ok_or_else(|| ApiError::not_found("job"))
 }
 
-/// The job's PNG, from any node.
+/// `Cache-Control` of a result image: it never changes (it is named by its hash).
+const IMMUTABLE: &str = "public, max-age=31536000, immutable";
+
+/// The job's PNG, byte-identical from any node: this node's copy, else one
+/// fetched from a node that holds it (or the object store), checked against
+/// its sha256. `ETag` is the sha256; a matching `If-None-Match` gets 304.
+/// Every node that holds it unreachable: 503 with `Retry-After`.
 #[utoipa::path(get, path = "/v1/jobs/{id}/image", tag = "jobs",
-    params(("id" = String, Path, description = "32 hex digits")),
+    params(
+        ("id" = String, Path, description = "32 hex digits"),
+        ("If-None-Match" = Option<String>, Header, description = "The image's ETag (its sha256, quoted): 304 if it matches"),
+    ),
     responses(
-        (status = 200, description = "The image", content_type = "image/png", body = String),
+        (status = 200, description = "The image (`ETag`: its sha256; `Cache-Control: immutable`)", content_type = "image/png", body = String),
+        (status = 304, description = "Not modified: `If-None-Match` named this image"),
         (status = 400, description = "Not a job id", body = ErrorBody),
         (status = 404, description = "No such job", body = ErrorBody),
         (status = 409, description = "The job has no image (yet)", body = ErrorBody),
         (status = 410, description = "Dropped by the retention limit", body = ErrorBody),
+        (status = 503, description = "No node that holds the image answers now (`Retry-After`)", body = ErrorBody),
     ))]
-async fn get_image(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn get_image(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    let found = with_job(&app, id, |job, image| match image {
-        Some(png) => Ok((StatusCode::OK, [(header::CONTENT_TYPE, "image/png")], png.to_vec()).into_response()),
-        None if job.result_evicted => {
+    let found = with_job(&app, id, |job, image| match (image, job.result) {
+        (Some((_, location)), Some(info)) => Ok((info, location.clone())),
+        _ if job.result_evicted => {
             Err(ApiError::new(StatusCode::GONE, "evicted", "the result was dropped by the retention limit"))
         }
-        None => Err(ApiError::new(
+        _ => Err(ApiError::new(
             StatusCode::CONFLICT,
             "no_result",
             format!("job is {}; it has no image", job.state.as_str()),
         )),
     })
     .await;
-    found.ok_or_else(|| ApiError::not_found("job"))?
+    let (info, location) = found.ok_or_else(|| ApiError::not_found("job"))??;
+    let etag = format!("\"{}\"", info.sha256);
+    let cached = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim().trim_start_matches("W/") == etag || t.trim() == "*"));
+    let tags = [(header::ETAG, etag), (header::CACHE_CONTROL, IMMUTABLE.to_string())];
+    if cached {
+        return Ok((StatusCode::NOT_MODIFIED, tags).into_response());
+    }
+    let png = read_result(&app, &info, &location).await?;
+    Ok((StatusCode::OK, [(header::CONTENT_TYPE, "image/png".to_string())], tags, png).into_response())
+}
+
+/// A result's bytes through this node's result store, or 503 with
+/// `Retry-After` when no copy can be reached now.
+pub(super) async fn read_result(app: &App, info: &ResultInfo, location: &Location) -> Result<Bytes, ApiError> {
+    app.results
+        .read(app, info, location)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "result_unavailable", e.to_string()).retry_after(1))
 }
 
 /// Cancels a job that has not ended.

@@ -36,7 +36,7 @@ use sha2::{Digest, Sha256};
 use tracing::Instrument;
 
 use super::{secret_ok, ApiError};
-use crate::app::App;
+use crate::node::app::App;
 
 /// Largest keys file read.
 pub const MAX_FILE_BYTES: u64 = 1 << 20;

@@ -6,7 +6,7 @@
 //! on every change of the job in this node's applied state:
 //! - `state`: `{"state", "node", "attempt"}` when one of them changed;
 //! - `progress`: `{"step", "steps"}` when the replicated step count moved (the
-//!   executing node replicates it at most once a second, see `crate::host`);
+//!   executing node replicates it at most once a second, see `crate::node::host`);
 //! - `done`: `{"state", "job", "image_url", "error"}` once the job is
 //!   terminal; then the stream ends. A stream opened on a finished job gets
 //!   `done` at once.
@@ -43,7 +43,7 @@ use tokio::time::Instant;
 use super::api::{parse_id, with_job};
 use super::views::job_json;
 use super::ApiError;
-use crate::app::App;
+use crate::node::app::App;
 
 /// Interval of the keep-alive comments (proxies close idle connections).
 const KEEP_ALIVE_MS: u64 = 15_000;

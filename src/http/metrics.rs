@@ -13,8 +13,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 
-use crate::app::App;
 use crate::metrics::{exposition::CONTENT_TYPE, render};
+use crate::node::app::App;
 
 pub fn routes() -> Router<Arc<App>> {
     Router::new().route("/metrics", get(metrics))

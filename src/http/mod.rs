@@ -22,7 +22,7 @@ use axum::Router;
 
 pub use error::ApiError;
 
-use crate::app::App;
+use crate::node::app::App;
 
 pub fn router(app: Arc<App>) -> Router {
     let (native, native_doc) = api::routes();

@@ -33,7 +33,7 @@ use utoipa_axum::routes;
 use super::api::{read_body, served_models};
 use super::sync::{self, SyncError};
 use super::ApiError;
-use crate::app::App;
+use crate::node::app::App;
 
 /// Most images one request may ask for (OpenAI's own bound).
 pub const MAX_N: u64 = 10;
@@ -307,6 +307,7 @@ fn base_host<'a>(headers: &'a HeaderMap, app: &'a App) -> &'a str {
         (status = 413, description = "Body too large", body = OpenAiError),
         (status = 429, description = "The queue is full", body = OpenAiError),
         (status = 500, description = "A job failed (`error.job_ids`)", body = OpenAiError),
+        (status = 503, description = "An image is on no node that answers now (`Retry-After`)", body = OpenAiError),
     ))]
 async fn generate(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
     match generate_inner(&app, &headers, body).await {
@@ -333,7 +334,7 @@ async fn generate_inner(app: &Arc<App>, headers: &HeaderMap, body: Body) -> Resu
             );
         }
     };
-    if let Some(bad) = jobs.iter().find(|j| j.state != JobState::Succeeded || j.png.is_none()) {
+    if let Some(bad) = jobs.iter().find(|j| j.state != JobState::Succeeded || j.result.is_none()) {
         let ids: Vec<String> = jobs.iter().map(|j| j.id.to_string()).collect();
         let detail = bad.error.clone().unwrap_or_default();
         let (status, code, what) = match bad.state {
@@ -345,16 +346,25 @@ async fn generate_inner(app: &Arc<App>, headers: &HeaderMap, body: Body) -> Resu
         return Err(ApiError::new(status, code, message).with_extra(json!({ "job_ids": ids })));
     }
     let host = base_host(headers, app);
-    let data = jobs
-        .iter()
-        .map(|j| {
-            let (url, b64) = match format {
-                Format::Url => (Some(app.scheme.url(host, &format!("/v1/jobs/{}/image", j.id))), None),
-                Format::B64Json => (None, Some(sync::base64(j.png.as_deref().unwrap_or_default()))),
-            };
-            ImageData { b64_json: b64, url, job_id: j.id.to_string(), seed: j.seed }
-        })
-        .collect();
+    let pngs = match format {
+        Format::B64Json => sync::images(app, &jobs).await?,
+        Format::Url => vec![None; jobs.len()],
+    };
+    let mut data = Vec::with_capacity(jobs.len());
+    for (j, png) in jobs.iter().zip(pngs) {
+        let (url, b64) = match format {
+            Format::Url => {
+                // The object store's presigned URL when it can give one.
+                let presigned = match &j.result {
+                    Some((_, location)) => app.results.presigned_url(location).await,
+                    None => None,
+                };
+                (Some(presigned.unwrap_or_else(|| app.scheme.url(host, &format!("/v1/jobs/{}/image", j.id)))), None)
+            }
+            Format::B64Json => (None, Some(sync::base64(png.as_deref().unwrap_or_default()))),
+        };
+        data.push(ImageData { b64_json: b64, url, job_id: j.id.to_string(), seed: j.seed });
+    }
     let size = format!("{}x{}", request.width, request.height);
     Ok(Json(ImagesResponse { created: sync::unix_s(), data, output_format: "png", size }).into_response())
 }

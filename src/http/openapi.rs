@@ -24,8 +24,8 @@ use utoipa::openapi::OpenApi;
 use utoipa::{Modify, ToSchema};
 
 use super::sync::MAX_JOBS_PER_REQUEST;
-use crate::app::App;
-use crate::config::MAX_LIST_LIMIT;
+use crate::node::app::App;
+use crate::node::config::MAX_LIST_LIMIT;
 
 /// The error body of the native API (`/v1/jobs`, `/v1/cluster`, ...).
 #[derive(Serialize, ToSchema)]

@@ -18,15 +18,17 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
 use raftgen_raft::command::ModelInfo;
 use raftgen_raft::job::{FieldError, JobId, JobRequest, JobState, MAX_IDEMPOTENCY_KEY_BYTES};
+use raftgen_raft::result::{Location, ResultInfo};
 use raftgen_raft::{Command, Response as SmResponse};
 use tokio::task::JoinSet;
 
 use super::api::rejection_error;
 use super::ApiError;
-use crate::app::App;
+use crate::node::app::App;
 
 /// Most jobs one synchronous request may make (OpenAI's `n` stops at 10,
 /// A1111's `batch_size * n_iter` at this).
@@ -40,9 +42,23 @@ pub struct Finished {
     /// The seed the job ran with (the request's, or one the leader chose).
     pub seed: u64,
     pub state: JobState,
-    /// The PNG, when the job succeeded and its result was still kept.
-    pub png: Option<Vec<u8>>,
+    /// The result image's metadata and where it is, when the job succeeded
+    /// and its result is still kept (read it with [`images`]).
+    pub result: Option<(ResultInfo, Location)>,
     pub error: Option<String>,
+}
+
+/// The images of `jobs` (in order; `None` for a job without one), read
+/// through this node's result store; the first that no node can serve now
+/// fails the whole answer as 503 with `Retry-After`.
+pub async fn images(app: &App, jobs: &[Finished]) -> Result<Vec<Option<Bytes>>, ApiError> {
+    let reads = jobs.iter().map(|j| async move {
+        match &j.result {
+            Some((info, location)) => super::api::read_result(app, info, location).await.map(Some),
+            None => Ok(None),
+        }
+    });
+    futures_util::future::join_all(reads).await.into_iter().collect()
 }
 
 /// Why a synchronous request has no images to show.
@@ -211,12 +227,12 @@ fn collect(app: &App, jobs: &[JobId]) -> Option<Vec<Finished>> {
         if !job.state.is_terminal() {
             return None;
         }
-        let png = data.jobs.image(id).map(<[u8]>::to_vec);
-        let error = match (job.state, &png) {
+        let result = data.jobs.image(id).zip(job.result).map(|((_, location), info)| (info, location.clone()));
+        let error = match (job.state, &result) {
             (JobState::Succeeded, None) => Some("the result was dropped by the retention limit".to_string()),
             _ => job.error.clone(),
         };
-        out.push(Finished { id: job.id, seed: job.seed, state: job.state, png, error });
+        out.push(Finished { id: job.id, seed: job.seed, state: job.state, result, error });
     }
     Some(out)
 }

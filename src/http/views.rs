@@ -75,6 +75,11 @@ pub struct ProgressView {
 pub struct ResultView {
     /// Size of the PNG.
     pub bytes: u64,
+    /// sha256 of the PNG, hex (also its `ETag`).
+    #[schema(example = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")]
+    pub sha256: String,
+    pub width: u32,
+    pub height: u32,
     /// The image was dropped by the retention limit (the job stays).
     pub evicted: bool,
     /// Where the PNG is, on any node.
@@ -158,8 +163,11 @@ impl JobView {
             assigned_at_ms: job.assigned_at_ms,
             started_at_ms: job.started_at_ms,
             finished_at_ms: job.finished_at_ms,
-            result: job.result_bytes.map(|bytes| ResultView {
-                bytes,
+            result: job.result.map(|r| ResultView {
+                bytes: r.bytes,
+                sha256: r.sha256.to_string(),
+                width: r.width,
+                height: r.height,
                 evicted: job.result_evicted,
                 url: format!("/v1/jobs/{}/image", job.id),
             }),

@@ -23,7 +23,7 @@ use axum::Router;
 use sha2::{Digest, Sha256};
 
 use super::ApiError;
-use crate::app::App;
+use crate::node::app::App;
 
 /// Only this origin, for everything; no inline script or style.
 pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \

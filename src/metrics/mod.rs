@@ -26,13 +26,13 @@ pub mod rate;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use exposition::{Exposition, Kind, Labels};
 use histogram::{Histogram, JOB_SECONDS_BUCKETS};
 use rate::RateWindow;
 
-use crate::app::App;
+use crate::node::app::App;
 
 /// Job timing histograms of this node (see [`observer`]).
 pub struct Timings {
@@ -50,6 +50,10 @@ pub struct NodeMetrics {
     /// Priorities ever queued while this node ran: their gauges stay, at 0
     /// when empty, instead of vanishing (0 is always there).
     priorities: Mutex<BTreeSet<i32>>,
+    /// Bytes this node sent to other nodes: the bodies of its Raft RPCs and
+    /// forwarded writes, and of its answers to theirs (shared with the Raft
+    /// network and the forwarder, which count as they send).
+    pub peer_sent_bytes: Arc<AtomicU64>,
 }
 
 impl Default for NodeMetrics {
@@ -63,6 +67,7 @@ impl Default for NodeMetrics {
             images: AtomicU64::new(0),
             image_rate: RateWindow::default(),
             priorities: Mutex::new(BTreeSet::from([0])),
+            peer_sent_bytes: Arc::default(),
         }
     }
 }
@@ -111,8 +116,107 @@ pub fn render(app: &App) -> String {
         "Bytes this node's sled database takes on disk (Raft log, vote and snapshot).",
         app.view.disk_bytes() as f64,
     );
+    e.single(
+        "raftgen_snapshot_bytes",
+        Kind::Gauge,
+        "Bytes of this node's stored Raft snapshot (0 before the first).",
+        app.view.snapshot_bytes() as f64,
+    );
+    e.single(
+        "raftgen_peer_sent_bytes_total",
+        Kind::Counter,
+        "Bytes this node sent to other nodes since it started: bodies of Raft RPCs, forwarded writes and their answers, and result images it pushed or served.",
+        app.metrics.peer_sent_bytes.load(Ordering::Relaxed) as f64,
+    );
+    results(app, &mut e);
     gpu::write(&mut e, &gpu::sample());
     e.finish()
+}
+
+/// Result storage: this node's store and transfers, and, from the
+/// replicated state, what is kept and how well it is copied.
+fn results(app: &App, e: &mut Exposition) {
+    let r = &app.results;
+    let (images, bytes) = r.local.usage();
+    e.single("raftgen_result_store_images", Kind::Gauge, "Result images in this node's embedded store.", images as f64);
+    e.single("raftgen_result_store_bytes", Kind::Gauge, "Bytes of this node's embedded result store.", bytes as f64);
+    let (_, cached) = r.cache.usage();
+    e.single(
+        "raftgen_result_cache_bytes",
+        Kind::Gauge,
+        "Bytes of images fetched from other nodes or the object store that this node keeps (--result-cache-mb).",
+        cached as f64,
+    );
+    let t = &r.traffic;
+    let load = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64;
+    e.family(
+        "raftgen_result_transfer_bytes_total",
+        Kind::Counter,
+        "This node's result image bytes: pushed (its own results, to other nodes or the object store), received (pushed to it), served (to other nodes' readers and repair), fetched (from other nodes or the object store).",
+        [
+            ([("direction", "pushed")], load(&t.pushed)),
+            ([("direction", "received")], load(&t.received)),
+            ([("direction", "served")], load(&t.served)),
+            ([("direction", "fetched")], load(&t.fetched)),
+        ],
+    );
+    e.family(
+        "raftgen_result_reads_total",
+        Kind::Counter,
+        "Image reads on this node by where the bytes came from: its store, its cache, a fetch; or unavailable (answered 503).",
+        [
+            ([("source", "local")], load(&t.reads_local)),
+            ([("source", "cache")], load(&t.reads_cached)),
+            ([("source", "fetched")], load(&t.reads_fetched)),
+            ([("source", "unavailable")], load(&t.reads_unavailable)),
+        ],
+    );
+    let members: BTreeSet<u64> = app.members().into_keys().collect();
+    let now = crate::node::results::object::now_ms();
+    let (kept, kept_bytes, short, homeless) = {
+        let data = app.view.read();
+        let sm = &data.jobs;
+        let (copies, eligible) = (
+            sm.config().result_copies.max(1) as usize,
+            members.iter().filter(|n| !sm.is_retiring(**n) && sm.lost_since(**n).is_none()).count(),
+        );
+        let target = copies.min(eligible);
+        let mut short = 0;
+        let mut homeless = 0;
+        for (_, blob) in sm.blobs() {
+            let Some(holders) = blob.location.nodes() else { continue };
+            let counting = holders
+                .iter()
+                .filter(|n| {
+                    members.contains(n)
+                        && !sm.is_retiring(**n)
+                        && sm.lost_since(**n).is_none_or(|t| now.saturating_sub(t) < sm.config().repair_delay_ms)
+                })
+                .count();
+            short += usize::from(counting < target);
+            homeless += usize::from(counting == 0);
+        }
+        (sm.result_count(), sm.result_bytes(), short, homeless)
+    };
+    e.single("raftgen_results_retained", Kind::Gauge, "Cluster-wide: results kept (retention).", kept as f64);
+    e.single(
+        "raftgen_results_retained_bytes",
+        Kind::Gauge,
+        "Cluster-wide: bytes of the results kept (an image two jobs share counts twice).",
+        kept_bytes as f64,
+    );
+    e.single(
+        "raftgen_results_under_replicated",
+        Kind::Gauge,
+        "Cluster-wide: stored images with fewer counting copies than --result-copies allows (repair is due or running).",
+        short as f64,
+    );
+    e.single(
+        "raftgen_results_without_copy",
+        Kind::Gauge,
+        "Cluster-wide: stored images no live node counts as holding (unreadable until a holder returns).",
+        homeless as f64,
+    );
 }
 
 fn jobs(app: &App, e: &mut Exposition) {

@@ -27,7 +27,7 @@ use raftgen_raft::job::{EventKind, Job, JobId, JobState, NodeId};
 use raftgen_raft::state::JobStateMachine;
 
 use super::NodeMetrics;
-use crate::app::App;
+use crate::node::app::App;
 
 /// Longest wait for the replay after a restart before observing anyway.
 const REPLAY_WAIT: Duration = Duration::from_secs(60);
@@ -173,7 +173,14 @@ mod tests {
 
     fn complete(log: &mut Log, id: u128, node: NodeId, at_ms: u64, ok: bool) {
         let outcome = if ok {
-            Outcome::Succeeded { png: vec![1], model_hash: "h".into(), notes: Vec::new() }
+            let result = raftgen_raft::result::ResultMeta {
+                sha256: raftgen_raft::result::ResultHash::of(&id.to_le_bytes()),
+                bytes: 1,
+                width: 8,
+                height: 8,
+                location: raftgen_raft::result::Location::Nodes([node].into()),
+            };
+            Outcome::Succeeded { result, model_hash: "h".into(), notes: Vec::new() }
         } else {
             Outcome::Failed { error: "boom".into(), retryable: false }
         };

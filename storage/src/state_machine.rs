@@ -67,6 +67,8 @@ struct Shared {
     /// Bytes of entries applied since the last snapshot (snapshot-by-size).
     bytes_since_snapshot: AtomicU64,
     snapshot_counter: AtomicU64,
+    /// Bytes of the snapshot stored in sled (its data), for the metrics.
+    snapshot_bytes: AtomicU64,
     /// The last log id of the snapshot stored in sled. openraft builds snapshots
     /// in a task of their own, so a build that read the state before an install
     /// can finish after it: it must not replace the newer snapshot on disk.
@@ -96,13 +98,13 @@ impl StateMachineStore {
         committed: Arc<AtomicU64>,
     ) -> Result<Self, std::io::Error> {
         let snapshots = db.open_tree("snapshot").map_err(crate::io_err)?;
-        let (data, persisted) = match read_stored(&snapshots).map_err(crate::io_err)? {
+        let (data, persisted, stored_bytes) = match read_stored(&snapshots).map_err(crate::io_err)? {
             Some(stored) => {
                 let data: SmData = codec::decode(&stored.data).map_err(crate::io_err)?;
                 data.jobs.check_invariants().map_err(crate::io_err)?;
-                (data, stored.meta.last_log_id)
+                (data, stored.meta.last_log_id, stored.data.len() as u64)
             }
-            None => (SmData::default(), None),
+            None => (SmData::default(), None, 0),
         };
         let (applied, _) = watch::channel(data.last_applied.map_or(0, |l| l.index));
         Ok(StateMachineStore {
@@ -115,6 +117,7 @@ impl StateMachineStore {
                 committed,
                 bytes_since_snapshot: AtomicU64::new(0),
                 snapshot_counter: AtomicU64::new(0),
+                snapshot_bytes: AtomicU64::new(stored_bytes),
                 persisted: Mutex::new(persisted),
             }),
         })
@@ -138,6 +141,7 @@ impl StateMachineStore {
             }
             self.shared.snapshots.apply_batch(batch).map_err(|e| sm_err(ErrorVerb::Write, e))?;
             *persisted = stored.meta.last_log_id;
+            self.shared.snapshot_bytes.store(stored.data.len() as u64, Ordering::Relaxed);
         }
         self.shared.flusher.flush().await.map_err(|e| sm_err(ErrorVerb::Write, e))?;
         Ok(())
@@ -169,6 +173,11 @@ impl StateView {
 
     pub fn bytes_since_snapshot(&self) -> u64 {
         self.shared.bytes_since_snapshot.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of the stored snapshot's data (0 before the first).
+    pub fn snapshot_bytes(&self) -> u64 {
+        self.shared.snapshot_bytes.load(Ordering::Relaxed)
     }
 
     /// Bytes sled uses on disk (log, vote and snapshot together).

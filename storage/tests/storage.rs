@@ -62,6 +62,17 @@ fn request(i: u64) -> JobRequest {
     }
 }
 
+/// A result's metadata (its bytes are off the log), held by node 1.
+fn meta(job: u128) -> raftgen_raft::result::ResultMeta {
+    raftgen_raft::result::ResultMeta {
+        sha256: raftgen_raft::result::ResultHash::of(&job.to_le_bytes()),
+        bytes: 100,
+        width: 64,
+        height: 64,
+        location: raftgen_raft::result::Location::Nodes([1].into()),
+    }
+}
+
 fn normal(term: u64, index: u64, cmd: Command) -> Entry<TypeConfig> {
     Entry { log_id: log_id(term, index), payload: EntryPayload::Normal(Request { at_ms: index * 10, cmd }) }
 }
@@ -282,7 +293,7 @@ fn busy_log() -> Vec<Entry<TypeConfig>> {
                 job: JobId(5),
                 node: 1,
                 attempt: 1,
-                outcome: Outcome::Succeeded { png: vec![7; 100], model_hash: "h".into(), notes: vec![] },
+                outcome: Outcome::Succeeded { result: meta(5), model_hash: "h".into(), notes: vec![] },
             },
         ),
         assign(11, 6),
@@ -328,7 +339,7 @@ async fn apply_answers_each_entry_and_tracks_applied_state() {
     assert_eq!(membership.membership().voter_ids().collect::<Vec<_>>(), vec![1, 2]);
     assert_eq!(jobs, reference(&log));
     assert_eq!(jobs.job(&JobId(5)).unwrap().state, JobState::Succeeded);
-    assert_eq!(jobs.image(&JobId(5)), Some(&[7u8; 100][..]));
+    assert_eq!(jobs.image(&JobId(5)).map(|i| i.0), Some(meta(5).sha256));
     assert_eq!(jobs.job(&JobId(7)).unwrap().state, JobState::Cancelled);
     assert_eq!(sm.applied_state().await.unwrap(), (last, membership));
 }
@@ -483,7 +494,8 @@ async fn a_purge_marker_beyond_the_remaining_entries_is_the_last_log_id() {
 async fn a_snapshot_build_racing_an_install_never_keeps_the_older_snapshot() {
     let dir = TempDir::new().unwrap();
     let src_dir = TempDir::new().unwrap();
-    // The follower's state is large (images), so building its snapshot takes a while.
+    // The follower's state is large (many jobs with long prompts), so
+    // building its snapshot takes a while.
     let mut log_entries = vec![normal(
         1,
         1,
@@ -498,26 +510,26 @@ async fn a_snapshot_build_racing_an_install_never_keeps_the_older_snapshot() {
         },
     )];
     let mut index = 1;
-    for job in 0..6u128 {
+    for job in 0..2_000u128 {
         let mut next = |cmd| {
             index += 1;
             normal(1, index, cmd)
         };
-        let request = request(job as u64);
+        let request = JobRequest { prompt: format!("{job} {}", "long prompt ".repeat(160)), ..request(job as u64) };
         log_entries.push(next(Command::Submit { id: JobId(job), request, seed: Some(1), idempotency_key: None }));
         let a = raftgen_raft::command::Assignment { job: JobId(job), node: 1, attempt: 1 };
         log_entries.push(next(Command::Assign { assignments: vec![a] }));
-        let png = vec![job as u8; 1 << 20];
         log_entries.push(next(Command::Complete {
             job: JobId(job),
             node: 1,
             attempt: 1,
-            outcome: Outcome::Succeeded { png, model_hash: "h".into(), notes: vec![] },
+            outcome: Outcome::Succeeded { result: meta(job), model_hash: "h".into(), notes: vec![] },
         }));
     }
-    // The leader went further: it dropped every image, so its snapshot is small.
+    // The leader went further: it forgot every job, so its snapshot is small.
     let mut newer = log_entries.clone();
-    newer.push(normal(1, index + 1, Command::Configure(ClusterConfig { max_results: 0, ..Default::default() })));
+    let forget = ClusterConfig { max_finished_jobs: 0, ..Default::default() };
+    newer.push(normal(1, index + 1, Command::Configure(forget)));
 
     let (_src_log, mut src) = open(src_dir.path()).unwrap();
     src.apply(newer.clone()).await.unwrap();

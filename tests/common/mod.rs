@@ -8,7 +8,7 @@ pub mod pyenv;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use raftgen::local::LocalCluster;
+use raftgen::cli::local::LocalCluster;
 
 pub const EXE: &str = env!("CARGO_BIN_EXE_raftgen");
 

@@ -23,6 +23,33 @@ const SECRET_HEADER: &str = raftgen_raft::network::SECRET_HEADER;
 const STATUS_TIMEOUT_MS: u64 = 500;
 /// The final dump of one replica (every job it holds).
 const DUMP_TIMEOUT_MS: u64 = 30_000;
+/// Image reads of the final check in flight per node, tries per image (503
+/// answers are retried), and the pause between tries.
+const IMAGE_READS_IN_FLIGHT: usize = 16;
+const IMAGE_READ_TRIES: usize = 5;
+const IMAGE_READ_RETRY_MS: u64 = 500;
+
+/// GETs one image: the sha256 (hex) of its bytes, or `error: …`.
+async fn read_image(client: &reqwest::Client, url: &str) -> String {
+    let mut last = String::new();
+    for attempt in 0..IMAGE_READ_TRIES {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(IMAGE_READ_RETRY_MS)).await;
+        }
+        match client.get(url).timeout(Duration::from_millis(DUMP_TIMEOUT_MS)).send().await {
+            Ok(r) if r.status().is_success() => match r.bytes().await {
+                Ok(b) => {
+                    use sha2::Digest;
+                    return sha2::Sha256::digest(&b).iter().map(|x| format!("{x:02x}")).collect();
+                }
+                Err(e) => last = format!("error: {e}"),
+            },
+            Ok(r) => last = format!("error: HTTP {}", r.status()),
+            Err(e) => last = format!("error: {e}"),
+        }
+    }
+    last
+}
 
 #[derive(Clone, Debug)]
 pub struct NodeSpec {
@@ -35,6 +62,9 @@ pub struct NodeSpec {
     pub slots: u32,
     /// The leader re-queues a node's jobs after this long without an answer.
     pub node_timeout_ms: u64,
+    /// The planted bug (`--unsafe-complete-before-durable`), for the test
+    /// that shows the checker catches it.
+    pub unsafe_complete_before_durable: bool,
 }
 
 struct Proc {
@@ -143,6 +173,9 @@ impl Cluster {
             "--node-timeout-ms".into(),
             self.spec.node_timeout_ms.to_string(),
         ];
+        if self.spec.unsafe_complete_before_durable {
+            args.push("--unsafe-complete-before-durable".into());
+        }
         if init {
             args.push("--init".into());
         }
@@ -323,7 +356,31 @@ impl Cluster {
         }
         let v: Value = resp.json().await?;
         let jobs: Vec<FinalJob> = serde_json::from_value(v["jobs"].clone()).context("decoding the dump")?;
-        Ok(FinalNode { node: id, last_applied: v["last_applied"].as_u64().unwrap_or(0), jobs })
+        Ok(FinalNode { node: id, last_applied: v["last_applied"].as_u64().unwrap_or(0), jobs, images_read: false })
+    }
+
+    /// Reads every kept result's image through node `id`'s public API, as a
+    /// client would, and records the sha256 of what it answered (or why it
+    /// could not): the checker requires every one readable and identical.
+    pub async fn read_images(&self, node: &mut FinalNode, net: Option<&Network>) {
+        node.images_read = true;
+        let (id, jobs) = (node.node, &mut node.jobs);
+        let base = self.url(id, net);
+        let mut reads = tokio::task::JoinSet::new();
+        let wanted: Vec<(usize, String)> =
+            jobs.iter().enumerate().filter(|(_, j)| j.image_sha256.is_some()).map(|(i, j)| (i, j.id.clone())).collect();
+        let mut next = wanted.into_iter();
+        loop {
+            while reads.len() < IMAGE_READS_IN_FLIGHT {
+                let Some((i, job)) = next.next() else { break };
+                let (client, url) = (self.client.clone(), format!("{base}/v1/jobs/{job}/image"));
+                reads.spawn(async move { (i, read_image(&client, &url).await) });
+            }
+            let Some(done) = reads.join_next().await else { break };
+            if let Ok((i, got)) = done {
+                jobs[i].image_read = Some(got);
+            }
+        }
     }
 
     pub fn work_dir(&self) -> &Path {

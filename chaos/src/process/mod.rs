@@ -58,6 +58,10 @@ pub struct Options {
     /// Use network namespaces even when no fault needs them (partition
     /// faults always do).
     pub netns: bool,
+    /// Runs the nodes with the planted bug "report a result before its
+    /// copies are durable" (`--unsafe-complete-before-durable`, a test hook):
+    /// the checker must then find unreadable images.
+    pub unsafe_complete_before_durable: bool,
 }
 
 impl Options {
@@ -157,6 +161,7 @@ pub async fn run(opts: Options) -> anyhow::Result<RunReport> {
         job_ms: opts.job_ms,
         slots: 2,
         node_timeout_ms: opts.node_timeout_ms,
+        unsafe_complete_before_durable: opts.unsafe_complete_before_durable,
     };
     let mut cluster = Cluster::new(spec, &all_ids, net.as_ref())?;
     let rec = Recorder::new();
@@ -236,6 +241,11 @@ pub async fn run(opts: Options) -> anyhow::Result<RunReport> {
             Ok(f) => finals.push(f),
             Err(e) => run_errors.push(format!("{e:#}")),
         }
+    }
+    // Then every kept image through every node (after all the dumps: the
+    // nodes may write meanwhile, a janitor reporting a lost copy).
+    for f in &mut finals {
+        cluster.read_images(f, net.as_ref()).await;
     }
     stop.store(true, Ordering::SeqCst);
     let _ = observer.await;

@@ -38,6 +38,7 @@
 mod network;
 mod node;
 mod runtime;
+pub mod scale;
 mod store;
 mod workload;
 mod world;
@@ -51,7 +52,6 @@ use anyhow::{bail, Context};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use sha2::{Digest, Sha256};
 
 use crate::checker::{self, Report};
 use crate::history::{FinalJob, FinalNode, Record};
@@ -67,6 +67,9 @@ pub struct SimOptions {
     pub seed: u64,
     /// Raft voters (1 to [`MAX_NODES`]; 3 and 5 are the interesting ones).
     pub nodes: usize,
+    /// Nodes beyond the voters, added as learners once a leader is elected
+    /// (0 to [`MAX_LEARNERS`]).
+    pub learners: usize,
     /// Jobs submitted in total, split across the clients.
     pub jobs: usize,
     /// Concurrent simulated clients (1 to [`MAX_CLIENTS`]).
@@ -74,16 +77,28 @@ pub struct SimOptions {
     /// Whether the nemesis injects faults; without, the run checks the
     /// fault-free path (and the checker still judges it).
     pub faults: bool,
+    /// The planted bug "report a result before its copies are durable", for
+    /// the test that shows the checker catches it.
+    pub unsafe_complete_before_durable: bool,
 }
 
 impl Default for SimOptions {
     fn default() -> Self {
-        SimOptions { seed: 0, nodes: 3, jobs: 60, clients: 3, faults: true }
+        SimOptions {
+            seed: 0,
+            nodes: 3,
+            learners: 0,
+            jobs: 60,
+            clients: 3,
+            faults: true,
+            unsafe_complete_before_durable: false,
+        }
     }
 }
 
-/// Most nodes and clients one run accepts.
+/// Most voters, learners and clients one run accepts.
 pub const MAX_NODES: usize = 7;
+pub const MAX_LEARNERS: usize = 63;
 pub const MAX_CLIENTS: usize = 16;
 /// Most jobs one run accepts (the run's length grows with them).
 pub const MAX_JOBS: usize = 10_000;
@@ -106,6 +121,8 @@ pub struct SimResult {
     pub sim_ms: u64,
     /// What happened in storage: snapshots, truncations, writes lost to crashes.
     pub stats: SimStats,
+    /// What the run cost, for the scale run (see [`scale`]).
+    pub costs: scale::Costs,
 }
 
 impl SimResult {
@@ -125,8 +142,12 @@ impl SimResult {
     pub fn summary(&self) -> String {
         let mut s = format!("simulated {} ms; faults: {}\n", self.sim_ms, self.faults.join(", "));
         s += &format!(
-            "storage: {} snapshots built, {} installed, {} log truncations, {} unflushed writes lost to crashes\n",
-            self.stats.snapshots_built, self.stats.snapshots_installed, self.stats.truncations, self.stats.writes_lost
+            "storage: {} snapshots built, {} installed, {} log truncations, {} unflushed writes lost to crashes, {} result copies made by repair\n",
+            self.stats.snapshots_built,
+            self.stats.snapshots_installed,
+            self.stats.truncations,
+            self.stats.writes_lost,
+            self.stats.repair_copies
         );
         s += &self.report.summary();
         for f in &self.sim_failures {
@@ -143,11 +164,17 @@ pub fn replay_command(opts: &SimOptions) -> String {
     let mut cmd =
         format!("cargo run -p chaos --release -- sim --seed {} --nodes {} --jobs {}", opts.seed, opts.nodes, opts.jobs);
     let defaults = SimOptions::default();
+    if opts.learners != defaults.learners {
+        cmd += &format!(" --learners {}", opts.learners);
+    }
     if opts.clients != defaults.clients {
         cmd += &format!(" --clients {}", opts.clients);
     }
     if opts.faults != defaults.faults {
         cmd += " --no-faults";
+    }
+    if opts.unsafe_complete_before_durable {
+        cmd += " --unsafe-complete-before-durable";
     }
     cmd
 }
@@ -186,8 +213,17 @@ fn max_log_entries(p: &Params) -> usize {
 /// itself could not run (bad options, a host's software returned an error);
 /// a run that found a bug is an `Ok` whose [`SimResult::passed`] is false.
 pub fn run_seed(opts: &SimOptions) -> anyhow::Result<SimResult> {
+    let params = Params { unsafe_complete_before_durable: opts.unsafe_complete_before_durable, ..Params::default() };
+    run_with(opts, params)
+}
+
+/// [`run_seed`] with other settings (the scale run's).
+fn run_with(opts: &SimOptions, params: Params) -> anyhow::Result<SimResult> {
     if !(1..=MAX_NODES).contains(&opts.nodes) {
         bail!("--nodes must be 1 to {MAX_NODES}");
+    }
+    if opts.learners > MAX_LEARNERS {
+        bail!("--learners must be at most {MAX_LEARNERS}");
     }
     if !(1..=MAX_CLIENTS).contains(&opts.clients) {
         bail!("--clients must be 1 to {MAX_CLIENTS}");
@@ -199,8 +235,8 @@ pub fn run_seed(opts: &SimOptions) -> anyhow::Result<SimResult> {
     let panics_before = PANICS.with(Cell::get);
     runtime::reseed(opts.seed);
 
-    let members: Vec<u64> = (1..=opts.nodes as u64).collect();
-    let shared = Shared::new(opts.seed, members.clone(), Params::default());
+    let members: Vec<u64> = (1..=(opts.nodes + opts.learners) as u64).collect();
+    let shared = Shared::new(opts.seed, members.clone(), opts.nodes, params);
     let mut sim = turmoil::Builder::new()
         .rng_seed(opts.seed)
         .epoch(UNIX_EPOCH)
@@ -252,6 +288,20 @@ pub fn run_seed(opts: &SimOptions) -> anyhow::Result<SimResult> {
             }
         }
     }
+    let costs = scale::Costs::measure(&shared, &shared.running());
+    // Every kept image must be readable, byte-identical, through every live node.
+    if let Err(e) = read_all_images(&mut sim, &shared) {
+        sim_failures.push(format!("reading the images: {e:#}"));
+    }
+    // The nodes kept working meanwhile (janitors, marks): let them agree again.
+    let until = sim.elapsed() + Duration::from_millis(CONVERGE_TIMEOUT_MS);
+    while sim_failures.is_empty() && settled(&shared).is_err() {
+        sim.step().map_err(|e| anyhow::anyhow!("{e}")).context("simulation step")?;
+        if sim.elapsed() >= until {
+            let why = settled(&shared).err().unwrap_or_default();
+            sim_failures.push(format!("not settled again after the image reads: {why}"));
+        }
+    }
     let sim_ms = sim.elapsed().as_millis() as u64;
 
     let running = shared.running();
@@ -265,7 +315,7 @@ pub fn run_seed(opts: &SimOptions) -> anyhow::Result<SimResult> {
         if let Err(e) = sm.jobs.check_invariants() {
             sim_failures.push(format!("node {id}: state machine invariant broken: {e}"));
         }
-        finals.push(final_node(*id, &sm));
+        finals.push(final_node(*id, &sm, &shared.image_reads.lock().expect("reads lock")));
     }
     for id in &members {
         let log_len = shared.disk(*id).lock().expect("disk lock").log_len();
@@ -284,7 +334,7 @@ pub fn run_seed(opts: &SimOptions) -> anyhow::Result<SimResult> {
     let history = shared.take_history();
     let report = checker::check(&history, &finals);
     let stats = shared.counters.read();
-    Ok(SimResult { history, finals, report, sim_failures, faults: nemesis.kinds, sim_ms, stats })
+    Ok(SimResult { history, finals, report, sim_failures, faults: nemesis.kinds, sim_ms, stats, costs })
 }
 
 /// Records each running node's own view of leadership whenever it changes.
@@ -331,7 +381,52 @@ fn settled(shared: &Shared) -> Result<(), String> {
     Ok(())
 }
 
-fn final_node(id: u64, sm: &store::SmData) -> FinalNode {
+/// Longest the final image reads may take, in simulated milliseconds.
+const MAX_READ_PHASE_MS: u64 = 300_000;
+/// One final read's deadline.
+const READ_TIMEOUT_MS: u64 = 5_000;
+
+/// Reads, through each running node, the image of every result that node
+/// keeps (a simulated client calling the node's read path), recording the
+/// sha256 of what it served in `shared.image_reads`.
+fn read_all_images(sim: &mut turmoil::Sim<'_>, shared: &std::sync::Arc<Shared>) -> anyhow::Result<()> {
+    let mut reads = Vec::new();
+    for (id, handle) in shared.running() {
+        let sm = handle.store.read();
+        for job in sm.jobs.recent_jobs(None, usize::MAX) {
+            if sm.jobs.image(&job.id).is_some() {
+                reads.push((id, job.id));
+            }
+        }
+    }
+    let recorder = shared.clone();
+    sim.client("image-reader", async move {
+        for (node, job) in reads {
+            let op = network::ClientOp::ReadImage { job };
+            let call = network::Call::Client(op);
+            let timeout = Duration::from_millis(READ_TIMEOUT_MS);
+            let got = match network::call::<network::ClientReply>(&network::node_addr(node), &call, timeout).await {
+                Ok(network::ClientReply::Image(Ok(sha))) => sha,
+                Ok(network::ClientReply::Image(Err(e))) => format!("error: {e}"),
+                Ok(other) => format!("error: unexpected reply {other:?}"),
+                Err(e) => format!("error: {e}"),
+            };
+            recorder.image_reads.lock().expect("reads lock").insert((node, job.to_string()), got);
+        }
+        Ok(())
+    });
+    let until = sim.elapsed() + Duration::from_millis(MAX_READ_PHASE_MS);
+    loop {
+        if sim.step().map_err(|e| anyhow::anyhow!("{e}"))? {
+            return Ok(());
+        }
+        if sim.elapsed() >= until {
+            anyhow::bail!("not done within {MAX_READ_PHASE_MS} simulated ms");
+        }
+    }
+}
+
+fn final_node(id: u64, sm: &store::SmData, reads: &BTreeMap<(u64, String), String>) -> FinalNode {
     let mut jobs: Vec<FinalJob> = sm
         .jobs
         .recent_jobs(None, usize::MAX)
@@ -343,14 +438,15 @@ fn final_node(id: u64, sm: &store::SmData) -> FinalNode {
             attempt: j.attempt,
             node: j.node,
             events: j.history.iter().map(|e| e.kind.name().to_string()).collect(),
-            image_sha256: sm
+            image_sha256: sm.jobs.image(&j.id).map(|(sha, _)| sha.to_string()),
+            image_read: sm
                 .jobs
                 .image(&j.id)
-                .map(|png| Sha256::digest(png).iter().map(|b| format!("{b:02x}")).collect::<String>()),
+                .map(|_| reads.get(&(id, j.id.to_string())).cloned().unwrap_or_else(|| "error: not read".into())),
         })
         .collect();
     jobs.reverse(); // oldest first
-    FinalNode { node: id, last_applied: sm.last_applied.map_or(0, |l| l.index), jobs }
+    FinalNode { node: id, last_applied: sm.last_applied.map_or(0, |l| l.index), jobs, images_read: true }
 }
 
 // ---- The nemesis ----

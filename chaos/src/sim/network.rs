@@ -24,6 +24,7 @@ use openraft::raft::{
 };
 use openraft::BasicNode;
 use raftgen_raft::job::{JobId, JobRequest};
+use raftgen_raft::result::ResultHash;
 use raftgen_raft::{codec, Command, Response};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -36,8 +37,10 @@ use super::runtime::SimTypeConfig;
 
 /// The port every simulated node listens on.
 pub const PORT: u16 = 9000;
-/// Largest frame read; a larger length prefix is a protocol error.
-pub const MAX_FRAME_BYTES: usize = 16 << 20;
+/// Largest frame read; a larger length prefix is a protocol error. Large
+/// enough for AppendEntries of 16 entries carrying results of a few MB (the
+/// scale run's `before` figures, when Complete carried the image).
+pub const MAX_FRAME_BYTES: usize = 256 << 20;
 
 /// The turmoil host name (and DNS name) of node `id`.
 pub fn host_name(id: u64) -> String {
@@ -60,6 +63,24 @@ pub enum Call {
     Forward(Command),
     /// A client operation (production's public API). Answered with [`ClientReply`].
     Client(ClientOp),
+    /// A copy of a result pushed by the node that made it (production's
+    /// `PUT /raft/results/{sha}`): answered `Ok` once checked and synced.
+    PushResult {
+        sha: ResultHash,
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+    /// This node's copy of a result, for a reader or a repair (`GET
+    /// /raft/results/{sha}`): answered `Option<ByteBuf>`.
+    FetchResult {
+        sha: ResultHash,
+    },
+    /// The leader's repair: fetch `sha` from `from` and sync it here
+    /// (`POST /raft/results/{sha}/copy`): answered `Result<(), String>`.
+    CopyFrom {
+        sha: ResultHash,
+        from: u64,
+    },
 }
 
 /// The leader's answer to a forwarded command when it could not commit it.
@@ -84,6 +105,10 @@ pub enum ClientOp {
     Cancel {
         job: JobId,
     },
+    /// Read a job's result image through the node (`GET /v1/jobs/{id}/image`).
+    ReadImage {
+        job: JobId,
+    },
 }
 
 /// What a node answers a client.
@@ -102,6 +127,8 @@ pub enum ClientReply {
         state: Option<(String, u32)>,
     },
     Cancelled,
+    /// A read's answer: the sha256 (hex) of the bytes served, or why none.
+    Image(Result<String, String>),
 }
 
 /// Why a call got no answer.
@@ -144,7 +171,18 @@ pub async fn read_frame(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
 
 /// Sends `call` to `addr` on a fresh connection and decodes the answer.
 pub async fn call<T: DeserializeOwned>(addr: &str, call: &Call, timeout: Duration) -> Result<T, CallError> {
+    call_counted(addr, call, timeout, |_| {}).await
+}
+
+/// [`call`], telling `sent` how many bytes the request took.
+pub async fn call_counted<T: DeserializeOwned>(
+    addr: &str,
+    call: &Call,
+    timeout: Duration,
+    sent: impl FnOnce(u64),
+) -> Result<T, CallError> {
     let body = codec::encode(call).map_err(|e| CallError::Unreachable(e.to_string()))?;
+    sent(body.len() as u64 + 4);
     let exchange = async {
         let mut stream = TcpStream::connect(addr).await.map_err(|e| CallError::Unreachable(e.to_string()))?;
         write_frame(&mut stream, &body).await.map_err(|e| CallError::Unreachable(e.to_string()))?;
@@ -162,13 +200,20 @@ pub async fn call<T: DeserializeOwned>(addr: &str, call: &Call, timeout: Duratio
 pub struct Network {
     pub id: u64,
     pub health: PeerHealth,
+    pub counters: std::sync::Arc<super::world::Counters>,
 }
 
 impl RaftNetworkFactory<SimTypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> PeerClient {
-        PeerClient { id: self.id, target, addr: node.addr.clone(), health: self.health.clone() }
+        PeerClient {
+            id: self.id,
+            target,
+            addr: node.addr.clone(),
+            health: self.health.clone(),
+            counters: self.counters.clone(),
+        }
     }
 }
 
@@ -177,6 +222,7 @@ pub struct PeerClient {
     target: u64,
     addr: String,
     health: PeerHealth,
+    counters: std::sync::Arc<super::world::Counters>,
 }
 
 type RpcErr<E = openraft::error::Infallible> = RPCError<u64, BasicNode, RaftError<u64, E>>;
@@ -187,7 +233,8 @@ impl PeerClient {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let result: Result<Resp, RaftError<u64, E>> = match self::call(&self.addr, &call, timeout).await {
+        let sent = |n| self.counters.sent(self.id, n);
+        let result: Result<Resp, RaftError<u64, E>> = match call_counted(&self.addr, &call, timeout, sent).await {
             Ok(r) => r,
             Err(CallError::Timeout) => {
                 return Err(RPCError::Timeout(Timeout { action, id: self.id, target: self.target, timeout }))

@@ -1,6 +1,6 @@
 //! One simulated raftgen node: real openraft and the real state machine on the
 //! simulated storage and network, with the node's duties as production runs
-//! them (`src/node.rs`, `src/app.rs`, `src/scheduler.rs`, `src/host.rs`):
+//! them (`src/node/mod.rs`, `src/node/app.rs`, `src/node/scheduler.rs`, `src/node/host.rs`):
 //!
 //! - the write path: propose on the leader (stamping the leader's clock and a
 //!   seed), or forward to the leader, retrying across leader changes until a
@@ -10,7 +10,14 @@
 //!   `node_timeout_ms`; a new leader resets every clock), proposing `Requeue`
 //!   and `Assign`, and `Configure` on new leadership;
 //! - the executor host: runs the attempts assigned to this node (`Start`, a
-//!   simulated run, `Complete`), failing some on purpose;
+//!   simulated run, `Complete`), failing some on purpose; a result is synced
+//!   on this node and pushed to `result_copies - 1` others (each syncs it
+//!   before answering) before `Complete` is proposed, as in
+//!   `src/node/results/`;
+//! - result reads (local copy, else a holder, checked against the hash),
+//!   the janitor (deletes what no retained result keeps here, reports lost
+//!   copies), and on the leader the lost-node marks and the repair plan
+//!   (`raftgen_raft::repair`, the real pure functions);
 //! - registration of the node's executor, and the server for Raft calls,
 //!   forwarded writes and client operations.
 //!
@@ -27,11 +34,18 @@ use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::BasicNode;
+use std::cell::RefCell;
+use std::rc::Rc;
+
 use raftgen_raft::command::{ModelInfo, NodeRegistration, Outcome};
 use raftgen_raft::job::JobId;
+use raftgen_raft::placement::rank;
+use raftgen_raft::repair::{self, Repair};
+use raftgen_raft::result::{Location, ResultHash, ResultMeta};
 use raftgen_raft::schedule::plan;
 use raftgen_raft::{codec, Command, Request, Response};
 use rand::Rng;
+use serde_bytes::ByteBuf;
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 use turmoil::net::{TcpListener, TcpStream};
@@ -76,7 +90,7 @@ pub async fn run(shared: Arc<Shared>, id: u64) -> turmoil::Result {
     let store = Store::open(shared.disk(id), shared.counters.clone())
         .map_err(|e| format!("node {id}: opening storage: {e}"))?;
     let health = PeerHealth::default();
-    let network = Network { id, health: health.clone() };
+    let network = Network { id, health: health.clone(), counters: shared.counters.clone() };
     let config = Arc::new(shared.params.raft_config().validate()?);
     let raft = SimRaft::new(id, config, network, store.clone(), store.clone()).await?;
     let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, PORT)).await?;
@@ -85,7 +99,7 @@ pub async fn run(shared: Arc<Shared>, id: u64) -> turmoil::Result {
 
     if id == shared.members[0] && !node.raft.is_initialized().await? {
         let members: BTreeMap<u64, BasicNode> =
-            shared.members.iter().map(|m| (*m, BasicNode { addr: node_addr(*m) })).collect();
+            shared.voters.iter().map(|m| (*m, BasicNode { addr: node_addr(*m) })).collect();
         if let Err(e) = node.raft.initialize(members).await {
             tracing::debug!("node {id}: initialize: {e}");
         }
@@ -93,6 +107,10 @@ pub async fn run(shared: Arc<Shared>, id: u64) -> turmoil::Result {
     tokio::task::spawn_local(scheduler(node.clone()));
     tokio::task::spawn_local(executor(node.clone()));
     tokio::task::spawn_local(register(node.clone()));
+    tokio::task::spawn_local(janitor(node.clone()));
+    if shared.voters.len() < shared.members.len() && shared.voters.contains(&id) {
+        tokio::task::spawn_local(add_learners(node.clone()));
+    }
     loop {
         let (stream, _) = listener.accept().await?;
         tokio::task::spawn_local(serve(node.clone(), stream));
@@ -104,13 +122,20 @@ async fn serve(node: Arc<Node>, mut stream: TcpStream) {
     let read = tokio::time::timeout(Duration::from_millis(SERVE_READ_TIMEOUT_MS), read_frame(&mut stream)).await;
     let Ok(Ok(bytes)) = read else { return };
     let Ok(call) = codec::decode::<Call>(&bytes) else { return };
+    let to_node = !matches!(call, Call::Client(_));
     let reply = match call {
         Call::Append(rpc) => encode_reply(&node.raft.append_entries(rpc).await),
         Call::Vote(rpc) => encode_reply(&node.raft.vote(rpc).await),
         Call::Snapshot(rpc) => encode_reply(&node.raft.install_snapshot(rpc).await),
         Call::Forward(cmd) => encode_reply(&node.propose_local(cmd).await),
         Call::Client(op) => encode_reply(&node.client(op).await),
+        Call::PushResult { sha, bytes } => encode_reply(&node.receive(sha, bytes).await),
+        Call::FetchResult { sha } => encode_reply(&node.store.get_blob(&sha).map(ByteBuf::from)),
+        Call::CopyFrom { sha, from } => encode_reply(&node.copy_from(sha, from).await),
     };
+    if to_node {
+        node.shared.counters.sent(node.id, reply.len() as u64 + 4);
+    }
     let _ = write_frame(&mut stream, &reply).await;
 }
 
@@ -175,7 +200,9 @@ impl Node {
             Some(id) => {
                 let left = deadline.saturating_duration_since(Instant::now());
                 let timeout = left.min(Duration::from_millis(self.params().forward_timeout_ms));
-                match network::call::<Forwarded>(&node_addr(id), &Call::Forward(cmd.clone()), timeout).await {
+                let sent = |n| self.shared.counters.sent(self.id, n);
+                let call = Call::Forward(cmd.clone());
+                match network::call_counted::<Forwarded>(&node_addr(id), &call, timeout, sent).await {
                     Ok(Ok(response)) => Some(response),
                     Ok(Err(reject)) => {
                         tracing::debug!("node {}: leader {id} did not take the write: {reject:?}", self.id);
@@ -209,6 +236,7 @@ impl Node {
                 let sm = self.store.read();
                 ClientReply::Job { state: sm.jobs.job(&job).map(|j| (j.state.as_str().to_string(), j.attempt)) }
             }
+            ClientOp::ReadImage { job } => ClientReply::Image(self.read_image(job).await),
             ClientOp::Cancel { job } => match self.write(Command::Cancel { job }, timeout_ms).await {
                 Ok(Response::Ok) => ClientReply::Cancelled,
                 Ok(Response::Rejected(r)) => ClientReply::Rejected(r.to_string()),
@@ -220,6 +248,123 @@ impl Node {
 
     fn leader(&self) -> Option<u64> {
         self.raft.metrics().borrow().current_leader
+    }
+
+    /// Every member, voters and learners.
+    fn members(&self) -> BTreeSet<u64> {
+        self.raft.metrics().borrow().membership_config.membership().nodes().map(|(id, _)| *id).collect()
+    }
+
+    /// A copy pushed to this node: checked, then synced before the answer.
+    async fn receive(&self, sha: ResultHash, bytes: Vec<u8>) -> Result<(), String> {
+        if ResultHash::of(&bytes) != sha {
+            return Err("the bytes do not hash to the name".into());
+        }
+        self.store.put_blob(sha, bytes, now_ms(), true).await;
+        Ok(())
+    }
+
+    /// One holder's copy of `sha`, checked against it.
+    async fn fetch(&self, from: u64, sha: ResultHash) -> Result<Vec<u8>, String> {
+        let timeout = Duration::from_millis(self.params().forward_timeout_ms);
+        let sent = |n| self.shared.counters.sent(self.id, n);
+        match network::call_counted::<Option<ByteBuf>>(&node_addr(from), &Call::FetchResult { sha }, timeout, sent)
+            .await
+        {
+            Ok(Some(b)) if ResultHash::of(&b) == sha => Ok(b.into_vec()),
+            Ok(Some(_)) => Err(format!("node {from}: its copy does not match the hash")),
+            Ok(None) => Err(format!("node {from} has no copy")),
+            Err(e) => Err(format!("node {from}: {e}")),
+        }
+    }
+
+    /// The leader's repair: fetch `sha` from `from`, sync it here.
+    async fn copy_from(&self, sha: ResultHash, from: u64) -> Result<(), String> {
+        let bytes = match self.store.get_blob(&sha) {
+            Some(b) if ResultHash::of(&b) == sha => b,
+            _ => self.fetch(from, sha).await?,
+        };
+        self.store.put_blob(sha, bytes, now_ms(), true).await;
+        Ok(())
+    }
+
+    /// Reads a job's kept image through this node, as `GET
+    /// /v1/jobs/{id}/image` does: the local copy, else a holder (best first),
+    /// checked against the hash. Answers the sha256 (hex) of the bytes.
+    async fn read_image(&self, job: JobId) -> Result<String, String> {
+        let (sha, holders) = {
+            let sm = self.store.read();
+            let (sha, location) = sm.jobs.image(&job).ok_or("the job keeps no image")?;
+            (sha, location.nodes().cloned().unwrap_or_default())
+        };
+        if let Some(b) = self.store.get_blob(&sha) {
+            if ResultHash::of(&b) == sha {
+                return Ok(sha.to_string());
+            }
+        }
+        let members = self.members();
+        let mut errors = Vec::new();
+        for from in rank(&sha, holders.into_iter().filter(|n| *n != self.id && members.contains(n))) {
+            match self.fetch(from, sha).await {
+                Ok(_) => return Ok(sha.to_string()),
+                Err(e) => errors.push(e),
+            }
+        }
+        Err(format!("unavailable: no holder answered ({})", errors.join("; ")))
+    }
+
+    /// Makes the image durable here and on enough other nodes (production's
+    /// `Results::commit`), while the attempt stays current; the holders.
+    async fn commit(&self, job: JobId, attempt: u32, sha: ResultHash, png: Vec<u8>) -> Option<BTreeSet<u64>> {
+        self.store.put_blob(sha, png.clone(), now_ms(), true).await;
+        let deadline = Instant::now() + Duration::from_millis(self.params().report_timeout_ms);
+        let mut holders = BTreeSet::from([self.id]);
+        loop {
+            let members = self.members();
+            let (targets, required) = repair::push_targets(&self.store.read().jobs, &members, self.id, &sha);
+            for to in targets {
+                if holders.len() >= required {
+                    break;
+                }
+                if holders.contains(&to) {
+                    continue;
+                }
+                let timeout = Duration::from_millis(self.params().forward_timeout_ms);
+                let sent = |n| self.shared.counters.sent(self.id, n);
+                let call = Call::PushResult { sha, bytes: png.clone() };
+                if let Ok(Ok(())) =
+                    network::call_counted::<Result<(), String>>(&node_addr(to), &call, timeout, sent).await
+                {
+                    holders.insert(to);
+                }
+            }
+            if holders.len() >= required {
+                return Some(holders);
+            }
+            if Instant::now() >= deadline || !self.is_current(&job, attempt) {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(WRITE_RETRY_MAX_MS)).await;
+        }
+    }
+
+    /// The planted bug: names the holders at once, writes the local copy
+    /// without syncing it and pushes the copies only `unsafe_delay_ms` later.
+    fn unsafe_commit(node: &Arc<Node>, sha: ResultHash, png: Vec<u8>) -> BTreeSet<u64> {
+        let (targets, required) = repair::push_targets(&node.store.read().jobs, &node.members(), node.id, &sha);
+        let targets: Vec<u64> = targets.into_iter().take(required.saturating_sub(1)).collect();
+        let holders = std::iter::once(node.id).chain(targets.iter().copied()).collect();
+        let n = node.clone();
+        tokio::task::spawn_local(async move {
+            n.store.put_blob(sha, png.clone(), now_ms(), false).await;
+            tokio::time::sleep(Duration::from_millis(n.params().unsafe_delay_ms)).await;
+            for to in targets {
+                let call = Call::PushResult { sha, bytes: png.clone() };
+                let timeout = Duration::from_millis(n.params().forward_timeout_ms);
+                let _ = network::call::<Result<(), String>>(&node_addr(to), &call, timeout).await;
+            }
+        });
+        holders
     }
 
     /// Resolves when the known leader is no longer `leader`. It polls the
@@ -249,6 +394,8 @@ async fn scheduler(node: Arc<Node>) {
     let node_timeout = Duration::from_millis(params.node_timeout_ms);
     let applied = node.store.subscribe();
     let mut led_term: Option<u64> = None;
+    let mut last_repair = Instant::now();
+    let copying: Rc<RefCell<BTreeSet<ResultHash>>> = Rc::default();
     loop {
         tokio::select! {
             biased;
@@ -279,6 +426,23 @@ async fn scheduler(node: Arc<Node>) {
             n == node.id
                 || (members.contains(&n) && node.health.last_ack(n).is_some_and(|t| t.elapsed() < node_timeout))
         };
+        // Production's rule: a member never heard from yet is not judged.
+        let marks = repair::liveness(
+            &node.store.read().jobs,
+            &members,
+            node.id,
+            |n| node.health.last_ack(n).is_some_and(|t| t.elapsed() >= node_timeout),
+            |n| node.health.last_answer(n).is_some_and(|t| t.elapsed() < node_timeout),
+        );
+        for (n, lost) in marks {
+            if let Err(e) = node.propose_local(Command::SetLost { node: n, lost }).await {
+                tracing::debug!("node {}: marking {n}: {e:?}", node.id);
+            }
+        }
+        if last_repair.elapsed() >= Duration::from_millis(params.repair_tick_ms) {
+            last_repair = Instant::now();
+            repair_step(&node, &members, &healthy, &copying).await;
+        }
         let decision = plan(&node.store.read().jobs, healthy, MAX_ASSIGN_PER_ENTRY);
         if !decision.requeue.is_empty() {
             let cmd = Command::Requeue { jobs: decision.requeue, reason: "node stopped answering".into() };
@@ -289,6 +453,90 @@ async fn scheduler(node: Arc<Node>) {
         if !decision.assign.is_empty() {
             if let Err(e) = node.propose_local(Command::Assign { assignments: decision.assign }).await {
                 tracing::debug!("node {}: assign: {e:?}", node.id);
+            }
+        }
+    }
+}
+
+/// The leader's repair (production's `results::repair`): runs the real plan
+/// and has each chosen node fetch a missing copy from a live holder, then
+/// records it; trims copies too many.
+async fn repair_step(
+    node: &Arc<Node>,
+    members: &BTreeSet<u64>,
+    healthy: &dyn Fn(u64) -> bool,
+    copying: &Rc<RefCell<BTreeSet<ResultHash>>>,
+) {
+    let busy = copying.borrow().clone();
+    let decisions = repair::plan(&node.store.read().jobs, members, healthy, now_ms(), &busy, 64);
+    for d in decisions {
+        match d {
+            Repair::Copy { sha256, from, to, .. } => {
+                if copying.borrow().len() >= node.params().max_concurrent_copies || copying.borrow().contains(&sha256) {
+                    continue;
+                }
+                copying.borrow_mut().insert(sha256);
+                let (n, copying) = (node.clone(), copying.clone());
+                tokio::task::spawn_local(async move {
+                    let timeout = Duration::from_millis(2 * n.params().forward_timeout_ms);
+                    let sent = |b| n.shared.counters.sent(n.id, b);
+                    let call = Call::CopyFrom { sha: sha256, from };
+                    let copied =
+                        network::call_counted::<Result<(), String>>(&node_addr(to), &call, timeout, sent).await;
+                    if let Ok(Ok(())) = copied {
+                        match n.propose_local(Command::ResultCopied { sha256, node: to }).await {
+                            Ok(_) => super::world::Counters::add(&n.shared.counters.repair_copies, 1),
+                            Err(e) => tracing::debug!("node {}: recording a copy: {e:?}", n.id),
+                        }
+                    }
+                    copying.borrow_mut().remove(&sha256);
+                });
+            }
+            Repair::Trim { sha256, node: holder } => {
+                if let Err(e) = node.propose_local(Command::ResultDropped { sha256, node: holder, lost: false }).await {
+                    tracing::debug!("node {}: trimming: {e:?}", node.id);
+                }
+            }
+        }
+    }
+}
+
+/// Each node's janitor (production's `results::janitor`): once it has
+/// applied what it knows to be committed and knows a leader, deletes the
+/// images no retained result keeps here (older than the grace) and reports
+/// the ones it is listed for but does not hold.
+async fn janitor(node: Arc<Node>) {
+    let params = node.params().clone();
+    loop {
+        tokio::time::sleep(Duration::from_millis(params.janitor_interval_ms)).await;
+        let (leader, member) = {
+            let m = node.raft.metrics();
+            let m = m.borrow();
+            (m.current_leader, m.membership_config.membership().get_node(&node.id).is_some())
+        };
+        let applied = node.store.read().last_applied.map_or(0, |l| l.index);
+        if leader.is_none() || !member || applied < node.store.committed_index() {
+            continue;
+        }
+        let mine: BTreeSet<ResultHash> = node
+            .store
+            .read()
+            .jobs
+            .blobs()
+            .filter(|(_, b)| b.location.nodes().is_some_and(|h| h.contains(&node.id)))
+            .map(|(s, _)| *s)
+            .collect();
+        let held = node.store.blobs();
+        let now = now_ms();
+        for (sha, touched) in &held {
+            if !mine.contains(sha) && now.saturating_sub(*touched) >= params.orphan_grace_ms {
+                node.store.delete_blob(sha);
+            }
+        }
+        for sha in mine.iter().filter(|s| !held.contains_key(s)) {
+            let cmd = Command::ResultDropped { sha256: *sha, node: node.id, lost: true };
+            if let Err(e) = node.write(cmd, params.janitor_interval_ms).await {
+                tracing::debug!("node {}: reporting {sha:?} lost: {e}", node.id);
             }
         }
     }
@@ -332,11 +580,18 @@ async fn executor(node: Arc<Node>) {
 
 /// The result image of a job: deterministic in the simulation seed and the
 /// job (every attempt of a job makes the same bytes, as a seeded model would).
-pub fn image_bytes(sim_seed: u64, job: JobId, job_seed: u64) -> Vec<u8> {
+/// `len` 0 makes a 72-byte stand-in; otherwise `len` incompressible bytes.
+pub fn image_bytes(sim_seed: u64, job: JobId, job_seed: u64, len: usize) -> Vec<u8> {
     let digest = Sha256::digest(format!("raftgen-sim:{sim_seed}:{job}:{job_seed}").as_bytes());
     let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
     png.extend_from_slice(&digest);
     png.extend_from_slice(&digest);
+    if len > png.len() {
+        use rand::{RngCore, SeedableRng};
+        let mut rest = vec![0u8; len - png.len()];
+        rand::rngs::StdRng::from_seed(digest.into()).fill_bytes(&mut rest);
+        png.extend_from_slice(&rest);
+    }
     png
 }
 
@@ -368,18 +623,62 @@ async fn run_attempt(
             let outcome = if fails {
                 // A broken run, not bad input: the job is queued again while
                 // it has attempts left.
-                Outcome::Failed { error: "simulated executor failure".into(), retryable: true }
+                Some(Outcome::Failed { error: "simulated executor failure".into(), retryable: true })
             } else {
-                let png = image_bytes(node.shared.seed, job, seed);
-                Outcome::Succeeded { png, model_hash: "sim".into(), notes: Vec::new() }
+                let png = image_bytes(node.shared.seed, job, seed, node.params().image_bytes);
+                let sha = ResultHash::of(&png);
+                let bytes = png.len() as u64;
+                let holders = if node.params().unsafe_complete_before_durable {
+                    Some(Node::unsafe_commit(&node, sha, png))
+                } else {
+                    node.commit(job, attempt, sha, png).await
+                };
+                match holders {
+                    Some(h) => {
+                        let result =
+                            ResultMeta { sha256: sha, bytes, width: 64, height: 64, location: Location::Nodes(h) };
+                        Some(Outcome::Succeeded { result, model_hash: "sim".into(), notes: Vec::new() })
+                    }
+                    // No longer current (its report would be refused), or
+                    // the copies could not be made durable: retry elsewhere.
+                    None if node.is_current(&job, attempt) => {
+                        Some(Outcome::Failed { error: "the result could not be stored".into(), retryable: true })
+                    }
+                    None => None,
+                }
             };
-            let cmd = Command::Complete { job, node: node.id, attempt, outcome };
-            if let Err(e) = node.write(cmd, report_timeout_ms).await {
-                tracing::debug!("node {}: job {job} attempt {attempt}: could not report: {e}", node.id);
+            if let Some(outcome) = outcome {
+                let cmd = Command::Complete { job, node: node.id, attempt, outcome };
+                if let Err(e) = node.write(cmd, report_timeout_ms).await {
+                    tracing::debug!("node {}: job {job} attempt {attempt}: could not report: {e}", node.id);
+                }
             }
         }
     }
     let _ = done.send((job, attempt));
+}
+
+/// On a voter that leads: adds every node that is not a member yet as a
+/// learner (production's join, without the voter promotion: the scale run
+/// keeps a fixed set of voters).
+async fn add_learners(node: Arc<Node>) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(node.params().register_interval_ms)).await;
+        let missing: Vec<u64> = {
+            let m = node.raft.metrics();
+            let m = m.borrow();
+            if m.current_leader != Some(node.id) {
+                continue;
+            }
+            let membership = m.membership_config.membership();
+            node.shared.members.iter().filter(|id| membership.get_node(id).is_none()).copied().collect()
+        };
+        for id in missing {
+            if let Err(e) = node.raft.add_learner(id, BasicNode { addr: node_addr(id) }, false).await {
+                tracing::debug!("node {}: adding learner {id}: {e}", node.id);
+            }
+        }
+    }
 }
 
 /// What every simulated executor announces.

@@ -19,6 +19,12 @@
 //! `build_snapshot`/`install_snapshot` return; `save_committed` is not flushed
 //! on its own. The state machine itself is volatile: after a restart it is the
 //! last flushed snapshot, and openraft replays the log from there.
+//!
+//! Result images have the embedded store's contract (`src/node/results/
+//! store.rs`): a blob written is readable at once but durable only once
+//! synced (`put_blob` with `sync`, which takes a flush delay), and a crash
+//! loses every blob not synced yet. Unlike the log, a blob is synced only on
+//! its own (an fsync of one file makes no other file durable).
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -34,6 +40,7 @@ use openraft::{
     StorageIOError, Vote,
 };
 use raftgen_raft::command::ClusterConfig;
+use raftgen_raft::result::ResultHash;
 use raftgen_raft::state::JobStateMachine;
 use raftgen_raft::{codec, Response};
 use serde::{Deserialize, Serialize};
@@ -69,12 +76,27 @@ pub struct Disk {
     last_purged: Option<LogId>,
     log: BTreeMap<u64, Entry>,
     snapshot: Option<StoredSnapshot>,
+    /// Bytes every flush wrote to this disk so far (encoded log entries,
+    /// votes, snapshots, synced result images), for the scale run.
+    bytes_written: u64,
+    /// Synced result images, with when they were last written (simulated ms).
+    blobs: BTreeMap<ResultHash, (Vec<u8>, u64)>,
 }
 
 impl Disk {
     /// Log entries held, for the report (the log must stay bounded).
     pub fn log_len(&self) -> usize {
         self.log.len()
+    }
+
+    /// Bytes flushed to this disk since the run began.
+    pub fn bytes_written(&self) -> u64 {
+        self.bytes_written
+    }
+
+    /// Bytes of the stored snapshot's data (0 before the first).
+    pub fn snapshot_bytes(&self) -> u64 {
+        self.snapshot.as_ref().map_or(0, |s| s.data.len() as u64)
     }
 
     fn apply(&mut self, op: Op) {
@@ -114,8 +136,10 @@ struct Inner {
     disk: Arc<Mutex<Disk>>,
     /// What reads see: the disk plus every write not yet flushed.
     cache: Mutex<Disk>,
-    /// Writes not yet flushed, oldest first.
-    pending: Mutex<Vec<Op>>,
+    /// Writes not yet flushed, oldest first, with their encoded size.
+    pending: Mutex<Vec<(Op, u64)>>,
+    /// Result images written but not synced (lost with the incarnation).
+    blobs_pending: Mutex<BTreeMap<ResultHash, (Vec<u8>, u64)>>,
     sm: RwLock<SmData>,
     /// One wake-up per task that waits for applied entries, in subscription
     /// order (see [`Applied`]).
@@ -169,6 +193,7 @@ impl Store {
                 disk,
                 cache: Mutex::new(durable),
                 pending: Mutex::new(Vec::new()),
+                blobs_pending: Mutex::new(BTreeMap::new()),
                 sm: RwLock::new(sm),
                 watchers: Mutex::new(Vec::new()),
                 snapshot_counter: AtomicU64::new(0),
@@ -195,15 +220,63 @@ impl Store {
         }
     }
 
-    /// Writes made but not flushed yet.
+    /// Writes made but not flushed yet (result images not synced included).
     pub fn unflushed_writes(&self) -> usize {
         self.inner.pending.lock().expect("pending lock").len()
+            + self.inner.blobs_pending.lock().expect("blob lock").len()
+    }
+
+    /// The last committed log index openraft told this node (0 before any).
+    pub fn committed_index(&self) -> u64 {
+        self.inner.cache.lock().expect("cache lock").committed.map_or(0, |l| l.index)
+    }
+
+    /// Writes a result image at simulated time `now_ms`; with `sync`, waits a
+    /// flush delay and makes it durable (the embedded store's write, fsync,
+    /// rename). Without, it is lost if the node crashes before a later sync
+    /// of the same image.
+    pub async fn put_blob(&self, sha: ResultHash, bytes: Vec<u8>, now_ms: u64, sync: bool) {
+        if !sync {
+            self.inner.blobs_pending.lock().expect("blob lock").insert(sha, (bytes, now_ms));
+            return;
+        }
+        self.inner.blobs_pending.lock().expect("blob lock").insert(sha, (bytes, now_ms));
+        tokio::time::sleep(Duration::from_millis(runtime::gen_range(0..MAX_FLUSH_DELAY_MS + 1))).await;
+        if let Some(blob) = self.inner.blobs_pending.lock().expect("blob lock").remove(&sha) {
+            let mut disk = self.inner.disk.lock().expect("disk lock");
+            disk.bytes_written += blob.0.len() as u64;
+            disk.blobs.insert(sha, blob);
+        }
+    }
+
+    /// A result image held here (synced or not).
+    pub fn get_blob(&self, sha: &ResultHash) -> Option<Vec<u8>> {
+        if let Some((b, _)) = self.inner.blobs_pending.lock().expect("blob lock").get(sha) {
+            return Some(b.clone());
+        }
+        self.inner.disk.lock().expect("disk lock").blobs.get(sha).map(|(b, _)| b.clone())
+    }
+
+    /// Every image held, with when it was last written.
+    pub fn blobs(&self) -> BTreeMap<ResultHash, u64> {
+        let mut out: BTreeMap<ResultHash, u64> =
+            self.inner.disk.lock().expect("disk lock").blobs.iter().map(|(h, (_, t))| (*h, *t)).collect();
+        for (h, (_, t)) in self.inner.blobs_pending.lock().expect("blob lock").iter() {
+            out.insert(*h, *t);
+        }
+        out
+    }
+
+    pub fn delete_blob(&self, sha: &ResultHash) {
+        self.inner.blobs_pending.lock().expect("blob lock").remove(sha);
+        self.inner.disk.lock().expect("disk lock").blobs.remove(sha);
     }
 
     /// Records a write: visible to reads now, durable after the next flush.
     fn write(&self, op: Op) {
+        let bytes = op_bytes(&op);
         self.inner.cache.lock().expect("cache lock").apply(op.clone());
-        self.inner.pending.lock().expect("pending lock").push(op);
+        self.inner.pending.lock().expect("pending lock").push((op, bytes));
     }
 
     /// Waits a simulated flush delay, then makes every write made so far
@@ -212,7 +285,8 @@ impl Store {
         tokio::time::sleep(Duration::from_millis(runtime::gen_range(0..MAX_FLUSH_DELAY_MS + 1))).await;
         let ops = std::mem::take(&mut *self.inner.pending.lock().expect("pending lock"));
         let mut disk = self.inner.disk.lock().expect("disk lock");
-        for op in ops {
+        for (op, bytes) in ops {
+            disk.bytes_written += bytes;
             disk.apply(op);
         }
     }
@@ -229,6 +303,20 @@ impl Store {
         }
         self.write(Op::Snapshot(stored));
         self.flush().await;
+    }
+}
+
+/// What a write costs the disk: its encoded size (a log entry as the log
+/// stores it, a snapshot's data and metadata).
+fn op_bytes(op: &Op) -> u64 {
+    let len = |r: Result<Vec<u8>, codec::CodecError>| r.map_or(0, |b| b.len() as u64);
+    match op {
+        Op::Vote(v) => len(codec::encode(v)),
+        Op::Committed(c) => len(codec::encode(c)),
+        Op::Append(entries) => entries.iter().map(|e| len(codec::encode(e))).sum(),
+        Op::Truncate(_) => 8,
+        Op::Purge(l) => len(codec::encode(l)),
+        Op::Snapshot(s) => s.data.len() as u64 + len(codec::encode(&s.meta)),
     }
 }
 

@@ -44,6 +44,23 @@ pub struct Params {
     pub run_max_ms: u64,
     /// Cluster-wide limits the leader writes (small, so they matter).
     pub cluster: ClusterConfig,
+    /// Size of each result image; 0: a 72-byte stand-in (enough for the
+    /// checker, cheap for hundreds of seeds). The scale run sets it.
+    pub image_bytes: usize,
+    /// A node deletes a stored image no retained result keeps on it once it
+    /// is this old (production's `--result-orphan-grace-ms`: at least the
+    /// push and report timeouts together).
+    pub orphan_grace_ms: u64,
+    /// How often each node's janitor and the leader's repair look.
+    pub janitor_interval_ms: u64,
+    pub repair_tick_ms: u64,
+    /// Repair copies in flight at once (the leader's).
+    pub max_concurrent_copies: usize,
+    /// The planted bug: report results before their copies are durable
+    /// (production's `--unsafe-complete-before-durable`); the pushes follow
+    /// `unsafe_delay_ms` later.
+    pub unsafe_complete_before_durable: bool,
+    pub unsafe_delay_ms: u64,
 }
 
 impl Default for Params {
@@ -70,12 +87,31 @@ impl Default for Params {
                 max_result_bytes: 1 << 20,
                 max_finished_jobs: 100_000,
                 max_attempts: 3,
+                result_copies: 3,
+                repair_delay_ms: 2_000,
             },
+            image_bytes: 0,
+            orphan_grace_ms: 40_000,
+            janitor_interval_ms: 1_000,
+            repair_tick_ms: 250,
+            max_concurrent_copies: 4,
+            unsafe_complete_before_durable: false,
+            unsafe_delay_ms: 500,
         }
     }
 }
 
 impl Params {
+    /// The scale run's settings (see `super::scale`): results of
+    /// `image_bytes`, retention of 16 results, and snapshots every 100
+    /// entries, so what a snapshot holds and costs shows.
+    pub fn scale(image_bytes: usize) -> Params {
+        let mut p = Params { image_bytes, snapshot_logs: 100, ..Params::default() };
+        p.cluster.max_results = 16;
+        p.cluster.max_result_bytes = 1 << 30;
+        p
+    }
+
     pub fn raft_config(&self) -> openraft::Config {
         openraft::Config {
             cluster_name: "raftgen-sim".into(),
@@ -101,6 +137,11 @@ pub struct Counters {
     pub truncations: AtomicU64,
     /// Writes not yet flushed when their node crashed, lost with it.
     pub writes_lost: AtomicU64,
+    /// Result copies repair made and recorded.
+    pub repair_copies: AtomicU64,
+    /// Bytes each node sent to other nodes (Raft calls, forwarded writes and
+    /// the answers to theirs), for the scale run.
+    pub sent_bytes: Mutex<BTreeMap<u64, u64>>,
 }
 
 /// What happened inside the storage during a run, read at its end.
@@ -110,11 +151,17 @@ pub struct SimStats {
     pub snapshots_installed: u64,
     pub truncations: u64,
     pub writes_lost: u64,
+    pub repair_copies: u64,
 }
 
 impl Counters {
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Node `node` sent `n` bytes to another node.
+    pub fn sent(&self, node: u64, n: u64) {
+        *self.sent_bytes.lock().expect("counter lock").entry(node).or_default() += n;
     }
 
     pub fn read(&self) -> SimStats {
@@ -124,6 +171,7 @@ impl Counters {
             snapshots_installed: get(&self.snapshots_installed),
             truncations: get(&self.truncations),
             writes_lost: get(&self.writes_lost),
+            repair_copies: get(&self.repair_copies),
         }
     }
 }
@@ -137,7 +185,11 @@ pub struct NodeHandle {
 
 pub struct Shared {
     pub seed: u64,
+    /// Every node, voters first.
     pub members: Vec<u64>,
+    /// The nodes that vote (the first ones of `members`); the others join
+    /// as learners once a leader is elected.
+    pub voters: Vec<u64>,
     pub params: Params,
     history: Mutex<Vec<Record>>,
     disks: BTreeMap<u64, Arc<Mutex<Disk>>>,
@@ -145,13 +197,17 @@ pub struct Shared {
     /// Chance, per thousand, that an executor run fails (the nemesis raises it).
     exec_fail_per_mille: AtomicU32,
     pub counters: Arc<Counters>,
+    /// The final check's image reads: (node, job) to the sha256 (hex) of
+    /// what the node served, or `error: …`.
+    pub image_reads: Mutex<BTreeMap<(u64, String), String>>,
 }
 
 impl Shared {
-    pub fn new(seed: u64, members: Vec<u64>, params: Params) -> Arc<Shared> {
+    pub fn new(seed: u64, members: Vec<u64>, voters: usize, params: Params) -> Arc<Shared> {
         let disks = members.iter().map(|id| (*id, Arc::new(Mutex::new(Disk::default())))).collect();
         Arc::new(Shared {
             seed,
+            voters: members[..voters.min(members.len())].to_vec(),
             members,
             params,
             history: Mutex::new(Vec::new()),
@@ -159,6 +215,7 @@ impl Shared {
             running: Mutex::new(BTreeMap::new()),
             exec_fail_per_mille: AtomicU32::new(0),
             counters: Arc::new(Counters::default()),
+            image_reads: Mutex::new(BTreeMap::new()),
         })
     }
 

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use raftgen_raft::job::JobId;
 use raftgen_raft::Command;
 
-use crate::app::App;
+use crate::node::app::App;
 
 /// Longest wait for each of the drain's two writes (mark draining, hand back).
 const MAX_DRAIN_WRITE_MS: u64 = 3_000;

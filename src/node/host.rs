@@ -1,8 +1,11 @@
 //! The executor host: runs the jobs the leader assigned to this node.
 //!
 //! It watches the applied state for attempts assigned to this node, starts each
-//! one (a `Start` command), runs the executor on a blocking thread, and reports
-//! the outcome (a `Complete` command carrying the PNG and the attempt number).
+//! one (a `Start` command), runs the executor on a blocking thread, makes the
+//! PNG durable where the cluster keeps results (this node's store and
+//! `result_copies - 1` others, or the object store: see `results::commit`),
+//! and only then reports the outcome, once: a `Complete` command carrying the
+//! image's metadata (never its bytes) and the attempt number.
 //! If the attempt stops being current (cancelled, or re-queued because the
 //! leader lost contact), the run is told to stop and its late report, if any,
 //! is rejected by the state machine's fencing. After a restart, attempts still
@@ -35,8 +38,8 @@ use raftgen_raft::command::{NodeRegistration, Outcome};
 use raftgen_raft::job::JobId;
 use raftgen_raft::{Command, Response};
 
-use crate::app::App;
 use crate::executor::{ExecError, JobOutput, JobSpec, RunControl};
+use crate::node::app::App;
 
 /// Least time between two progress reports of one job.
 const PROGRESS_INTERVAL_MS: u64 = 1_000;
@@ -228,13 +231,14 @@ async fn execute(app: &Arc<App>, batch: Vec<JobSpec>, cancels: Vec<Arc<AtomicBoo
     };
     app.metrics.images_generated(outcomes.iter().filter(|o| o.is_ok()).count() as u64);
     let elapsed_ms = started_at.elapsed().as_millis();
-    let reports = started.iter().zip(outcomes).filter_map(|((spec, _), result)| {
+    let reports = started.iter().zip(outcomes).filter_map(|((spec, cancel), result)| {
         let (id, attempt) = (spec.id, spec.attempt);
         let (outcome, how) = match result {
-            Ok(out) => (
-                Outcome::Succeeded { png: out.png, model_hash: out.model_hash, notes: out.notes },
-                format!("succeeded in {elapsed_ms} ms (batch of {n})"),
-            ),
+            Ok(out) => {
+                let how = format!("succeeded in {elapsed_ms} ms (batch of {n})");
+                return Some(Box::pin(succeed(app, id, attempt, cancel.clone(), out, how))
+                    as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>);
+            }
             Err(ExecError::Cancelled) => {
                 tracing::info!(job_id = %id, attempt, "stopped: no longer current");
                 return None;
@@ -245,9 +249,30 @@ async fn execute(app: &Arc<App>, batch: Vec<JobSpec>, cancels: Vec<Arc<AtomicBoo
                 (Outcome::Failed { error: e.to_string(), retryable }, how)
             }
         };
-        Some(complete(app, id, attempt, outcome, how))
+        Some(Box::pin(complete(app, id, attempt, outcome, how)))
     });
     futures_util::future::join_all(reports).await;
+}
+
+/// Makes a successful run's PNG durable, then reports it (or reports a
+/// retryable failure when its copies could not be made durable). An attempt
+/// that stopped being current meanwhile is not reported: its copies are
+/// orphans, which the janitor deletes.
+async fn succeed(app: &App, id: JobId, attempt: u32, cancel: Arc<AtomicBool>, out: JobOutput, how: String) {
+    let committed = app.results.commit(app, id, attempt, out.png).await;
+    if cancel.load(Ordering::Relaxed) {
+        tracing::info!(job_id = %id, attempt, "stored, but no longer current: not reported");
+        return;
+    }
+    let outcome = match committed {
+        Ok(result) => Outcome::Succeeded { result, model_hash: out.model_hash, notes: out.notes },
+        Err(e) => {
+            let error = format!("the result could not be stored: {e}");
+            tracing::warn!(job_id = %id, attempt, "{error}");
+            return complete(app, id, attempt, Outcome::Failed { error, retryable: true }, "failed".into()).await;
+        }
+    };
+    complete(app, id, attempt, outcome, how).await
 }
 
 /// Reports the outcome of one attempt (`how` says it in the log).

@@ -2,7 +2,10 @@
 //! health clock), asks the pure [`plan`](raftgen_raft::schedule::plan) what to
 //! do, and proposes it as log entries. It runs on every node and acts only
 //! while the node leads; a new leader first gives every node a full
-//! `node_timeout_ms` before judging it lost.
+//! `node_timeout_ms` before judging it lost. The same judgement is recorded
+//! in the state ([`liveness`](raftgen_raft::repair::liveness): `SetLost`), so
+//! every node places new result copies away from a lost node and repair
+//! knows since when it is gone.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,8 +13,8 @@ use std::time::Duration;
 use raftgen_raft::schedule::plan;
 use raftgen_raft::Command;
 
-use crate::app::App;
-use crate::config::MAX_ASSIGN_PER_ENTRY;
+use crate::node::app::App;
+use crate::node::config::MAX_ASSIGN_PER_ENTRY;
 
 /// How often the scheduler looks even when nothing was applied (health checks).
 const TICK_MS: u64 = 100;
@@ -55,7 +58,26 @@ pub async fn run(app: Arc<App>) {
         };
         if last_membership_check.elapsed() >= Duration::from_millis(TICK_MS) {
             last_membership_check = std::time::Instant::now();
-            crate::membership::keep_voters(&app, &healthy).await;
+            crate::node::membership::keep_voters(&app, &healthy).await;
+        }
+        let marks = {
+            let ids: std::collections::BTreeSet<u64> = members.iter().copied().collect();
+            let answered = |n: u64| app.health.last_answer(n).is_some_and(|t| t.elapsed() < node_timeout);
+            // Silent: heard from (or given the new leader's grace) too long
+            // ago. A member never heard from since this node leads (one that
+            // just joined) is not judged yet.
+            let silent = |n: u64| app.health.last_ack(n).is_some_and(|t| t.elapsed() >= node_timeout);
+            raftgen_raft::repair::liveness(&app.view.read().jobs, &ids, app.id, silent, answered)
+        };
+        for (node, lost) in marks {
+            if lost {
+                tracing::warn!("declaring node {node} lost: no answer for {} ms", node_timeout.as_millis());
+            } else {
+                tracing::info!("node {node} is back");
+            }
+            if let Err(e) = app.propose_local(Command::SetLost { node, lost }).await {
+                tracing::debug!("marking node {node}: {e:?}");
+            }
         }
         let decision = plan(&app.view.read().jobs, healthy, MAX_ASSIGN_PER_ENTRY);
         if !decision.requeue.is_empty() {

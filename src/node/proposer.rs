@@ -14,12 +14,14 @@ use raftgen_raft::{Command, Raft, Request, Response};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
-use crate::app::{now_ms, Committed, ForwardReject};
+use crate::node::app::{now_ms, Committed, ForwardReject};
 
 /// Log entries proposed but not yet committed, at most.
 const MAX_IN_FLIGHT: usize = 4;
-/// A batch stops growing past this many bytes (result images are large).
-const MAX_BATCH_BYTES: u64 = 1 << 20;
+/// A batch (one log entry) stops growing past this many bytes, so an
+/// AppendEntries of `max_payload_entries` (16) entries stays under 1 MiB and
+/// inside openraft's deadline of one heartbeat interval (see `config`).
+pub const MAX_BATCH_BYTES: u64 = 64 << 10;
 /// Commands waiting for a batch, at most; callers wait for room beyond it.
 const MAX_QUEUED_COMMANDS: usize = 65_536;
 
@@ -46,13 +48,14 @@ impl Proposer {
 }
 
 async fn run(raft: Raft, mut rx: mpsc::Receiver<(Command, Reply)>) {
-    let limits = crate::batch::Limits {
+    let limits = crate::node::batch::Limits {
         max_in_flight: MAX_IN_FLIGHT,
         max_count: MAX_BATCH_COMMANDS,
         max_bytes: MAX_BATCH_BYTES,
     };
     let mut in_flight = JoinSet::new();
-    while let Some(batch) = crate::batch::next(&mut rx, &mut in_flight, &limits, |(c, _)| c.approx_bytes()).await {
+    while let Some(batch) = crate::node::batch::next(&mut rx, &mut in_flight, &limits, |(c, _)| c.approx_bytes()).await
+    {
         in_flight.spawn(commit(raft.clone(), batch));
     }
 }

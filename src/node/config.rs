@@ -23,7 +23,7 @@ pub struct NodeSettings {
     /// How long a leave waits for the node's running jobs before removing it.
     pub drain_timeout_ms: u64,
     /// Longest one job (one attempt) may run on this node's executor before
-    /// it is stopped and the job fails (see `crate::host`).
+    /// it is stopped and the job fails (see `crate::node::host`).
     pub job_timeout_ms: u64,
     /// How long a stopping node (SIGTERM) waits for its running jobs before
     /// handing them back to the queue.
@@ -45,6 +45,8 @@ pub struct NodeSettings {
     pub cluster: ClusterConfig,
     /// Webhook deliveries, made by this node while it leads.
     pub webhook: WebhookSettings,
+    /// Where result images live and how they move (see `crate::node::results`).
+    pub results: crate::node::results::ResultSettings,
     pub heartbeat_interval_ms: u64,
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
@@ -74,9 +76,11 @@ impl NodeSettings {
             election_timeout_min: self.election_timeout_min_ms,
             election_timeout_max: self.election_timeout_max_ms,
             install_snapshot_timeout: 5_000,
-            // Each entry is already a batch of up to 1,024 commands (see
-            // `proposer`); keeping RPCs small keeps them inside openraft's
-            // AppendEntries deadline of one heartbeat interval.
+            // Each entry is already a batch of commands of at most
+            // `proposer::MAX_BATCH_BYTES` (64 KiB), and no entry carries an image
+            // (see `raftgen_raft::result`): 16 entries keep an AppendEntries
+            // under 1 MiB, well inside openraft's deadline of one heartbeat
+            // interval even on a busy machine.
             max_payload_entries: 16,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_logs),
             max_in_snapshot_log_to_keep: self.snapshot_keep_logs,
@@ -85,7 +89,7 @@ impl NodeSettings {
     }
 }
 
-/// How the leader delivers webhooks (see `crate::webhook`).
+/// How the leader delivers webhooks (see `crate::node::webhook`).
 #[derive(Clone)]
 pub struct WebhookSettings {
     /// HMAC-SHA256 key of the `X-Raftgen-Signature` header; `None`: the

@@ -2,8 +2,10 @@
 //!
 //! Up to [`MAX_VOTERS`] nodes vote; later nodes join as learners (they execute
 //! jobs, they do not vote), so a large cluster keeps a small quorum. Leaving
-//! drains first: the node takes no new jobs, finishes what it has (bounded by
-//! `drain_timeout_ms`), and only then leaves the membership.
+//! drains first: the node takes no new jobs, finishes what it has, hands the
+//! result copies it holds over to other nodes (it retires: the leader's
+//! repair copies them elsewhere), all bounded by `drain_timeout_ms`, and only
+//! then leaves the membership.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -13,9 +15,9 @@ use openraft::{BasicNode, ChangeMembers};
 use raftgen_raft::{Command, NodeId};
 use serde_json::{json, Value};
 
-use crate::app::App;
-use crate::config::MAX_VOTERS;
 use crate::http::ApiError;
+use crate::node::app::App;
+use crate::node::config::MAX_VOTERS;
 
 fn raft_error(e: impl std::fmt::Display) -> ApiError {
     ApiError::new(StatusCode::CONFLICT, "membership", e.to_string())
@@ -61,8 +63,11 @@ pub async fn remove_node(app: &App, id: NodeId) -> Result<Value, ApiError> {
     // Drain: no new work, wait for the running jobs (bounded).
     let _ = app.write(Command::SetDraining { node: id, draining: true }, timeout).await;
     let started = Instant::now();
-    let drained =
-        tokio::time::timeout(Duration::from_millis(app.settings.drain_timeout_ms), app.until_idle(id)).await.is_ok();
+    let deadline = Instant::now() + Duration::from_millis(app.settings.drain_timeout_ms);
+    let drained = tokio::time::timeout_at(deadline.into(), app.until_idle(id)).await.is_ok();
+    // Its results: copies elsewhere first (the repair loop makes them).
+    let _ = app.write(Command::Retire { node: id }, timeout).await;
+    let handed_over = tokio::time::timeout_at(deadline.into(), until_handed_over(app, id)).await.is_ok();
     let change = if is_voter {
         ChangeMembers::RemoveVoters(BTreeSet::from([id]))
     } else {
@@ -71,8 +76,29 @@ pub async fn remove_node(app: &App, id: NodeId) -> Result<Value, ApiError> {
     app.raft.change_membership(change, false).await.map_err(raft_error)?;
     // Its unfinished jobs (if the drain timed out) go back to the queue.
     app.write(Command::ForgetNode { node: id }, timeout).await.map_err(raft_error)?;
-    tracing::info!("node {id} left the cluster (drained: {drained})");
-    Ok(json!({ "id": id, "removed": true, "drained": drained, "drain_ms": started.elapsed().as_millis() as u64 }))
+    tracing::info!("node {id} left the cluster (drained: {drained}, results handed over: {handed_over})");
+    Ok(json!({
+        "id": id,
+        "removed": true,
+        "drained": drained,
+        "results_handed_over": handed_over,
+        "drain_ms": started.elapsed().as_millis() as u64
+    }))
+}
+
+/// Resolves once no result depends on `node`'s copy (see
+/// [`raftgen_raft::repair::needed_before_leaving`]).
+async fn until_handed_over(app: &App, node: NodeId) {
+    loop {
+        let members: BTreeSet<NodeId> = app.members().into_keys().collect();
+        let now = crate::node::results::object::now_ms();
+        let needed = raftgen_raft::repair::needed_before_leaving(&app.view.read().jobs, &members, node, now);
+        if needed == 0 {
+            return;
+        }
+        tracing::debug!("node {node} leaving: {needed} result(s) still need copies elsewhere");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Makes `id` a voter, retrying for a while if another membership change is in
@@ -147,6 +173,8 @@ pub fn cluster_view(app: &App) -> ClusterView {
                 slots: info.map_or(0, |i| i.registration.slots),
                 running: data.jobs.active_count(*id),
                 draining: info.is_some_and(|i| i.draining),
+                lost: data.jobs.lost_since(*id).is_some(),
+                retiring: data.jobs.is_retiring(*id),
                 executor: info.map(|i| i.registration.executor.clone()),
                 models: info.map(|i| i.registration.model_names()).unwrap_or_default(),
                 loaded_models: info.map(|i| i.registration.loaded_models.clone()).unwrap_or_default(),
@@ -195,6 +223,11 @@ pub struct MemberView {
     /// Jobs assigned to or running on it.
     pub running: usize,
     pub draining: bool,
+    /// Declared lost by the leader (no answer for `--node-timeout-ms`): no
+    /// new result copies go to it.
+    pub lost: bool,
+    /// Leaving: its result copies are being handed over.
+    pub retiring: bool,
     pub executor: Option<String>,
     pub models: Vec<String>,
     pub loaded_models: Vec<String>,

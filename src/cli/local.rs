@@ -26,6 +26,9 @@ pub struct LocalCluster {
     /// When the nodes serve TLS: what this side trusts and presents (URLs are
     /// then `https://`). The nodes' own TLS flags go in their `extra` args.
     pub tls: Option<ClientTls>,
+    /// Environment variables every node gets (an object store's
+    /// credentials, for instance).
+    pub env: Vec<(String, String)>,
 }
 
 /// A port that is free right now, chosen below Linux's ephemeral range
@@ -57,6 +60,12 @@ impl LocalCluster {
         Self::start_tls(exe, dir, n, ports, extra, None)
     }
 
+    /// As [`LocalCluster::start`], every node with the environment `env`.
+    pub fn start_env(exe: &Path, dir: &Path, n: u64, extra: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Self::start_inner(exe, dir, n, &[], extra, None, env)
+    }
+
     /// As [`LocalCluster::start`], for nodes serving TLS (given their TLS
     /// flags in `extra`) when `tls` is set.
     pub fn start_tls(
@@ -67,6 +76,18 @@ impl LocalCluster {
         extra: &[&str],
         tls: Option<ClientTls>,
     ) -> anyhow::Result<Self> {
+        Self::start_inner(exe, dir, n, ports, extra, tls, Vec::new())
+    }
+
+    fn start_inner(
+        exe: &Path,
+        dir: &Path,
+        n: u64,
+        ports: &[u16],
+        extra: &[&str],
+        tls: Option<ClientTls>,
+        env: Vec<(String, String)>,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let mut cluster = LocalCluster {
             exe: exe.to_path_buf(),
@@ -74,6 +95,7 @@ impl LocalCluster {
             secret: "raftgen-local-cluster".into(),
             nodes: Vec::new(),
             tls,
+            env,
         };
         let ports: Vec<u16> = match ports {
             [] => (0..n).map(|_| free_port()).collect::<Result<_, _>>()?,
@@ -126,13 +148,14 @@ impl LocalCluster {
 
     /// Starts (or restarts) node `id` with its original command line.
     pub fn spawn(&mut self, id: u64) -> anyhow::Result<()> {
-        let (exe, secret) = (self.exe.clone(), self.secret.clone());
+        let (exe, secret, env) = (self.exe.clone(), self.secret.clone(), self.env.clone());
         let log_path = self.dir.join(format!("n{id}.log"));
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
         let node = self.node(id);
         let child = Command::new(exe)
             .args(&node.args)
             .env("RAFTGEN_CLUSTER_SECRET", secret)
+            .envs(env)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -8,6 +8,7 @@
 //! retry, so a batch that fails as a whole is simply retried by each caller.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,11 +18,12 @@ use raftgen_raft::{codec, Command};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
-use crate::app::{Committed, ForwardReject, PATH_FORWARD};
+use crate::node::app::{Committed, ForwardReject, PATH_FORWARD};
 
 /// Batches in flight, at most, from this node.
 const MAX_IN_FLIGHT: usize = 8;
-/// A batch stops growing past this many bytes (result images are large).
+/// A batch stops growing past this many bytes (the leader proposes each
+/// command on its own, in entries of `proposer::MAX_BATCH_BYTES`).
 const MAX_BATCH_BYTES: u64 = 1 << 20;
 /// Longest one forwarded batch may take; callers have their own deadlines.
 const FORWARD_TIMEOUT_MS: u64 = 10_000;
@@ -38,10 +40,11 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
-    /// `scheme` says how `client` reaches the leader's port.
-    pub fn start(client: reqwest::Client, scheme: Scheme, secret: Arc<str>) -> Self {
+    /// `scheme` says how `client` reaches the leader's port; the bytes of
+    /// every forwarded batch are counted into `sent_bytes`.
+    pub fn start(client: reqwest::Client, scheme: Scheme, secret: Arc<str>, sent_bytes: Arc<AtomicU64>) -> Self {
         let (tx, rx) = mpsc::channel(MAX_QUEUED_COMMANDS);
-        tokio::spawn(run(client, scheme, secret, rx));
+        tokio::spawn(run(client, scheme, secret, sent_bytes, rx));
         Forwarder { tx }
     }
 
@@ -57,28 +60,38 @@ async fn run(
     client: reqwest::Client,
     scheme: Scheme,
     secret: Arc<str>,
+    sent_bytes: Arc<AtomicU64>,
     mut rx: mpsc::Receiver<(String, Command, Reply)>,
 ) {
-    let limits = crate::batch::Limits {
+    let limits = crate::node::batch::Limits {
         max_in_flight: MAX_IN_FLIGHT,
         max_count: MAX_BATCH_COMMANDS,
         max_bytes: MAX_BATCH_BYTES,
     };
     let mut in_flight = JoinSet::new();
-    while let Some(batch) = crate::batch::next(&mut rx, &mut in_flight, &limits, |(_, c, _)| c.approx_bytes()).await {
+    while let Some(batch) =
+        crate::node::batch::next(&mut rx, &mut in_flight, &limits, |(_, c, _)| c.approx_bytes()).await
+    {
         let mut by_leader: HashMap<String, Vec<(Command, Reply)>> = HashMap::new();
         for (addr, cmd, reply) in batch {
             by_leader.entry(addr).or_default().push((cmd, reply));
         }
         for (addr, batch) in by_leader {
-            in_flight.spawn(send(client.clone(), scheme.url(&addr, PATH_FORWARD), secret.clone(), batch));
+            let url = scheme.url(&addr, PATH_FORWARD);
+            in_flight.spawn(send(client.clone(), url, secret.clone(), sent_bytes.clone(), batch));
         }
     }
 }
 
-async fn send(client: reqwest::Client, url: String, secret: Arc<str>, batch: Vec<(Command, Reply)>) {
+async fn send(
+    client: reqwest::Client,
+    url: String,
+    secret: Arc<str>,
+    sent_bytes: Arc<AtomicU64>,
+    batch: Vec<(Command, Reply)>,
+) {
     let (cmds, replies): (Vec<Command>, Vec<Reply>) = batch.into_iter().unzip();
-    let answers = post(&client, &url, &secret, &cmds).await;
+    let answers = post(&client, &url, &secret, &sent_bytes, &cmds).await;
     match answers {
         Ok(answers) if answers.len() == replies.len() => {
             for (reply, answer) in replies.into_iter().zip(answers) {
@@ -97,9 +110,11 @@ async fn post(
     client: &reqwest::Client,
     url: &str,
     secret: &str,
+    sent_bytes: &AtomicU64,
     cmds: &[Command],
 ) -> Result<Vec<Result<Committed, ForwardReject>>, String> {
     let body = codec::encode(cmds).map_err(|e| e.to_string())?;
+    sent_bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
     let resp = client
         .post(url)
         .header(SECRET_HEADER, secret)

@@ -45,8 +45,8 @@ use serde_json::{json, Value};
 use sha2::Sha256;
 use tokio::sync::Semaphore;
 
-use crate::app::{now_ms, App};
-use crate::config::WebhookSettings;
+use crate::node::app::{now_ms, App};
+use crate::node::config::WebhookSettings;
 
 pub const EVENT_HEADER: &str = "x-raftgen-event";
 pub const DELIVERY_HEADER: &str = "x-raftgen-delivery";

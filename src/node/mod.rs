@@ -1,9 +1,31 @@
-//! Starting and stopping one node: storage, Raft, the HTTP port, and the
-//! background tasks (scheduler, executor host, registration, join, snapshots,
-//! job timing metrics).
+//! The node's runtime, and starting and stopping one node: storage, Raft, the
+//! HTTP port, and the background tasks (scheduler, executor host,
+//! registration, join, snapshots, job timing metrics).
+//!
+//! The runtime's pieces: [`app`] (the shared context and the one write
+//! path), [`proposer`] and [`forwarder`] (group commit on the leader,
+//! batching of forwarded writes, both over [`batch`]), [`scheduler`] (the
+//! leader's loop), [`host`] (the executor host), [`membership`] (join and
+//! leave), [`drain`] (SIGTERM), [`snapshot_guard`], [`webhook`] (deliveries),
+//! [`results`] (where result images live: the embedded store, pushes and
+//! reads between nodes, an object store, the janitor and the leader's
+//! repair), [`config`] (settings).
 //! Shutdown is handled here and only here: SIGINT/SIGTERM start the drain
 //! (`drain`: no new jobs, finish or hand back the running ones), then the HTTP
 //! server stops, the shared shutdown flag flips and Raft shuts down.
+
+pub mod app;
+pub mod batch;
+pub mod config;
+pub mod drain;
+pub mod forwarder;
+pub mod host;
+pub mod membership;
+pub mod proposer;
+pub mod results;
+pub mod scheduler;
+pub mod snapshot_guard;
+pub mod webhook;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -17,9 +39,9 @@ use raftgen_raft::network::{NetworkFactory, PeerHealth, Scheme, SECRET_HEADER};
 use raftgen_raft::{NodeId, Raft};
 use tokio::sync::watch;
 
-use crate::app::App;
-use crate::config::NodeSettings;
 use crate::executor::Executor;
+use crate::node::app::App;
+use crate::node::config::NodeSettings;
 
 pub struct NodeOptions {
     pub id: NodeId,
@@ -58,6 +80,16 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
     crate::logging::set_node_id(opts.id);
     let addr = opts.advertise.clone().unwrap_or_else(|| opts.listen.to_string());
     let (log, sm) = raftgen_storage::open(&opts.data).with_context(|| format!("opening {}", opts.data.display()))?;
+    let results = results::Results::open(&opts.data, opts.settings.results.clone())
+        .with_context(|| format!("opening the result store in {}", opts.data.display()))?;
+    if let Some(object) = &results.object {
+        tracing::info!("result images go to {}", object.url);
+    }
+    if opts.settings.results.unsafe_complete_before_durable {
+        tracing::warn!(
+            "TEST HOOK --unsafe-complete-before-durable: results are reported before their copies are durable"
+        );
+    }
     let view = sm.view();
     let health = PeerHealth::default();
     let (scheme, with_tls) = match &opts.tls {
@@ -69,7 +101,9 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
         None => b,
     };
     let raft_client = tls_client(raftgen_raft::network::client_builder()).build().context("raft http client")?;
-    let network = NetworkFactory::new(opts.id, &opts.secret, health.clone(), raft_client, scheme);
+    let metrics = crate::metrics::NodeMetrics::default();
+    let network = NetworkFactory::new(opts.id, &opts.secret, health.clone(), raft_client, scheme)
+        .count_sent_bytes(metrics.peer_sent_bytes.clone());
     let config = Arc::new(opts.settings.raft_config().validate().context("raft settings")?);
     let raft = Raft::new(opts.id, config, network, log, sm).await.context("starting raft")?;
     let listener =
@@ -91,15 +125,21 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
         scheme,
         secret: opts.secret.clone().into(),
         api_keys: opts.api_keys.clone(),
-        proposer: crate::proposer::Proposer::start(raft.clone()),
-        forwarder: crate::forwarder::Forwarder::start(client.clone(), scheme, opts.secret.clone().into()),
-        snapshot_guard: crate::snapshot_guard::SnapshotGuard::new(
+        proposer: crate::node::proposer::Proposer::start(raft.clone()),
+        forwarder: crate::node::forwarder::Forwarder::start(
+            client.clone(),
+            scheme,
+            opts.secret.clone().into(),
+            metrics.peer_sent_bytes.clone(),
+        ),
+        snapshot_guard: crate::node::snapshot_guard::SnapshotGuard::new(
             raft.clone(),
             Duration::from_millis(2 * opts.settings.election_timeout_max_ms),
         ),
         shutdown: shutdown_rx,
-        metrics: crate::metrics::NodeMetrics::default(),
+        metrics,
         event_streams: crate::http::events::Streams::new(opts.settings.max_event_streams),
+        results,
     });
 
     let initialized = raft.is_initialized().await?;
@@ -113,12 +153,14 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
     if let Some(url) = opts.join.clone() {
         tokio::spawn(join_loop(app.clone(), url));
     }
-    tokio::spawn(crate::scheduler::run(app.clone()));
-    tokio::spawn(crate::webhook::run(app.clone()));
-    tokio::spawn(crate::host::run(app.clone()));
-    tokio::spawn(crate::host::register(app.clone()));
+    tokio::spawn(crate::node::scheduler::run(app.clone()));
+    tokio::spawn(crate::node::webhook::run(app.clone()));
+    tokio::spawn(crate::node::host::run(app.clone()));
+    tokio::spawn(crate::node::host::register(app.clone()));
     tokio::spawn(snapshot_by_size(app.clone()));
     tokio::spawn(crate::metrics::observer::run(app.clone()));
+    tokio::spawn(results::janitor::run(app.clone()));
+    tokio::spawn(results::repair::run(app.clone()));
 
     tracing::info!(
         "node {} listening on {} (executor: {} on {}, dtype {}, slots: {})",
@@ -132,7 +174,7 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
     let stop = {
         let app = app.clone();
         async move {
-            crate::drain::on_signal(app.clone()).await;
+            crate::node::drain::on_signal(app.clone()).await;
             // Open event streams never end by themselves: end them, or the
             // server would wait for them.
             app.event_streams.close();
@@ -177,7 +219,7 @@ async fn join_loop(app: Arc<App>, url: String) {
             .client
             .post(&url)
             .header(SECRET_HEADER, &*app.secret)
-            .timeout(Duration::from_millis(crate::config::MEMBERSHIP_TIMEOUT_MS))
+            .timeout(Duration::from_millis(crate::node::config::MEMBERSHIP_TIMEOUT_MS))
             .json(&body)
             .send()
             .await;
@@ -201,8 +243,8 @@ async fn join_loop(app: Arc<App>, url: String) {
     }
 }
 
-/// Result images make entries large: snapshot by applied bytes as well as by
-/// entry count, so the log (and the disk) stays bounded.
+/// Snapshot by applied bytes as well as by entry count, so the log (and the
+/// disk) stays bounded however large the commands (long prompts) are.
 async fn snapshot_by_size(app: Arc<App>) {
     let mut shutdown = app.shutdown.clone();
     loop {

@@ -17,8 +17,8 @@ use raftgen_storage::StateView;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::config::NodeSettings;
 use crate::executor::Executor;
+use crate::node::config::NodeSettings;
 
 /// Internal endpoint where followers forward commands to the leader: a list
 /// of commands in, a list of `Result<Committed, ForwardReject>` out (bincode).
@@ -49,17 +49,19 @@ pub struct App {
     /// `--api-keys`: when set, the public API needs a key (see [`crate::http::auth`]).
     pub api_keys: Option<Arc<crate::http::auth::ApiKeys>>,
     /// Leader-side group commit of proposals.
-    pub proposer: crate::proposer::Proposer,
+    pub proposer: crate::node::proposer::Proposer,
     /// Follower-side batching of forwarded commands.
-    pub forwarder: crate::forwarder::Forwarder,
+    pub forwarder: crate::node::forwarder::Forwarder,
     /// Keeps this node from standing for election while it receives a snapshot.
-    pub snapshot_guard: crate::snapshot_guard::SnapshotGuard,
+    pub snapshot_guard: crate::node::snapshot_guard::SnapshotGuard,
     /// Becomes true once, when the node starts shutting down.
     pub shutdown: watch::Receiver<bool>,
     /// What `/metrics` reports that only this node knows (timings, images).
     pub metrics: crate::metrics::NodeMetrics,
     /// Open live progress streams (`GET /v1/jobs/{id}/events`).
     pub event_streams: crate::http::events::Streams,
+    /// Result images: this node's store, its cache of others', transfers.
+    pub results: crate::node::results::Results,
 }
 
 /// A write that did not commit.
@@ -108,6 +110,13 @@ impl App {
         let leader = m.current_leader?;
         let addr = m.membership_config.membership().get_node(&leader)?.addr.clone();
         Some((leader, addr))
+    }
+
+    /// Every member (voters and learners) with the address it is reached at.
+    pub fn members(&self) -> std::collections::BTreeMap<NodeId, String> {
+        let m = self.raft.server_metrics();
+        let m = m.borrow();
+        m.membership_config.membership().nodes().map(|(id, n)| (*id, n.addr.clone())).collect()
     }
 
     /// Whether this node is in the cluster's membership (voter or learner).

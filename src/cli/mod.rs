@@ -1,8 +1,14 @@
 //! The `raftgen` command line: `node` runs a node; `submit`, `status`, `job`,
 //! `jobs` and `leave` talk to any node's HTTP API (every read command has
 //! `--output json` for scripts; `submit --wait` shows a progress bar, see
-//! [`crate::follow`]); `demo` starts a local cluster. Errors are one line on
-//! stderr and a non-zero exit.
+//! [`follow`]); `demo` starts a local cluster ([`demo`], over [`local`], the
+//! local-cluster harness the tests and benchmarks use too); `certs` makes a
+//! test CA ([`certs`]). Errors are one line on stderr and a non-zero exit.
+
+pub mod certs;
+pub mod demo;
+pub mod follow;
+pub mod local;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -15,11 +21,11 @@ use raftgen_raft::command::ClusterConfig;
 use raftgen_raft::network::SECRET_HEADER;
 use serde_json::{json, Value};
 
-use crate::config::NodeSettings;
 use crate::executor::diffusion::DiffusionExecutor;
 use crate::executor::test_pattern::{Faults, TestPatternExecutor};
 use crate::executor::{Executor, NoExecutor};
 use crate::models::catalog::HashCache;
+use crate::node::config::NodeSettings;
 
 /// The secret used when none is given: fine on one machine, never across a network.
 pub const DEV_SECRET: &str = "raftgen-insecure-dev-secret";
@@ -141,9 +147,9 @@ pub enum Cmd {
         cluster_secret: String,
     },
     /// Start a local 3-node cluster, generate a few images through a follower, stop it.
-    Demo(crate::demo::DemoArgs),
+    Demo(crate::cli::demo::DemoArgs),
     /// Write a test CA and node certificates for trying TLS (see docs/tls.md).
-    Certs(crate::certs::CertsArgs),
+    Certs(crate::cli::certs::CertsArgs),
 }
 
 /// How a client command reaches the cluster: the node, the API key (the
@@ -240,6 +246,11 @@ pub struct NodeArgs {
     /// Simulated run time per job of the test-pattern executor.
     #[arg(long, default_value_t = 500)]
     pub test_pattern_delay_ms: u64,
+    /// TEST DOUBLE (only with --executor test-pattern): draw incompressible
+    /// noise (a PNG of about 3 bytes a pixel) instead of stripes, for
+    /// measuring what result bytes cost the cluster.
+    #[arg(long)]
+    pub test_pattern_noise: bool,
     /// TEST DOUBLE fault (only with --executor test-pattern): the first N
     /// jobs this node runs hang until cancelled (exercises --job-timeout-ms).
     #[arg(long, default_value_t = 0)]
@@ -294,6 +305,59 @@ pub struct NodeArgs {
     pub max_finished_jobs: u64,
     #[arg(long, default_value_t = ClusterConfig::default().max_attempts)]
     pub max_attempts: u32,
+    /// Where result images live: unset, each node's embedded store (in
+    /// --data; `--result-copies` nodes hold each image); or an object store,
+    /// `s3://bucket/prefix`, `gs://bucket/prefix`, `az://container/prefix`
+    /// or `file:///mnt/shared` (credentials from the standard environment:
+    /// AWS_*, GOOGLE_*, AZURE_*). Every node needs the same one.
+    #[arg(long, value_name = "URL")]
+    pub result_store: Option<String>,
+    /// Durable copies of each result on the embedded stores (capped at the
+    /// nodes that can hold one): a result survives the loss of any
+    /// copies - 1 of its holders. Cluster-wide (the leader's setting).
+    #[arg(long, default_value_t = ClusterConfig::default().result_copies,
+          value_parser = clap::value_parser!(u32).range(1..=raftgen_raft::result::MAX_RESULT_HOLDERS as i64))]
+    pub result_copies: u32,
+    /// Images fetched from other nodes (or the object store) kept here for
+    /// the next reader, in MiB; 0: none.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(0..=1_048_576))]
+    pub result_cache_mb: u64,
+    /// Repair copies (results re-replicated after a node left, retired or was
+    /// lost) start no faster than this, cluster-wide, in megabits per second.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub repair_max_mbps: u64,
+    /// How long a node declared lost still counts as holding its copies
+    /// before repair copies them elsewhere (a restart or a short outage
+    /// moves nothing). Cluster-wide (the leader's setting).
+    #[arg(long, default_value_t = ClusterConfig::default().repair_delay_ms,
+          value_parser = clap::value_parser!(u64).range(0..=86_400_000))]
+    pub repair_delay_ms: u64,
+    /// How long the node that made a result keeps trying to make its copies
+    /// durable before the attempt fails (retryably).
+    #[arg(long, default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub result_push_timeout_ms: u64,
+    /// Longest one transfer of an image between nodes (or with the object
+    /// store) may take.
+    #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub result_transfer_timeout_ms: u64,
+    /// A stored image that no retained result names (evicted, or an orphan
+    /// whose job was never reported) is deleted once this old. At least
+    /// --result-push-timeout-ms + --report-timeout-ms: a copy pushed for a
+    /// job not reported yet must not go.
+    #[arg(long, default_value_t = 900_000)]
+    pub result_orphan_grace_ms: u64,
+    /// How often the leader lists the object store for orphaned uploads.
+    #[arg(long, default_value_t = 3_600_000, value_parser = clap::value_parser!(u64).range(1_000..=604_800_000))]
+    pub result_sweep_interval_ms: u64,
+    /// OpenAI `response_format: "url"` answers with a URL presigned by the
+    /// object store, valid this long (needs an s3://, gs:// or az://
+    /// --result-store); 0: a URL on this node.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=604_800))]
+    pub presign_ttl_s: u64,
+    /// TEST HOOK, never for use: report results before their copies are
+    /// durable (the bug the chaos checkers must catch).
+    #[arg(long, hide = true)]
+    pub unsafe_complete_before_durable: bool,
     #[arg(long, default_value_t = 64 << 20)]
     pub snapshot_max_bytes: u64,
     /// Snapshot once this many log entries were applied since the last one.
@@ -309,7 +373,7 @@ pub struct NodeArgs {
     #[arg(long, default_value_t = 100)]
     pub election_timeout_max_ms: u64,
     #[command(flatten)]
-    pub webhook: crate::webhook::WebhookArgs,
+    pub webhook: crate::node::webhook::WebhookArgs,
 }
 
 #[derive(clap::Args)]
@@ -387,12 +451,23 @@ impl NodeArgs {
                 _ => {}
             }
         }
+        if self.result_orphan_grace_ms < self.result_push_timeout_ms + self.report_timeout_ms {
+            bail!(
+                "--result-orphan-grace-ms ({}) must be at least --result-push-timeout-ms + --report-timeout-ms ({})",
+                self.result_orphan_grace_ms,
+                self.result_push_timeout_ms + self.report_timeout_ms
+            );
+        }
         if self.max_batch == 0 || self.max_batch > MAX_BATCH {
             bail!("--max-batch must be between 1 and {MAX_BATCH}");
         }
         let faults = Faults { stall_first: self.test_pattern_stall_first, fail_first: self.test_pattern_fail_first };
-        if self.executor != ExecutorKind::TestPattern && (faults.stall_first > 0 || faults.fail_first > 0) {
-            bail!("--test-pattern-stall-first and --test-pattern-fail-first need --executor test-pattern");
+        if self.executor != ExecutorKind::TestPattern
+            && (faults.stall_first > 0 || faults.fail_first > 0 || self.test_pattern_noise)
+        {
+            bail!(
+                "--test-pattern-stall-first, --test-pattern-fail-first and --test-pattern-noise need --executor test-pattern"
+            );
         }
         let executor: Arc<dyn Executor> = match self.executor {
             ExecutorKind::Diffusion => Arc::new(diffusion_executor(&self)?),
@@ -405,7 +480,9 @@ impl NodeArgs {
                 if faults.stall_first > 0 || faults.fail_first > 0 {
                     tracing::warn!("test pattern: injecting faults into the first jobs: {faults:?}");
                 }
-                Arc::new(TestPatternExecutor::new(self.test_pattern_delay_ms, faults))
+                Arc::new(
+                    TestPatternExecutor::new(self.test_pattern_delay_ms, faults).with_noise(self.test_pattern_noise),
+                )
             }
         };
         let slots = match self.executor {
@@ -445,6 +522,19 @@ impl NodeArgs {
                     max_result_bytes: self.max_result_bytes,
                     max_finished_jobs: self.max_finished_jobs,
                     max_attempts: self.max_attempts,
+                    result_copies: self.result_copies,
+                    repair_delay_ms: self.repair_delay_ms,
+                },
+                results: crate::node::results::ResultSettings {
+                    store_url: self.result_store.clone(),
+                    cache_bytes: self.result_cache_mb << 20,
+                    repair_max_bytes_per_s: self.repair_max_mbps * 125_000,
+                    push_timeout_ms: self.result_push_timeout_ms,
+                    transfer_timeout_ms: self.result_transfer_timeout_ms,
+                    orphan_grace_ms: self.result_orphan_grace_ms,
+                    presign_ttl_s: self.presign_ttl_s,
+                    sweep_interval_ms: self.result_sweep_interval_ms,
+                    unsafe_complete_before_durable: self.unsafe_complete_before_durable,
                 },
                 heartbeat_interval_ms: self.heartbeat_interval_ms,
                 election_timeout_min_ms: self.election_timeout_min_ms,
@@ -588,8 +678,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("node {id} left the cluster (drained: {})", v["drained"]);
             Ok(())
         }
-        Cmd::Demo(args) => crate::demo::run(args).await,
-        Cmd::Certs(args) => crate::certs::run(args),
+        Cmd::Demo(args) => crate::cli::demo::run(args).await,
+        Cmd::Certs(args) => crate::cli::certs::run(args),
     }
 }
 
@@ -626,13 +716,13 @@ async fn submit(a: SubmitArgs) -> anyhow::Result<()> {
     let show = match a.output {
         OutputFormat::Text => {
             eprintln!("submitted {id}");
-            crate::follow::Show::Human
+            crate::cli::follow::Show::Human
         }
-        OutputFormat::Json => crate::follow::Show::Quiet,
+        OutputFormat::Json => crate::cli::follow::Show::Quiet,
     };
-    let mut display = crate::follow::Display::new(show);
+    let mut display = crate::cli::follow::Display::new(show);
     display.job(&job);
-    let followed = crate::follow::follow(&client, &id, Duration::from_millis(a.timeout_ms), &mut display).await;
+    let followed = crate::cli::follow::follow(&client, &id, Duration::from_millis(a.timeout_ms), &mut display).await;
     display.finish();
     let job = followed?;
     if job["state"] != "succeeded" {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use serde_json::json;
 
-use crate::local::LocalCluster;
+use crate::cli::local::LocalCluster;
 
 #[derive(clap::Args)]
 pub struct DemoArgs {
