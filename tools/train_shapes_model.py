@@ -20,6 +20,8 @@ those already finished):
              weighting, EMA weights)
     export   save the EMA weights as a diffusers folder (models/shapes-sd)
              and the held-out captions (tests/data/shapes-eval.json)
+    parity   diffusers' reference tensors on models/shapes-sd for
+             tests/parity_sd.rs (tests/data/parity/shapes-sd)
     eval     load models/shapes-sd with diffusers' StableDiffusionPipeline and
              judge held-out captions from pixels (--eval-n of them)
 
@@ -298,7 +300,8 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
             e.mul_(decay).add_(p.detach(), alpha=1 - decay)
 
 
-def stage_unet(work: Path, seed: int, steps: int, batch: int, lr_max: float, monitor_every: int) -> None:
+def stage_unet(work: Path, seed: int, steps: int, batch: int, lr_max: float, monitor_every: int,
+               stop_at: int | None = None) -> None:
     done = work / "unet.done.pt"
     if done.exists():
         return
@@ -358,6 +361,9 @@ def stage_unet(work: Path, seed: int, steps: int, batch: int, lr_max: float, mon
         if step % 100 == 0 or step == steps:
             save_ckpt(ckpt, {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                              "step": step})
+            if stop_at is not None and step >= stop_at:
+                log(f"unet: stopping at step {step} (--unet-stop-at)")
+                return
         if monitor_every and step % monitor_every == 0 and step < steps:
             t1 = time.time()
             sc = evaluate(pipeline(work, ema, lat["scaling_factor"]), seed, 20, batch=20)
@@ -435,7 +441,13 @@ def fmt(sc: dict) -> str:
 # ---------------------------------------------------------------- export
 
 def stage_export(work: Path, seed: int) -> None:
-    st = torch.load(work / "unet.done.pt", weights_only=False)
+    done = work / "unet.done.pt"
+    if done.exists():
+        st = torch.load(done, weights_only=False)
+    else:  # an unfinished run: the EMA weights of its last checkpoint
+        st = torch.load(work / "unet.ckpt.pt", weights_only=False)
+        st["scaling_factor"] = torch.load(work / "latents.pt", weights_only=False)["scaling_factor"]
+        log(f"export: unet stage unfinished, exporting the EMA weights of step {st['step']}")
     den = Denoiser()
     den.load_state_dict(st["ema"])
     pipe = pipeline(work, den.eval(), st["scaling_factor"])
@@ -466,6 +478,31 @@ def write_eval_set(seed: int) -> None:
     log(f"{EVAL_JSON.relative_to(ROOT)}: {len(cases)} held-out captions")
 
 
+def stage_parity() -> None:
+    """Reference tensors of diffusers on models/shapes-sd for tests/parity_sd.rs,
+    made by make_tiny_models.py's own recorder (its prompt; 8x8 initial latents,
+    so a 32x32 image)."""
+    from diffusers import StableDiffusionPipeline
+
+    import make_tiny_models as mtm
+
+    mtm.check_versions()
+    torch.set_grad_enabled(False)
+    pipe = StableDiffusionPipeline.from_pretrained(OUT, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    ref, meta = mtm.make_sd_reference(pipe)
+    meta.update({
+        "family": "shapes-sd",
+        "model_dir": "models/shapes-sd",
+        "scheduler": {"class": "DDIMScheduler", "config": "models/shapes-sd/scheduler/scheduler_config.json",
+                      "eta": 0.0},
+        "note": "made by tools/train_shapes_model.py (stage parity) with make_tiny_models.make_sd_reference; "
+                "the sizes quoted in the 'meaning' texts are tiny-sd's, each tensor's own is its 'shape'",
+    })
+    ref.write(ROOT / "tests" / "data" / "parity" / "shapes-sd", meta)
+    log("parity: tests/data/parity/shapes-sd written")
+
+
 def stage_eval(seed: int, n: int, grid_path: Path | None) -> None:
     from diffusers import StableDiffusionPipeline
 
@@ -477,14 +514,18 @@ def stage_eval(seed: int, n: int, grid_path: Path | None) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stages", nargs="+", choices=["data", "vae", "latents", "unet", "export", "eval", "all"])
+    ap.add_argument("stages", nargs="+",
+                    choices=["data", "vae", "latents", "unet", "export", "parity", "eval", "all"])
     ap.add_argument("--work", type=Path, required=True, help="checkpoints and data (outside the repository)")
     ap.add_argument("--seed", type=int, default=18)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--vae-steps", type=int, default=2000)
     ap.add_argument("--vae-batch", type=int, default=8)
-    ap.add_argument("--unet-steps", type=int, default=6000)
+    ap.add_argument("--unet-steps", type=int, default=5000)
     ap.add_argument("--unet-batch", type=int, default=32)
+    ap.add_argument("--unet-stop-at", type=int, default=None,
+                    help="stop the unet stage after the checkpoint of this step (a later run resumes it, possibly "
+                         "with another --unet-steps: the shipped model was trained so, see tools/README.md)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--monitor-every", type=int, default=500)
     ap.add_argument("--eval-n", type=int, default=200)
@@ -492,7 +533,7 @@ def main() -> None:
     a = ap.parse_args()
     setup(a.threads)
     a.work.mkdir(parents=True, exist_ok=True)
-    stages = ["data", "vae", "latents", "unet", "export"] if "all" in a.stages else a.stages
+    stages = ["data", "vae", "latents", "unet", "export", "parity"] if "all" in a.stages else a.stages
     t0, c0 = time.time(), time.process_time()
     for s in stages:
         if s == "data":
@@ -502,9 +543,11 @@ def main() -> None:
         elif s == "latents":
             stage_latents(a.work, a.seed)
         elif s == "unet":
-            stage_unet(a.work, a.seed, a.unet_steps, a.unet_batch, a.lr, a.monitor_every)
+            stage_unet(a.work, a.seed, a.unet_steps, a.unet_batch, a.lr, a.monitor_every, a.unet_stop_at)
         elif s == "export":
             stage_export(a.work, a.seed)
+        elif s == "parity":
+            stage_parity()
         elif s == "eval":
             stage_eval(a.seed, a.eval_n, a.grid)
     log(f"stages {' '.join(stages)}: wall {time.time() - t0:.0f} s, CPU {time.process_time() - c0:.0f} s")
