@@ -14,7 +14,7 @@
 //! by a quorum and flushed on each node. All clients use the same stack
 //! (reqwest, one keep-alive connection each), so the ratios isolate what the
 //! nodes do: TLS on the client's hop and on every Raft RPC, and the key check
-//! on every request. The cache phase runs the built-in tiny-sd model on the
+//! on every request. The cache phase runs the built-in model (shapes-sd) on the
 //! CPU, on one node.
 
 use std::path::Path;
@@ -292,7 +292,7 @@ async fn cache_phase(dir: &Path, trials: u64) {
         rerun.push(ms(t_rerun));
     }
     let (run, hit, rerun) = (median(&run), median(&hit), median(&rerun));
-    println!("result cache, 1 node, tiny-sd 64x64, 8 steps on the CPU, median of {trials} seeds:");
+    println!("result cache, 1 node, built-in model 64x64, 8 steps on the CPU, median of {trials} seeds:");
     println!(
         "  first run {run:.1} ms, identical job (cache hit) {hit:.1} ms, same job with \"cache\": false {rerun:.1} ms"
     );

@@ -95,7 +95,8 @@ async fn a_node_serves_the_tiny_models_with_their_limits_recipes_and_hashes() {
     let url = cluster.url(1);
     common::wait_until("the models to be registered", Duration::from_secs(30), || async {
         let c = reqwest::get(format!("{url}/v1/cluster")).await.unwrap().json::<Value>().await.unwrap();
-        c["members"][0]["models"].as_array().is_some_and(|m| m.len() == 3)
+        // tiny-sd, tiny-sdxl, tiny-z-image, and the built-in model's own folder (shapes-sd).
+        c["members"][0]["models"].as_array().is_some_and(|m| m.len() == 4)
     })
     .await;
 

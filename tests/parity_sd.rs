@@ -2,7 +2,9 @@
 //!
 //! `tools/make_tiny_models.py` built tiny random-weight SD-1.5-style and
 //! SDXL-style pipelines with diffusers and saved, from the same weights and
-//! the same initial latents, what diffusers computed at each stage. Loading
+//! the same initial latents, what diffusers computed at each stage
+//! (`tools/train_shapes_model.py` does the same for the trained built-in
+//! model, `shapes-sd`). Loading
 //! the same folders here must reproduce every stage within a max relative
 //! error of 1e-3 (max |ours - theirs| / max |theirs|), in f32 on the CPU.
 
@@ -151,6 +153,14 @@ fn check_family(name: &str) -> (SdPipeline, Reference) {
 #[test]
 fn tiny_sd_matches_diffusers() {
     check_family("tiny-sd");
+}
+
+/// The trained built-in model (`tools/train_shapes_model.py`, stage parity):
+/// trained weights, a downscale-4 autoencoder with 8 GroupNorm groups, and a
+/// UNet whose first level has no attention.
+#[test]
+fn shapes_sd_matches_diffusers() {
+    check_family("shapes-sd");
 }
 
 #[test]

@@ -1,9 +1,9 @@
 //! `raftgen demo`: three node processes on loopback, a few prompts submitted
 //! through a follower, the PNGs fetched from another node and written to disk.
 //!
-//! The nodes run the real executor with the built-in tiny SD model (random
-//! weights: the images are noise, made by the real pipeline), or every model
-//! under `--models-dir` when given.
+//! The nodes run the real executor with the built-in model (`shapes-sd`: flat
+//! shapes on a plain background, at 64x64; the prompts below are in its
+//! vocabulary), or every model under `--models-dir` when given.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -32,7 +32,7 @@ pub struct DemoArgs {
     /// Serve the diffusers model folders under DIR too (passed to every node).
     #[arg(long)]
     pub models_dir: Option<PathBuf>,
-    /// The model to use (default: the built-in tiny SD model).
+    /// The model to use (default: the built-in shapes model).
     #[arg(long, default_value = crate::models::catalog::BUILTIN_MODEL)]
     pub model: String,
     /// Image side in pixels.
@@ -42,11 +42,12 @@ pub struct DemoArgs {
     pub steps: u32,
 }
 
+/// In the built-in model's vocabulary ([`crate::models::catalog::BUILTIN_VOCABULARY`]).
 const PROMPTS: [&str; 4] = [
-    "a red fox in snow",
-    "a lighthouse at dusk, oil painting",
-    "a bowl of ramen, studio photo",
-    "a robot reading a book in a library",
+    "a red circle on the left on a blue background",
+    "a large yellow triangle in the middle on a black background",
+    "there is a small white square at the top; the background is green",
+    "a purple circle on the right and an orange square on the left, on a white background",
 ];
 
 pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
@@ -64,8 +65,10 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     }
     println!("starting {} nodes (executor: diffusion, model '{}')", a.nodes, a.model);
     if a.model == crate::models::catalog::BUILTIN_MODEL {
-        println!("  note: the built-in tiny model has random weights, so its images are noise;");
-        println!("  point --models-dir at a folder holding a real diffusers model (e.g. stable-diffusion-v1-5) for real images");
+        println!("  the built-in model draws {}", crate::models::catalog::BUILTIN_VOCABULARY);
+        println!(
+            "  (point --models-dir at a folder holding a diffusers model, e.g. stable-diffusion-v1-5, for others)"
+        );
     }
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
     let cluster = LocalCluster::start(&exe, &a.dir, a.nodes, &ports, &extra)?;

@@ -215,10 +215,10 @@ pub struct NodeArgs {
     #[arg(long, value_enum, default_value_t = ExecutorKind::Diffusion)]
     pub executor: ExecutorKind,
     /// Serve every diffusers model folder under DIR (besides the built-in
-    /// tiny model). Folders are read, never downloaded or written.
+    /// model, shapes-sd). Folders are read, never downloaded or written.
     #[arg(long)]
     pub models_dir: Option<PathBuf>,
-    /// Do not serve the built-in tiny model (random weights).
+    /// Do not serve the built-in model (shapes-sd: flat shapes at 64x64).
     #[arg(long)]
     pub no_builtin_model: bool,
     /// Where the diffusion executor runs the models: `auto` (CUDA device 0

@@ -1,5 +1,5 @@
 //! The models a node serves: every diffusers folder under `--models-dir`,
-//! plus the built-in tiny model, each with its content hash.
+//! plus the built-in model, each with its content hash.
 //!
 //! The hash is sha256 over the model's weight files (path, length, bytes, in
 //! path order). Hashing a real model reads gigabytes, so results are cached
@@ -16,8 +16,17 @@ use sha2::{Digest, Sha256};
 use super::files::ModelFiles;
 use super::{Family, ModelMeta};
 
-/// Name of the model compiled into the binary.
-pub const BUILTIN_MODEL: &str = "tiny-sd";
+/// Name of the model compiled into the binary: `models/shapes-sd`, a small
+/// SD-1.x-shaped model trained by `tools/train_shapes_model.py` to draw flat
+/// shapes (see [`BUILTIN_VOCABULARY`]).
+pub const BUILTIN_MODEL: &str = "shapes-sd";
+
+/// What the built-in model can draw, for prompts, help texts and the demo:
+/// one to three shapes, each with a colour, a position and a size, on a plain
+/// background colour (at 64x64, its native size).
+pub const BUILTIN_VOCABULARY: &str = "one to three circles, squares or triangles; colours red, green, blue, yellow, \
+orange, purple, white, black; positions left, right, top, bottom, center; sizes small, medium, large; \
+a plain background colour";
 
 /// One servable model.
 #[derive(Clone, Debug)]
@@ -152,16 +161,15 @@ pub fn scan(dir: &Path, cache: &mut HashCache) -> anyhow::Result<Vec<ModelEntry>
     Ok(out)
 }
 
-/// The tiny random-weight SD model compiled into the binary (made by
-/// `tools/make_tiny_models.py`). Its images are noise: it exists so a fresh
-/// checkout runs end to end without downloading anything.
+/// The model compiled into the binary ([`BUILTIN_MODEL`]), so that a fresh
+/// checkout draws real (if simple) pictures without downloading anything.
 pub fn builtin() -> anyhow::Result<ModelEntry> {
     ModelEntry::open(BUILTIN_MODEL, ModelFiles::embedded(BUILTIN_FILES), None)
 }
 
 macro_rules! embed {
     ($($path:literal),* $(,)?) => {
-        &[$(($path, include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-sd/", $path)))),*]
+        &[$(($path, include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/models/shapes-sd/", $path)))),*]
     };
 }
 
