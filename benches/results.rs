@@ -350,7 +350,7 @@ async fn main() -> anyhow::Result<()> {
         for &n in &nodes {
             // Both variants of one configuration back to back, so they share
             // the machine's load; the order alternates between configurations.
-            let order: Vec<&Variant> = if runs.len() / variants.len() % 2 == 0 {
+            let order: Vec<&Variant> = if (runs.len() / variants.len()).is_multiple_of(2) {
                 variants.iter().collect()
             } else {
                 variants.iter().rev().collect()

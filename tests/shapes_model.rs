@@ -122,7 +122,7 @@ fn median(v: &[[f64; 3]]) -> [f64; 3] {
         let mut ch: Vec<f64> = v.iter().map(|p| p[c]).collect();
         ch.sort_by(f64::total_cmp);
         let m = ch.len() / 2;
-        *o = if ch.len() % 2 == 0 { (ch[m - 1] + ch[m]) / 2.0 } else { ch[m] };
+        *o = if ch.len().is_multiple_of(2) { (ch[m - 1] + ch[m]) / 2.0 } else { ch[m] };
     }
     out
 }

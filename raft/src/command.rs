@@ -149,11 +149,14 @@ impl Command {
                 };
                 192 + holders + key + len(model_hash) + notes.iter().map(|n| len(n)).sum::<u64>()
             }
-            Command::Complete { outcome: Outcome::Failed { error, .. }, .. } => 128 + len(error),
+            Command::Complete { outcome: Outcome::Failed { error, .. } | Outcome::Unavailable { error }, .. } => {
+                128 + len(error)
+            }
             Command::Assign { assignments } => 32 + 24 * assignments.len() as u64,
             Command::Requeue { jobs, reason } => 32 + 24 * jobs.len() as u64 + len(reason),
             Command::RegisterNode { info, .. } => {
                 256 + info.models.iter().map(|m| 256 + len(&m.name) + len(&m.hash)).sum::<u64>()
+                    + info.refused_models.iter().map(|r| 16 + len(&r.name) + len(&r.reason)).sum::<u64>()
             }
             Command::ObjectsDeleted { seqs } => 16 + 8 * seqs.len() as u64,
             Command::Batch(cmds) => cmds.iter().map(Command::approx_bytes).sum(),
@@ -186,6 +189,12 @@ pub enum Outcome {
         /// is queued again while it has attempts left.
         retryable: bool,
     },
+    /// The node cannot run the job's model at all, found only when it tried
+    /// (a model folder that passed validation but failed to load). Not the
+    /// job's fault: it is queued again without spending one of its
+    /// `max_attempts` (at most [`crate::state::MAX_UNCOUNTED_ATTEMPTS`]
+    /// times), and the node stops advertising the model.
+    Unavailable { error: String },
 }
 
 /// What a node says about one model it serves: its identity (content hash)
@@ -208,6 +217,17 @@ pub struct ModelInfo {
     pub samplers: Vec<String>,
 }
 
+/// A model folder a node found and does not serve, and why (one line, for
+/// people: `/v1/cluster`, `GET /v1/models` and a submission naming it say it).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedModel {
+    pub name: String,
+    pub reason: String,
+}
+
+/// Refused model folders one registration lists (the rest are in the node's log).
+pub const MAX_REFUSED_MODELS: usize = 64;
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeRegistration {
     pub slots: u32,
@@ -217,6 +237,8 @@ pub struct NodeRegistration {
     pub loaded_models: Vec<String>,
     /// The executor's name, e.g. `test-pattern`.
     pub executor: String,
+    /// Model folders this node found and does not serve, with the reason.
+    pub refused_models: Vec<RefusedModel>,
 }
 
 /// Limits that every replica must agree on, so they live in the state.

@@ -368,6 +368,9 @@ pub struct Job {
     pub node: Option<NodeId>,
     /// How many times the job has been assigned; the current attempt's number.
     pub attempt: u32,
+    /// Attempts that do not count against `max_attempts`: the node could not
+    /// run the model at all ([`crate::command::Outcome::Unavailable`]).
+    pub uncounted_attempts: u32,
     pub progress: Progress,
     pub error: Option<String>,
     /// Submission order: log index * MAX_BATCH_COMMANDS + position in its
@@ -439,6 +442,11 @@ impl Delivery {
 }
 
 impl Job {
+    /// Attempts spent against `max_attempts`.
+    pub fn counted_attempts(&self) -> u32 {
+        self.attempt.saturating_sub(self.uncounted_attempts)
+    }
+
     pub(crate) fn push_event(&mut self, at_ms: u64, kind: EventKind) {
         // Transitions are always kept; only repeated rejections can hit the cap.
         let is_rejection = matches!(kind, EventKind::CompletionRejected { .. });

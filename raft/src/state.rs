@@ -24,6 +24,11 @@ use crate::result::{Blob, Location, ResultHash, ResultMeta, MAX_RESULT_HOLDERS};
 /// the oldest are dropped from the queue (the leader's sweep finds them).
 pub const MAX_OBJECT_DELETIONS: usize = 100_000;
 
+/// Attempts per job that a node's [`Outcome::Unavailable`] gives back; past
+/// it they count like any failure (a node that keeps advertising a model it
+/// cannot load, restart after restart, cannot keep a job forever).
+pub const MAX_UNCOUNTED_ATTEMPTS: u32 = 8;
+
 /// A node's executor as the cluster sees it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeInfo {
@@ -286,6 +291,7 @@ impl JobStateMachine {
             state: JobState::Queued,
             node: None,
             attempt: 0,
+            uncounted_attempts: 0,
             progress: Progress { step: 0, steps: request.steps },
             error: None,
             seq,
@@ -421,7 +427,23 @@ impl JobStateMachine {
                 job.push_event(at, EventKind::Failed { node: Some(node), attempt, error: error.clone() });
                 self.finish(at, id, JobState::Failed, Some(error), None);
             }
-            Outcome::Failed { error, retryable: true } if attempt < self.config.max_attempts => {
+            Outcome::Unavailable { error } if job.uncounted_attempts < MAX_UNCOUNTED_ATTEMPTS => {
+                job.uncounted_attempts += 1;
+                let error = bounded_message(&format!("not counted: {error}"));
+                job.push_event(at, EventKind::AttemptFailed { node, attempt, error });
+                self.return_to_queue(id);
+            }
+            Outcome::Unavailable { error } if job.counted_attempts() < self.config.max_attempts => {
+                let error = bounded_message(error);
+                job.push_event(at, EventKind::AttemptFailed { node, attempt, error });
+                self.return_to_queue(id);
+            }
+            Outcome::Unavailable { error } => {
+                let error = bounded_message(&format!("gave up after {attempt} attempts: {error}"));
+                job.push_event(at, EventKind::Failed { node: Some(node), attempt, error: error.clone() });
+                self.finish(at, id, JobState::Failed, Some(error), None);
+            }
+            Outcome::Failed { error, retryable: true } if job.counted_attempts() < self.config.max_attempts => {
                 let error = bounded_message(error);
                 job.push_event(at, EventKind::AttemptFailed { node, attempt, error });
                 self.return_to_queue(id);
@@ -447,7 +469,7 @@ impl JobStateMachine {
         let node = job.node.expect("active jobs have a node");
         let reason = bounded_message(reason);
         job.push_event(at, EventKind::Requeued { node, attempt, reason: reason.clone() });
-        if attempt >= self.config.max_attempts {
+        if job.counted_attempts() >= self.config.max_attempts {
             let error = format!("gave up after {attempt} attempts: {reason}");
             job.push_event(at, EventKind::Failed { node: None, attempt, error: error.clone() });
             self.finish(at, id, JobState::Failed, Some(error), None);

@@ -49,6 +49,7 @@ impl Cluster {
             models: vec![ModelInfo { name: "m".into(), ..Default::default() }],
             loaded_models: Vec::new(),
             executor: "test-pattern".into(),
+            refused_models: Vec::new(),
         };
         assert_eq!(self.apply(Command::RegisterNode { node, info }), Response::Ok);
     }
@@ -367,7 +368,7 @@ fn a_leaving_node_hands_its_copies_over_first() {
     for r in &p {
         let Repair::Copy { sha256, to, from, .. } = r else { panic!("{r:?}") };
         assert_ne!(*to, 2, "no copy goes to a retiring node");
-        assert!(c.holders(&["a", "b"].into_iter().find(|x| sha(x) == *sha256).unwrap()).unwrap().contains(from));
+        assert!(c.holders(["a", "b"].into_iter().find(|x| sha(x) == *sha256).unwrap()).unwrap().contains(from));
         c.apply(Command::ResultCopied { sha256: *sha256, node: *to });
     }
     assert_eq!(needed_before_leaving(&c.sm, &m, 2, c.now_ms), 0);

@@ -36,6 +36,7 @@ impl Cluster {
             models: models.iter().map(|m| ModelInfo { name: m.to_string(), ..Default::default() }).collect(),
             loaded_models: loaded.iter().map(|m| m.to_string()).collect(),
             executor: "test-pattern".into(),
+            refused_models: Vec::new(),
         };
         assert_eq!(self.apply(Command::RegisterNode { node, info }), Response::Ok);
     }

@@ -51,6 +51,7 @@ fn registration(slots: u32, models: &[&str]) -> NodeRegistration {
         models: models.iter().map(|m| model(m)).collect(),
         loaded_models: Vec::new(),
         executor: "test-pattern".into(),
+        refused_models: Vec::new(),
     }
 }
 
@@ -305,7 +306,13 @@ impl Gen {
                 let loaded = models.iter().filter(|_| self.rng.gen_bool(0.5)).map(|m| m.name.clone()).collect();
                 Command::RegisterNode {
                     node,
-                    info: NodeRegistration { slots, models, loaded_models: loaded, executor: "test".into() },
+                    info: NodeRegistration {
+                        slots,
+                        models,
+                        loaded_models: loaded,
+                        executor: "test".into(),
+                        refused_models: Vec::new(),
+                    },
                 }
             }
             30..=44 => {

@@ -45,6 +45,7 @@ impl Harness {
             models: vec![ModelInfo { name: "m".into(), ..Default::default() }],
             loaded_models: Vec::new(),
             executor: "test-pattern".into(),
+            refused_models: Vec::new(),
         };
         assert_eq!(h.apply(Command::RegisterNode { node: 1, info }), Response::Ok);
         h

@@ -68,21 +68,26 @@ fn diffusion_executor(a: &NodeArgs) -> anyhow::Result<DiffusionExecutor> {
         place.precision
     );
     let mut models = Vec::new();
+    let mut refused = Vec::new();
     if !a.no_builtin_model {
         models.push(crate::models::catalog::builtin()?);
     }
     if let Some(dir) = &a.models_dir {
         std::fs::create_dir_all(&a.data).with_context(|| format!("creating {}", a.data.display()))?;
         let mut cache = HashCache::open(Some(a.data.join("model-hashes.json")));
-        for m in crate::models::catalog::scan(dir, &mut cache)? {
+        let scan = crate::models::catalog::scan(dir, a.variant.as_deref(), &mut cache)?;
+        for m in scan.served {
             if models.iter().any(|e: &crate::models::catalog::ModelEntry| e.name == m.name) {
                 bail!("--models-dir {}: a folder named '{}' clashes with the built-in model", dir.display(), m.name);
             }
             models.push(m);
         }
+        refused = scan.refused;
     }
     if models.is_empty() {
-        bail!("no model to serve: --no-builtin-model and no model folder under --models-dir");
+        let why: Vec<String> = refused.iter().map(|r| format!("{}: {}", r.name, r.reason)).collect();
+        let why = if why.is_empty() { String::new() } else { format!(" (refused: {})", why.join("; ")) };
+        bail!("no model to serve: --no-builtin-model and no servable model folder under --models-dir{why}");
     }
     for m in &models {
         tracing::info!(
@@ -94,7 +99,8 @@ fn diffusion_executor(a: &NodeArgs) -> anyhow::Result<DiffusionExecutor> {
             m.files.describe()
         );
     }
-    Ok(DiffusionExecutor::new(models, place.device, place.precision, budget_mb << 20, a.max_batch))
+    Ok(DiffusionExecutor::new(models, place.device, place.precision, budget_mb << 20, a.max_batch)
+        .with_refused(refused))
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -221,6 +227,12 @@ pub struct NodeArgs {
     /// Do not serve the built-in model (shapes-sd: flat shapes at 64x64).
     #[arg(long)]
     pub no_builtin_model: bool,
+    /// Weight variant to load from model folders that have no plain weights
+    /// (e.g. `fp16` for `*.fp16.safetensors`), as diffusers' `variant=`; a
+    /// folder's own `"variant"` in model_index.json wins. Plain weights are
+    /// always preferred; `non_ema` is loaded only when asked for here.
+    #[arg(long, value_name = "NAME")]
+    pub variant: Option<String>,
     /// Where the diffusion executor runs the models: `auto` (CUDA device 0
     /// when this binary has the `cuda` feature and a GPU answers, else the
     /// CPU, saying why), `cpu`, `cuda` or `cuda:N` (refuses to start without

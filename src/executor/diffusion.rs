@@ -19,12 +19,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, DeviceLocation};
-use raftgen_raft::command::ModelInfo;
+use raftgen_raft::command::{ModelInfo, RefusedModel, MAX_REFUSED_MODELS};
 
 use super::device::{is_out_of_memory, Precision};
 use super::png::{encode_rgb, Recipe};
 use super::{ExecError, Executor, JobOutput, JobSpec, RunControl};
-use crate::models::catalog::ModelEntry;
+use crate::models::catalog::{ModelEntry, Refused};
+use crate::models::errors::one_line;
 use crate::models::{Cancelled, GenRequest, Pipeline, SamplerKind};
 
 /// Steps and guidance a model gets when the job does not say: Turbo models
@@ -85,6 +86,10 @@ type InjectFn = Box<dyn Fn(usize) -> Option<String> + Send + Sync>;
 
 pub struct DiffusionExecutor {
     models: Vec<ModelEntry>,
+    /// Model folders not served, with the reason: refused at start (see
+    /// `catalog::scan`), or whose load failed at run time (then the model
+    /// is no longer advertised, so its jobs go to other nodes).
+    refused: Mutex<BTreeMap<String, String>>,
     device: Device,
     precision: Precision,
     budget_bytes: u64,
@@ -108,6 +113,7 @@ impl DiffusionExecutor {
     ) -> Self {
         DiffusionExecutor {
             models,
+            refused: Mutex::new(BTreeMap::new()),
             device,
             precision: precision.into(),
             budget_bytes,
@@ -117,6 +123,13 @@ impl DiffusionExecutor {
             #[cfg(test)]
             inject: None,
         }
+    }
+
+    /// Also lists these model folders as refused, with their reasons (from
+    /// `catalog::scan`).
+    pub fn with_refused(self, refused: Vec<Refused>) -> Self {
+        self.refused.lock().unwrap_or_else(|e| e.into_inner()).extend(refused.into_iter().map(|r| (r.name, r.reason)));
+        self
     }
 
     fn entry(&self, name: &str) -> Option<&ModelEntry> {
@@ -137,8 +150,10 @@ impl DiffusionExecutor {
     }
 
     /// The pipeline for `name`, loading it (and evicting others) if needed.
-    /// A model larger than the budget never fits here (`Invalid`); a load
-    /// that fails (I/O, memory) may work next time (`Failed`).
+    /// A model larger than the budget never fits here (`Invalid`); out of
+    /// GPU memory may work after unloading others; any other load failure
+    /// means this node cannot run the model: it is refused from then on and
+    /// the job goes elsewhere without spending an attempt (`Unavailable`).
     fn pipeline(&self, entry: &ModelEntry) -> Result<Arc<Pipeline>, RunError> {
         let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(pos) = loaded.iter().position(|l| l.name == entry.name) {
@@ -162,8 +177,18 @@ impl DiffusionExecutor {
         }
         let started = Instant::now();
         let dtype = self.precision.for_family(entry.meta.family);
-        let pipeline = Pipeline::load(entry.family, &entry.files, &self.device, dtype)
-            .map_err(|e| classify(format!("loading model '{}': {e:#}", entry.name), true))?;
+        let pipeline = match Pipeline::load(entry.family, &entry.files, &self.device, dtype) {
+            Ok(p) => p,
+            Err(e) => {
+                let error = format!("loading model '{}': {}", entry.name, one_line(&e));
+                if let RunError::OutOfMemory { loading, error } = classify(error.clone(), true) {
+                    return Err(RunError::OutOfMemory { loading, error });
+                }
+                tracing::error!("{error}; this node no longer serves the model");
+                self.refused.lock().unwrap_or_else(|e| e.into_inner()).insert(entry.name.clone(), error.clone());
+                return Err(RunError::Exec(ExecError::Unavailable(error)));
+            }
+        };
         let took = started.elapsed();
         tracing::info!("loaded model '{}' ({} MiB) in {} ms", entry.name, bytes >> 20, took.as_millis());
         self.load_times.lock().unwrap_or_else(|e| e.into_inner()).insert(entry.name.clone(), took);
@@ -222,7 +247,7 @@ impl DiffusionExecutor {
         let images = match pipeline.generate(&reqs, &mut progress) {
             Ok(images) => images,
             Err(e) if e.is::<Cancelled>() => return Ok(jobs.iter().map(|_| Err(ExecError::Cancelled)).collect()),
-            Err(e) => return Err(classify(format!("{e:#}"), false)),
+            Err(e) => return Err(classify(one_line(&e), false)),
         };
         let mut out = Vec::with_capacity(jobs.len());
         for (((job, ctl), req), image) in jobs.iter().zip(&reqs).zip(images) {
@@ -309,7 +334,17 @@ impl Executor for DiffusionExecutor {
     }
 
     fn models(&self) -> Vec<ModelInfo> {
-        self.models.iter().map(model_info).collect()
+        let refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+        self.models.iter().filter(|m| !refused.contains_key(&m.name)).map(model_info).collect()
+    }
+
+    fn refused_models(&self) -> Vec<RefusedModel> {
+        let refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+        refused
+            .iter()
+            .take(MAX_REFUSED_MODELS)
+            .map(|(name, reason)| RefusedModel { name: name.clone(), reason: reason.clone() })
+            .collect()
     }
 
     fn loaded_models(&self) -> Vec<String> {

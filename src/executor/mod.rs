@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use raftgen_raft::command::ModelInfo;
+use raftgen_raft::command::{ModelInfo, RefusedModel};
 use raftgen_raft::job::{JobId, JobRequest};
 
 /// What an executor gets for one attempt.
@@ -50,8 +50,9 @@ impl RunControl {
 }
 
 /// Why an attempt produced no image. The host reports `Invalid` as a final
-/// failure and `Failed` as a retryable one (the job is queued again while it
-/// has attempts left, see `ClusterConfig::max_attempts`).
+/// failure, `Failed` as a retryable one (the job is queued again while it
+/// has attempts left, see `ClusterConfig::max_attempts`) and `Unavailable`
+/// as one that spends no attempt.
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum ExecError {
     /// The attempt is no longer current (cancelled, re-queued, timed out).
@@ -65,6 +66,12 @@ pub enum ExecError {
     /// another attempt may well succeed.
     #[error("{0}")]
     Failed(String),
+    /// This node cannot run the job's model at all (its folder passed
+    /// validation but failed to load): another node may. The executor stops
+    /// advertising the model; the job is queued again without spending an
+    /// attempt ([`raftgen_raft::command::Outcome::Unavailable`]).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl ExecError {
@@ -91,6 +98,10 @@ pub trait Executor: Send + Sync + 'static {
     fn models(&self) -> Vec<ModelInfo>;
     /// Models currently loaded (for the scheduler's affinity).
     fn loaded_models(&self) -> Vec<String>;
+    /// Model folders found and not served, with the reason.
+    fn refused_models(&self) -> Vec<RefusedModel> {
+        Vec::new()
+    }
     /// Where it computes (`cpu`, `cuda:0`), for the start-up log and `/metrics`.
     fn device(&self) -> String {
         "cpu".into()

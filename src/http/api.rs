@@ -10,7 +10,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json, Router};
-use raftgen_raft::command::{ModelInfo, Rejection};
+use raftgen_raft::command::{ModelInfo, RefusedModel, Rejection};
 use raftgen_raft::job::{JobId, JobRequest, JobState, MAX_IDEMPOTENCY_KEY_BYTES};
 use raftgen_raft::result::{Location, ResultHash, ResultInfo};
 use raftgen_raft::{Command, NodeId, Response as SmResponse};
@@ -40,6 +40,7 @@ pub fn routes() -> (Router<Arc<App>>, utoipa::openapi::OpenApi) {
         .routes(routes!(get_job, cancel))
         .routes(routes!(get_image))
         .routes(routes!(cluster))
+        .routes(routes!(list_models))
         .routes(routes!(join))
         .routes(routes!(leave))
         .routes(routes!(healthz))
@@ -169,7 +170,13 @@ fn string(obj: &Map<String, Value>, field: &str) -> Result<Option<String>, ApiEr
 }
 
 /// Parses and validates a submission, naming the first offending field.
-fn parse_submit(bytes: &[u8], served_models: &[ModelInfo]) -> Result<JobRequest, ApiError> {
+/// `refused`: model folders nodes found and do not serve, with the reason, so
+/// that a submission naming one is told why.
+fn parse_submit(
+    bytes: &[u8],
+    served_models: &[ModelInfo],
+    refused: &[(NodeId, RefusedModel)],
+) -> Result<JobRequest, ApiError> {
     let value: Value =
         serde_json::from_slice(bytes).map_err(|e| ApiError::field("body", format!("invalid JSON: {e}")))?;
     let Value::Object(obj) = value else { return Err(ApiError::field("body", "must be a JSON object")) };
@@ -180,7 +187,16 @@ fn parse_submit(bytes: &[u8], served_models: &[ModelInfo]) -> Result<JobRequest,
     let names = || served_models.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ");
     let model = match string(&obj, "model")? {
         Some(m) => served_models.iter().find(|i| i.name == m).ok_or_else(|| {
-            ApiError::field("model", format!("no node in the cluster serves model '{m}'; served: [{}]", names()))
+            match refused.iter().find(|(_, r)| r.name == m) {
+                Some((node, r)) => ApiError::field(
+                    "model",
+                    format!("model '{m}' is not served: node {node} refused it: {}; served: [{}]", r.reason, names()),
+                ),
+                None => ApiError::field(
+                    "model",
+                    format!("no node in the cluster serves model '{m}'; served: [{}]", names()),
+                ),
+            }
         })?,
         None => served_models.first().ok_or_else(|| {
             ApiError::field("model", "no node in the cluster serves any model (all started with --executor none?)")
@@ -301,7 +317,7 @@ async fn submit(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> 
         }
     };
     let served = served_models(&app);
-    let request = parse_submit(&bytes, &served)?;
+    let request = parse_submit(&bytes, &served, &refused_models(&app))?;
     let id = JobId(rand::random());
     let cmd = Command::Submit { id, request, seed: None, idempotency_key: key };
     match app.write(cmd, app.settings.submit_timeout()).await {
@@ -335,6 +351,16 @@ pub(super) fn served_models(app: &App) -> Vec<ModelInfo> {
     }
     models.sort_by(|a, b| a.name.cmp(&b.name));
     models
+}
+
+/// Model folders the nodes found and do not serve, by node.
+pub(super) fn refused_models(app: &App) -> Vec<(NodeId, RefusedModel)> {
+    let data = app.view.read();
+    let mut out = Vec::new();
+    for (id, node) in data.jobs.nodes() {
+        out.extend(node.registration.refused_models.iter().map(|r| (*id, r.clone())));
+    }
+    out
 }
 
 pub(super) fn parse_id(id: &str) -> Result<JobId, ApiError> {
@@ -515,6 +541,84 @@ async fn cluster(
         }
     }
     Json(membership::cluster_view(&app)).into_response()
+}
+
+/// `GET /v1/models`: in OpenAI's list format (so OpenAI clients can list
+/// them), with raftgen's fields beside, and the refused folders.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ModelList {
+    /// Always `list`.
+    object: &'static str,
+    /// The models some node serves.
+    data: Vec<ModelEntryView>,
+    /// Model folders nodes found and do not serve, with the reason.
+    refused: Vec<RefusedView>,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ModelEntryView {
+    /// The model's name (its folder's name), as `model` in a submission.
+    id: String,
+    /// Always `model`.
+    object: &'static str,
+    created: u64,
+    owned_by: &'static str,
+    family: String,
+    /// sha256 of the weight files the model loads.
+    hash: String,
+    default_side_px: u32,
+    default_steps: u32,
+    samplers: Vec<String>,
+    /// The nodes that serve it.
+    nodes: Vec<u64>,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct RefusedView {
+    node: u64,
+    name: String,
+    reason: String,
+}
+
+/// The models the cluster serves, and the model folders nodes refused, with
+/// the reason.
+#[utoipa::path(get, path = "/v1/models", tag = "cluster", responses((status = 200, body = ModelList)))]
+async fn list_models(State(app): State<Arc<App>>) -> Json<ModelList> {
+    let served = served_models(&app);
+    let data = {
+        let view = app.view.read();
+        served
+            .into_iter()
+            .map(|m| {
+                let nodes = view
+                    .jobs
+                    .nodes()
+                    .iter()
+                    .filter(|(id, n)| {
+                        n.registration.models.iter().any(|x| x.name == m.name) && view.jobs.serves(**id, &m.name)
+                    })
+                    .map(|(id, _)| *id)
+                    .collect();
+                ModelEntryView {
+                    id: m.name,
+                    object: "model",
+                    created: 0,
+                    owned_by: "raftgen",
+                    family: m.family,
+                    hash: m.hash,
+                    default_side_px: m.default_side_px,
+                    default_steps: m.default_steps,
+                    samplers: m.samplers,
+                    nodes,
+                }
+            })
+            .collect()
+    };
+    let refused = refused_models(&app)
+        .into_iter()
+        .map(|(node, r)| RefusedView { node, name: r.name, reason: r.reason })
+        .collect();
+    Json(ModelList { object: "list", data, refused })
 }
 
 /// The process answers (no API key needed).

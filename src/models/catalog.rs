@@ -13,8 +13,11 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use candle_core::{DType, Device};
+
+use super::errors::one_line;
 use super::files::ModelFiles;
-use super::{Family, ModelMeta};
+use super::{Family, Kernels, ModelMeta, Pipeline};
 
 /// Name of the model compiled into the binary: `models/shapes-sd`, a small
 /// SD-1.x-shaped model trained by `tools/train_shapes_model.py` to draw flat
@@ -57,6 +60,15 @@ impl ModelEntry {
                 files.tensor_infos(&weights)?.values().map(|t| t.shape.iter().product::<usize>() as u64).sum::<u64>();
         }
         Ok(ModelEntry { name: name.to_string(), family, files, hash, params, meta })
+    }
+
+    /// Checks that the folder can be served, without reading its weights:
+    /// the pipeline is built from the configs, its tokenizers are built, and
+    /// every tensor it needs is looked up in the weight files' headers with
+    /// the shape the configs give ([`ModelFiles::checking`]).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let files = self.files.clone().checking();
+        Pipeline::load_with(self.family, &files, &Device::Cpu, DType::F32, Kernels::Candle).map(drop)
     }
 
     /// The short hash AUTOMATIC1111 shows (first 10 hex digits).
@@ -141,10 +153,27 @@ impl HashCache {
     }
 }
 
-/// Every model folder directly under `dir` (a folder with `model_index.json`).
-/// Folders that cannot be served are skipped with a warning naming the reason.
-pub fn scan(dir: &Path, cache: &mut HashCache) -> anyhow::Result<Vec<ModelEntry>> {
-    let mut out = Vec::new();
+/// A model folder that is not served, and why (one line, for people).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refused {
+    pub name: String,
+    pub reason: String,
+}
+
+/// What a scan of `--models-dir` found.
+#[derive(Debug, Default)]
+pub struct Scan {
+    /// Folders that opened and passed [`ModelEntry::validate`].
+    pub served: Vec<ModelEntry>,
+    /// The others, with the reason (also logged as a warning).
+    pub refused: Vec<Refused>,
+}
+
+/// Every model folder directly under `dir` (a folder with `model_index.json`),
+/// opened with weight variant `variant` (`--variant`) and validated before it
+/// is advertised. A folder that cannot be served is refused with its reason.
+pub fn scan(dir: &Path, variant: Option<&str>, cache: &mut HashCache) -> anyhow::Result<Scan> {
+    let mut out = Scan::default();
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("--models-dir {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -153,9 +182,14 @@ pub fn scan(dir: &Path, cache: &mut HashCache) -> anyhow::Result<Vec<ModelEntry>
     dirs.sort();
     for path in dirs {
         let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-        match ModelEntry::open(&name, ModelFiles::dir(path.clone()), Some(cache)) {
-            Ok(e) => out.push(e),
-            Err(e) => tracing::warn!("skipping model folder {}: {e:#}", path.display()),
+        let files = ModelFiles::dir(path.clone()).with_variant(variant.map(str::to_string));
+        match ModelEntry::open(&name, files, Some(cache)).and_then(|e| e.validate().map(|()| e)) {
+            Ok(e) => out.served.push(e),
+            Err(e) => {
+                let reason = one_line(&e);
+                tracing::warn!("not serving model folder {}: {reason}", path.display());
+                out.refused.push(Refused { name, reason });
+            }
         }
     }
     Ok(out)

@@ -32,6 +32,9 @@ pub struct ModelFiles {
     /// The node's `--variant`; the folder's own `"variant"` (in
     /// `model_index.json`) takes precedence.
     variant: Option<String>,
+    /// Validation only: weights come from the files' headers as zero-sized
+    /// stand-ins (see [`ModelFiles::checking`]).
+    check_only: bool,
 }
 
 /// One component's chosen weights.
@@ -53,17 +56,27 @@ pub struct TensorInfo {
 impl ModelFiles {
     /// A diffusers folder.
     pub fn dir(path: impl Into<PathBuf>) -> ModelFiles {
-        ModelFiles { source: Source::Dir(path.into()), variant: None }
+        ModelFiles { source: Source::Dir(path.into()), variant: None, check_only: false }
     }
 
     /// Files compiled into the binary.
     pub fn embedded(files: &'static [(&'static str, &'static [u8])]) -> ModelFiles {
-        ModelFiles { source: Source::Embedded(files), variant: None }
+        ModelFiles { source: Source::Embedded(files), variant: None, check_only: false }
     }
 
     /// The same files with `variant` asked for (`--variant`).
     pub fn with_variant(mut self, variant: Option<String>) -> ModelFiles {
         self.variant = variant;
+        self
+    }
+
+    /// The same files for validation: a pipeline loaded from them reads every
+    /// config and builds its tokenizers as usual, but each weight it asks for
+    /// is looked up in the weight files' headers (present, with the shape the
+    /// architecture needs) and answered with a broadcast zero that takes no
+    /// memory. So a folder is checked without reading its gigabytes.
+    pub fn checking(mut self) -> ModelFiles {
+        self.check_only = true;
         self
     }
 
@@ -267,6 +280,11 @@ impl ModelFiles {
         rename: Option<(&'static str, &'static str)>,
     ) -> anyhow::Result<VarBuilder<'static>> {
         let vb = match (&self.source, weights.format) {
+            _ if self.check_only => {
+                let tensors = self.tensor_infos(weights)?;
+                let files = weights.files.join(", ");
+                VarBuilder::from_backend(Box::new(HeaderCheck { tensors, files }), dtype, device.clone())
+            }
             (Source::Dir(root), WeightFormat::Safetensors) => {
                 let paths: Vec<PathBuf> = weights.files.iter().map(|f| root.join(f)).collect();
                 // SAFETY: the files are opened read-only; a model folder must not be
@@ -301,5 +319,49 @@ impl ModelFiles {
             }),
             None => vb,
         })
+    }
+}
+
+/// The validation backend of [`ModelFiles::checking`]: every tensor asked for
+/// must be in the headers with the asked shape; the answer is a zero of that
+/// shape broadcast from one element.
+struct HeaderCheck {
+    tensors: BTreeMap<String, TensorInfo>,
+    /// The weight files, for messages.
+    files: String,
+}
+
+impl candle_nn::var_builder::SimpleBackend for HeaderCheck {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let info = self.tensors.get(name).ok_or_else(|| {
+            candle_core::Error::Msg(format!("{}: no tensor {name}, which the architecture needs", self.files))
+        })?;
+        if info.shape != s.dims() {
+            return Err(candle_core::Error::Msg(format!(
+                "{}: tensor {name} has shape {:?}, the configs say {:?}",
+                self.files,
+                info.shape,
+                s.dims()
+            )));
+        }
+        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let info = self.tensors.get(name).ok_or_else(|| {
+            candle_core::Error::Msg(format!("{}: no tensor {name}, which the architecture needs", self.files))
+        })?;
+        Tensor::zeros((), dtype, dev)?.broadcast_as(info.shape.as_slice())
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod blocks;
 pub mod catalog;
+pub mod errors;
 pub mod files;
 pub mod layout;
 pub mod noise;

@@ -243,6 +243,11 @@ async fn execute(app: &Arc<App>, batch: Vec<JobSpec>, cancels: Vec<Arc<AtomicBoo
                 tracing::info!(job_id = %id, attempt, "stopped: no longer current");
                 return None;
             }
+            Err(ExecError::Unavailable(error)) => {
+                let how =
+                    format!("could not run the model in {elapsed_ms} ms (queued again, attempt not counted): {error}");
+                (Outcome::Unavailable { error }, how)
+            }
             Err(e) => {
                 let retryable = e.is_retryable();
                 let how = format!("failed{} in {elapsed_ms} ms: {e}", if retryable { " (retryable)" } else { "" });
@@ -298,6 +303,7 @@ pub async fn register(app: Arc<App>) {
             models: app.executor.models(),
             loaded_models: app.executor.loaded_models(),
             executor: app.executor.name().to_string(),
+            refused_models: app.executor.refused_models(),
         };
         let member = app.is_member();
         let current = app.view.read().jobs.nodes().get(&app.id).map(|n| n.registration.clone());

@@ -181,6 +181,15 @@ pub fn cluster_view(app: &App) -> ClusterView {
                 model_conflicts: info
                     .map(|i| i.registration.model_names().into_iter().filter(|m| !data.jobs.serves(*id, m)).collect())
                     .unwrap_or_default(),
+                refused_models: info
+                    .map(|i| {
+                        i.registration
+                            .refused_models
+                            .iter()
+                            .map(|r| RefusedModelView { name: r.name.clone(), reason: r.reason.clone() })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
             }
         })
         .collect();
@@ -234,4 +243,14 @@ pub struct MemberView {
     /// Models it advertises with other bytes than the cluster knows under
     /// the name: it gets none of their jobs.
     pub model_conflicts: Vec<String>,
+    /// Model folders it found and does not serve, with the reason (failed
+    /// validation at start or a rescan, or failed to load at run time).
+    pub refused_models: Vec<RefusedModelView>,
+}
+
+/// A model folder a node does not serve, and why.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct RefusedModelView {
+    pub name: String,
+    pub reason: String,
 }

@@ -271,6 +271,7 @@ fn busy_log() -> Vec<Entry<TypeConfig>> {
         models: vec![ModelInfo { name: "m".into(), ..Default::default() }],
         loaded_models: vec![],
         executor: "t".into(),
+        refused_models: Vec::new(),
     };
     let assign = |index, job: u128| {
         let a = raftgen_raft::command::Assignment { job: JobId(job), node: 1, attempt: 1 };
@@ -506,6 +507,7 @@ async fn a_snapshot_build_racing_an_install_never_keeps_the_older_snapshot() {
                 models: vec![ModelInfo { name: "m".into(), ..Default::default() }],
                 loaded_models: vec![],
                 executor: "t".into(),
+                refused_models: Vec::new(),
             },
         },
     )];

@@ -699,6 +699,7 @@ pub fn registration(slots: u32) -> NodeRegistration {
         }],
         loaded_models: vec![MODEL.into()],
         executor: "sim".into(),
+        refused_models: Vec::new(),
     }
 }
 
