@@ -25,6 +25,7 @@ COPY chaos chaos
 COPY src src
 COPY benches benches
 COPY models/tiny-sd models/tiny-sd
+COPY models/shapes-sd models/shapes-sd
 # BuildKit cache mounts keep the registry and target/ between builds. The
 # release profile keeps line tables (debug = 1): the image drops them, and
 # backtraces keep function names.

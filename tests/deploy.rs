@@ -63,6 +63,17 @@ const METRICS: &[&str] = &[
     "raftgen_disk_bytes",
     "raftgen_model_load_seconds",
     "raftgen_build_info",
+    "raftgen_peer_sent_bytes_total",
+    "raftgen_snapshot_bytes",
+    "raftgen_results_retained",
+    "raftgen_results_retained_bytes",
+    "raftgen_results_under_replicated",
+    "raftgen_results_without_copy",
+    "raftgen_result_store_bytes",
+    "raftgen_result_store_images",
+    "raftgen_result_cache_bytes",
+    "raftgen_result_reads_total",
+    "raftgen_result_transfer_bytes_total",
 ];
 
 const HISTOGRAMS: &[&str] =
