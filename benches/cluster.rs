@@ -4,7 +4,8 @@
 //!     cargo bench --bench cluster
 //!
 //! Environment: RAFTGEN_BENCH_SECS (seconds per load phase, default 5),
-//! RAFTGEN_BENCH_FAILOVER_TRIALS (default 7).
+//! RAFTGEN_BENCH_FAILOVER_TRIALS (default 7), RAFTGEN_BENCH_NODE_ARGS (more
+//! node flags, split on spaces, e.g. `--unsafe-no-fsync` to price the sync).
 //!
 //! Nodes run the test-pattern executor (a test double) with `--slots 0`, so
 //! jobs queue but never run: this measures the submit path alone. Every 202
@@ -157,12 +158,14 @@ async fn main() {
     let secs = env_u64("RAFTGEN_BENCH_SECS", 5);
     let trials = env_u64("RAFTGEN_BENCH_FAILOVER_TRIALS", 7);
     let dir = tempfile::tempdir().unwrap();
-    let extra = ["--executor", "test-pattern", "--slots", "0", "--max-queue-depth", "100000000"];
+    let more = std::env::var("RAFTGEN_BENCH_NODE_ARGS").unwrap_or_default();
+    let mut extra = vec!["--executor", "test-pattern", "--slots", "0", "--max-queue-depth", "100000000"];
+    extra.extend(more.split_whitespace());
     let mut cluster = LocalCluster::start(Path::new(EXE), dir.path(), 3, &[], &extra).unwrap();
     let leader = cluster.wait_ready(1, 3, 0, Duration::from_secs(60)).await.unwrap();
     let follower = (1..=3).find(|i| *i != leader).unwrap();
     let all: Vec<String> = (1..=3).map(|i| cluster.url(i)).collect();
-    println!("raftgen cluster benchmark: 3 nodes on loopback, {secs} s per phase, leader = node {leader}");
+    println!("raftgen cluster benchmark: 3 nodes on loopback, {secs} s per phase, leader = node {leader}, node args {more:?}");
 
     let phases = vec![
         load(&[cluster.url(leader)], 1, secs, "1 client -> leader".into()).await,

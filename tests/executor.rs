@@ -13,6 +13,7 @@ use raftgen::executor::{ExecError, Executor, JobSpec, RunControl};
 use raftgen::models::catalog::ModelEntry;
 use raftgen::models::files::ModelFiles;
 use raftgen_raft::job::{JobId, JobRequest};
+use raftgen_raft::network::SECRET_HEADER;
 use serde_json::{json, Value};
 
 mod common;
@@ -142,4 +143,104 @@ async fn a_node_serves_the_tiny_models_with_their_limits_recipes_and_hashes() {
         )),
         "{params}"
     );
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+async fn get_json(url: &str) -> Value {
+    reqwest::get(url).await.unwrap().json().await.unwrap()
+}
+
+/// Issue 17: a folder that fails validation is not advertised, and says why
+/// in /v1/models, /v1/cluster and a submission's 400; a folder that passes
+/// validation but fails to load (its UNet weights cut short after the header)
+/// is refused by the node at run time, and its job is queued again without
+/// spending an attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_refuses_broken_folders_and_says_why() {
+    let dir = common::scratch();
+    let models = dir.path.join("models");
+    let tiny = models_dir().join("tiny-sd");
+    copy_dir(&tiny, &models.join("tiny-sd"));
+    copy_dir(&tiny, &models.join("missing"));
+    let unet = models.join("missing/unet/diffusion_pytorch_model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&unet, &Device::Cpu).unwrap();
+    assert!(tensors.remove("conv_in.weight").is_some());
+    candle_core::safetensors::save(&tensors, &unet).unwrap();
+    copy_dir(&tiny, &models.join("truncated"));
+    let unet = models.join("truncated/unet/diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&unet).unwrap();
+    let header = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    std::fs::write(&unet, &bytes[..header + (bytes.len() - header) / 2]).unwrap();
+
+    let models_arg = models.display().to_string();
+    let cluster = common::start(&dir.path, 1, &["--no-builtin-model", "--models-dir", &models_arg]);
+    cluster.wait_ready(1, 1, 1, Duration::from_secs(60)).await.unwrap();
+    let url = cluster.url(1);
+    common::wait_until("the models to be registered", Duration::from_secs(30), || async {
+        let m = get_json(&format!("{url}/v1/models")).await;
+        m["data"].as_array().is_some_and(|d| d.len() == 2)
+    })
+    .await;
+    let list = get_json(&format!("{url}/v1/models")).await;
+    let served: Vec<&str> = list["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(served, ["tiny-sd", "truncated"], "{list}");
+    assert_eq!(list["refused"].as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list["refused"][0]["name"], "missing");
+    let reason = list["refused"][0]["reason"].as_str().unwrap();
+    assert!(reason.contains("conv_in.weight") && !reason.contains('\n'), "{reason}");
+    let cv = get_json(&format!("{url}/v1/cluster")).await;
+    assert_eq!(cv["members"][0]["refused_models"][0]["reason"], reason, "{cv}");
+
+    let (status, err) = post(&url, json!({"prompt": "x", "model": "missing"})).await;
+    assert_eq!(status, 400, "{err}");
+    assert_eq!(err["error"]["field"], "model", "{err}");
+    assert!(err["error"]["message"].as_str().unwrap().contains(reason), "{err}");
+
+    // Passes validation, fails to load: refused at run time, attempt not counted.
+    let (status, job) = post(&url, json!({"prompt": "x", "model": "truncated", "steps": 2})).await;
+    assert_eq!(status, 202, "{job}");
+    let id = job["id"].as_str().unwrap().to_string();
+    common::wait_until("the node to refuse the model it cannot load", Duration::from_secs(60), || async {
+        let m = get_json(&format!("{url}/v1/models")).await;
+        m["refused"].as_array().is_some_and(|r| r.iter().any(|r| r["name"] == "truncated"))
+    })
+    .await;
+    let job = get_json(&format!("{url}/v1/jobs/{id}")).await;
+    assert_eq!(job["state"], "queued", "no other node serves it: {job}");
+    assert!(job.to_string().contains("not counted"), "{job}");
+    assert!(!job.to_string().contains("backtrace"), "{job}");
+    let (status, err) = post(&url, json!({"prompt": "x", "model": "truncated"})).await;
+    assert_eq!(status, 400, "{err}");
+    assert!(err["error"]["message"].as_str().unwrap().contains("node 1 refused it"), "{err}");
+    // The good model still works beside them.
+    let (status, job) = post(&url, json!({"prompt": "x", "model": "tiny-sd", "steps": 2})).await;
+    assert_eq!(status, 202, "{job}");
+    let done = cluster.client(1).wait_job(job["id"].as_str().unwrap(), Duration::from_secs(120), |_| {}).await.unwrap();
+    assert_eq!(done["state"], "succeeded", "{done}");
+
+    // The operator repairs the folder and rescans: the model is served again
+    // and the waiting job runs, its refused attempt not counted.
+    std::fs::write(&unet, &bytes).unwrap();
+    let rescan = format!("{url}/v1/models/rescan");
+    let resp = reqwest::Client::new().post(&rescan).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 401, "a rescan needs the admin key or the cluster secret");
+    let resp = reqwest::Client::new().post(&rescan).header(SECRET_HEADER, &cluster.secret).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let r: Value = resp.json().await.unwrap();
+    assert_eq!(r["rescan"]["served"], json!(["tiny-sd", "truncated"]), "{r}");
+    assert_eq!(r["rescan"]["refused"][0]["name"], "missing", "{r}");
+    let done = cluster.client(1).wait_job(&id, Duration::from_secs(120), |_| {}).await.unwrap();
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["attempt"], 2, "{done}");
 }

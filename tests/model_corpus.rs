@@ -118,3 +118,69 @@ fn the_model_hash_covers_exactly_the_files_loaded() {
     let loaded = family.weight_files(&ModelFiles::dir(&stray)).unwrap();
     assert!(loaded.iter().all(|f| f.ends_with(".safetensors")), "{loaded:?}");
 }
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// Rewrites one safetensors file through `edit`.
+fn edit_weights(path: &Path, edit: impl FnOnce(&mut std::collections::HashMap<String, Tensor>)) {
+    let mut tensors = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+    edit(&mut tensors);
+    candle_core::safetensors::save(&tensors, path).unwrap();
+}
+
+/// A scan validates each folder before it is advertised: a missing tensor, a
+/// tensor of the wrong shape and a tokenizer that does not build are refused
+/// with a one-line reason naming what is wrong (found from the headers, no
+/// weights loaded); the good folders, re-saved Z-Image included, are served.
+#[test]
+fn a_scan_refuses_folders_that_would_fail_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let plain = corpus().join("sd15-plain/model");
+    copy_dir(&plain, &root.join("good"));
+    copy_dir(&corpus().join("zimage-resaved/model"), &root.join("zimage-resaved"));
+    copy_dir(&corpus().join("sdxl-refiner/model"), &root.join("refiner"));
+
+    let missing = "down_blocks.0.resnets.0.conv1.weight";
+    copy_dir(&plain, &root.join("missing-tensor"));
+    edit_weights(&root.join("missing-tensor/unet/diffusion_pytorch_model.safetensors"), |t| {
+        assert!(t.remove(missing).is_some());
+    });
+    copy_dir(&plain, &root.join("wrong-shape"));
+    let reshaped = "conv_in.weight";
+    edit_weights(&root.join("wrong-shape/unet/diffusion_pytorch_model.safetensors"), |t| {
+        let w = &t[reshaped];
+        let mut dims = w.dims().to_vec();
+        dims[0] += 1;
+        t.insert(reshaped.into(), Tensor::zeros(dims, w.dtype(), &Device::Cpu).unwrap());
+    });
+    copy_dir(&plain, &root.join("bad-tokenizer"));
+    std::fs::write(root.join("bad-tokenizer/tokenizer/vocab.json"), b"{ not json").unwrap();
+
+    let mut cache = raftgen::models::catalog::HashCache::open(None);
+    let scan = raftgen::models::catalog::scan(root, None, &mut cache).unwrap();
+    let served: Vec<&str> = scan.served.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(served, ["good", "zimage-resaved"]);
+    let reason = |name: &str| {
+        let r = scan.refused.iter().find(|r| r.name == name).unwrap_or_else(|| panic!("{name} not refused"));
+        println!("{name}: {}", r.reason);
+        assert!(!r.reason.contains('\n') && !r.reason.contains("backtrace"), "{name}: {:?}", r.reason);
+        r.reason.clone()
+    };
+    assert!(reason("missing-tensor").contains(missing));
+    let wrong = reason("wrong-shape");
+    assert!(wrong.contains(reshaped) && wrong.contains("shape"), "{wrong}");
+    assert!(reason("bad-tokenizer").contains("vocab.json"));
+    assert!(reason("refiner").contains("image-to-image"));
+    assert_eq!(scan.refused.len(), 4);
+}

@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::cache::{self, ResultCache};
 use crate::command::{
-    Assignment, ClusterConfig, Command, NodeRegistration, Outcome, Rejection, Request, Response, MAX_BATCH_COMMANDS,
+    Assignment, ClusterConfig, Command, NodeRegistration, Outcome, RefusedModel, Rejection, Request, Response,
+    MAX_BATCH_COMMANDS, MAX_REFUSED_MODELS,
 };
 use crate::job::{
     bounded_message, Delivery, EventKind, FieldError, Job, JobId, JobRequest, JobState, NodeId, Progress,
@@ -427,21 +428,14 @@ impl JobStateMachine {
                 job.push_event(at, EventKind::Failed { node: Some(node), attempt, error: error.clone() });
                 self.finish(at, id, JobState::Failed, Some(error), None);
             }
-            Outcome::Unavailable { error } if job.uncounted_attempts < MAX_UNCOUNTED_ATTEMPTS => {
-                job.uncounted_attempts += 1;
-                let error = bounded_message(&format!("not counted: {error}"));
-                job.push_event(at, EventKind::AttemptFailed { node, attempt, error });
-                self.return_to_queue(id);
-            }
-            Outcome::Unavailable { error } if job.counted_attempts() < self.config.max_attempts => {
-                let error = bounded_message(error);
-                job.push_event(at, EventKind::AttemptFailed { node, attempt, error });
-                self.return_to_queue(id);
-            }
             Outcome::Unavailable { error } => {
-                let error = bounded_message(&format!("gave up after {attempt} attempts: {error}"));
-                job.push_event(at, EventKind::Failed { node: Some(node), attempt, error: error.clone() });
-                self.finish(at, id, JobState::Failed, Some(error), None);
+                // The node cannot run this model at all: it stops serving it in
+                // this same entry, so the scheduler never hands the job straight
+                // back to it (its next registration, after a rescan, may serve
+                // the model again).
+                let model = job.request.model.clone();
+                self.refuse_model(node, &model, error);
+                self.unavailable(at, id, node, attempt, error);
             }
             Outcome::Failed { error, retryable: true } if job.counted_attempts() < self.config.max_attempts => {
                 let error = bounded_message(error);
@@ -481,6 +475,40 @@ impl JobStateMachine {
 
     /// Puts an active job back in the queue, freeing its slot; the next
     /// assignment makes the next attempt.
+    /// An attempt that could not run the model at all: queued again without
+    /// spending an attempt, up to [`MAX_UNCOUNTED_ATTEMPTS`] times.
+    fn unavailable(&mut self, at: u64, id: JobId, node: NodeId, attempt: u32, error: &str) {
+        let job = self.jobs.get_mut(&id).expect("a known job");
+        if job.uncounted_attempts < MAX_UNCOUNTED_ATTEMPTS {
+            job.uncounted_attempts += 1;
+            let error = bounded_message(&format!("not counted: {error}"));
+            job.push_event(at, EventKind::AttemptFailed { node, attempt, error });
+            self.return_to_queue(id);
+        } else if job.counted_attempts() < self.config.max_attempts {
+            let error = bounded_message(error);
+            job.push_event(at, EventKind::AttemptFailed { node, attempt, error });
+            self.return_to_queue(id);
+        } else {
+            let error = bounded_message(&format!("gave up after {attempt} attempts: {error}"));
+            job.push_event(at, EventKind::Failed { node: Some(node), attempt, error: error.clone() });
+            self.finish(at, id, JobState::Failed, Some(error), None);
+        }
+    }
+
+    /// `node` found at run time that it cannot load `model`: it no longer
+    /// serves it, and says why, as if it had registered so.
+    fn refuse_model(&mut self, node: NodeId, model: &str, reason: &str) {
+        let Some(n) = self.nodes.get_mut(&node) else { return };
+        let reg = &mut n.registration;
+        reg.models.retain(|m| m.name != model);
+        reg.loaded_models.retain(|m| m != model);
+        reg.refused_models.retain(|r| r.name != model);
+        if reg.refused_models.len() < MAX_REFUSED_MODELS {
+            reg.refused_models.push(RefusedModel { name: bounded_message(model), reason: bounded_message(reason) });
+        }
+        self.forget_unserved_models();
+    }
+
     fn return_to_queue(&mut self, id: JobId) {
         let job = self.jobs.get_mut(&id).expect("a known job");
         let node = job.node.take().expect("active jobs have a node");

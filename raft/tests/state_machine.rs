@@ -2261,3 +2261,51 @@ fn the_cache_survives_a_snapshot_restore() {
     assert_eq!((hit.state, cache_source(&hit)), (JobState::Succeeded, Some(first)));
     assert_eq!(h.sm.image(&hit.id).map(|i| i.0), Some(image_hash(10, 3)));
 }
+
+#[test]
+fn a_node_that_cannot_load_a_model_stops_serving_it_in_the_same_entry() {
+    use raftgen_raft::state::MAX_UNCOUNTED_ATTEMPTS;
+    let mut h = Harness::new(ClusterConfig { max_attempts: 2, ..Default::default() });
+    h.register(1, 1, &["m1", "m2"]);
+    let id = h.submit_ok(1, request("a cat", "m1", 0));
+    assert_eq!(h.assign(id, 1, 1), 1);
+    let unavailable = Outcome::Unavailable { error: "unet/x.safetensors: file cut short".into() };
+    assert_eq!(h.complete(id, 1, 1, unavailable.clone()), Response::Ok);
+    let job = h.job(id);
+    assert_eq!((job.state, job.counted_attempts()), (JobState::Queued, 0), "the attempt is given back");
+    assert!(!h.sm.serves(1, "m1") && h.sm.serves(1, "m2"), "node 1 stops serving m1 only");
+    let reg = &h.sm.nodes()[&1].registration;
+    assert_eq!(reg.refused_models.len(), 1);
+    assert_eq!(
+        (reg.refused_models[0].name.as_str(), reg.refused_models[0].reason.as_str()),
+        ("m1", "unet/x.safetensors: file cut short")
+    );
+    assert!(schedule::plan(&h.sm, |_| true, 8).assign.is_empty(), "never handed straight back to node 1");
+
+    // Another node that serves it takes the job.
+    h.register(2, 1, &["m1"]);
+    let plan = schedule::plan(&h.sm, |_| true, 8);
+    assert_eq!(plan.assign.iter().map(|a| (a.job, a.node)).collect::<Vec<_>>(), [(id, 2)]);
+
+    // Node 1, repaired and rescanned, registers m1 again and serves it.
+    h.register(1, 1, &["m1", "m2"]);
+    assert!(h.sm.serves(1, "m1"));
+    assert!(h.sm.nodes()[&1].registration.refused_models.is_empty());
+
+    // Past MAX_UNCOUNTED_ATTEMPTS the attempts count, then the job gives up.
+    let mut attempt = h.job(id).attempt;
+    for _ in 0..MAX_UNCOUNTED_ATTEMPTS + 2 {
+        if h.job(id).state != JobState::Queued {
+            break;
+        }
+        attempt += 1;
+        h.register(1, 1, &["m1"]);
+        assert_eq!(h.assign(id, 1, attempt), 1);
+        assert_eq!(h.complete(id, 1, attempt, unavailable.clone()), Response::Ok);
+    }
+    let job = h.job(id);
+    assert_eq!(job.state, JobState::Failed);
+    assert_eq!(job.uncounted_attempts, MAX_UNCOUNTED_ATTEMPTS);
+    assert_eq!(job.counted_attempts(), 2);
+    assert!(job.error.as_deref().unwrap().starts_with("gave up after 10 attempts"), "{:?}", job.error);
+}

@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 use crate::executor::diffusion::DiffusionExecutor;
 use crate::executor::test_pattern::{Faults, TestPatternExecutor};
 use crate::executor::{Executor, NoExecutor};
-use crate::models::catalog::HashCache;
+use crate::models::catalog::{Catalog, Scan};
 use crate::node::config::NodeSettings;
 
 /// The secret used when none is given: fine on one machine, never across a network.
@@ -67,23 +67,16 @@ fn diffusion_executor(a: &NodeArgs) -> anyhow::Result<DiffusionExecutor> {
         place.label,
         place.precision
     );
-    let mut models = Vec::new();
-    let mut refused = Vec::new();
-    if !a.no_builtin_model {
-        models.push(crate::models::catalog::builtin()?);
-    }
-    if let Some(dir) = &a.models_dir {
+    if a.models_dir.is_some() {
         std::fs::create_dir_all(&a.data).with_context(|| format!("creating {}", a.data.display()))?;
-        let mut cache = HashCache::open(Some(a.data.join("model-hashes.json")));
-        let scan = crate::models::catalog::scan(dir, a.variant.as_deref(), &mut cache)?;
-        for m in scan.served {
-            if models.iter().any(|e: &crate::models::catalog::ModelEntry| e.name == m.name) {
-                bail!("--models-dir {}: a folder named '{}' clashes with the built-in model", dir.display(), m.name);
-            }
-            models.push(m);
-        }
-        refused = scan.refused;
     }
+    let catalog = Catalog {
+        builtin: !a.no_builtin_model,
+        dir: a.models_dir.clone(),
+        variant: a.variant.clone(),
+        hash_cache: Some(a.data.join("model-hashes.json")),
+    };
+    let Scan { served: models, refused } = catalog.load()?;
     if models.is_empty() {
         let why: Vec<String> = refused.iter().map(|r| format!("{}: {}", r.name, r.reason)).collect();
         let why = if why.is_empty() { String::new() } else { format!(" (refused: {})", why.join("; ")) };
@@ -100,7 +93,7 @@ fn diffusion_executor(a: &NodeArgs) -> anyhow::Result<DiffusionExecutor> {
         );
     }
     Ok(DiffusionExecutor::new(models, place.device, place.precision, budget_mb << 20, a.max_batch)
-        .with_refused(refused))
+        .with_catalog(catalog, refused))
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -370,6 +363,12 @@ pub struct NodeArgs {
     /// durable (the bug the chaos checkers must catch).
     #[arg(long, hide = true)]
     pub unsafe_complete_before_durable: bool,
+    /// Acknowledge writes after sled's flush without syncing the filesystem
+    /// (about the speed of a write to the page cache). RISK: a power loss or
+    /// kernel crash on a majority of nodes can lose acknowledged jobs (sled
+    /// syncs every 500 ms); a process crash loses nothing. Default: synced.
+    #[arg(long)]
+    pub unsafe_no_fsync: bool,
     #[arg(long, default_value_t = 64 << 20)]
     pub snapshot_max_bytes: u64,
     /// Snapshot once this many log entries were applied since the last one.
@@ -528,6 +527,11 @@ impl NodeArgs {
                 snapshot_max_bytes: self.snapshot_max_bytes,
                 snapshot_logs: self.snapshot_logs,
                 snapshot_keep_logs: self.snapshot_keep_logs,
+                durability: if self.unsafe_no_fsync {
+                    raftgen_storage::Durability::UnsafeFlushOnly
+                } else {
+                    raftgen_storage::Durability::Sync
+                },
                 cluster: ClusterConfig {
                     max_queue_depth: self.max_queue_depth,
                     max_results: self.max_results,

@@ -15,7 +15,9 @@
 //! `--max-attempts`: another node's GPU may hold it; see `device`'s doc).
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
+
+use anyhow::Context;
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, DeviceLocation};
@@ -23,8 +25,8 @@ use raftgen_raft::command::{ModelInfo, RefusedModel, MAX_REFUSED_MODELS};
 
 use super::device::{is_out_of_memory, Precision};
 use super::png::{encode_rgb, Recipe};
-use super::{ExecError, Executor, JobOutput, JobSpec, RunControl};
-use crate::models::catalog::{ModelEntry, Refused};
+use super::{ExecError, Executor, JobOutput, JobSpec, Rescan, RunControl};
+use crate::models::catalog::{Catalog, ModelEntry, Refused, Scan};
 use crate::models::errors::one_line;
 use crate::models::{Cancelled, GenRequest, Pipeline, SamplerKind};
 
@@ -85,7 +87,10 @@ impl From<ExecError> for RunError {
 type InjectFn = Box<dyn Fn(usize) -> Option<String> + Send + Sync>;
 
 pub struct DiffusionExecutor {
-    models: Vec<ModelEntry>,
+    /// The models served; replaced by a rescan.
+    models: RwLock<Vec<ModelEntry>>,
+    /// Where they came from, for a rescan (`None`: a fixed list, in tests).
+    catalog: Option<Catalog>,
     /// Model folders not served, with the reason: refused at start (see
     /// `catalog::scan`), or whose load failed at run time (then the model
     /// is no longer advertised, so its jobs go to other nodes).
@@ -112,7 +117,8 @@ impl DiffusionExecutor {
         max_batch: usize,
     ) -> Self {
         DiffusionExecutor {
-            models,
+            models: RwLock::new(models),
+            catalog: None,
             refused: Mutex::new(BTreeMap::new()),
             device,
             precision: precision.into(),
@@ -125,15 +131,16 @@ impl DiffusionExecutor {
         }
     }
 
-    /// Also lists these model folders as refused, with their reasons (from
-    /// `catalog::scan`).
-    pub fn with_refused(self, refused: Vec<Refused>) -> Self {
+    /// Where the models came from, so that [`Executor::rescan`] can read it
+    /// again, and the folders it refused.
+    pub fn with_catalog(mut self, catalog: Catalog, refused: Vec<Refused>) -> Self {
+        self.catalog = Some(catalog);
         self.refused.lock().unwrap_or_else(|e| e.into_inner()).extend(refused.into_iter().map(|r| (r.name, r.reason)));
         self
     }
 
-    fn entry(&self, name: &str) -> Option<&ModelEntry> {
-        self.models.iter().find(|m| m.name == name)
+    fn entry(&self, name: &str) -> Option<ModelEntry> {
+        self.models.read().unwrap_or_else(|e| e.into_inner()).iter().find(|m| m.name == name).cloned()
     }
 
     /// Memory a loaded model takes: its weights at its dtype.
@@ -229,9 +236,11 @@ impl DiffusionExecutor {
 
     fn run(&self, jobs: &[(JobSpec, RunControl)]) -> Result<Vec<Result<JobOutput, ExecError>>, RunError> {
         let first = &jobs[0].0;
+        // Not served here (any more: a rescan dropped it): another node may.
         let entry = self
             .entry(&first.request.model)
-            .ok_or_else(|| ExecError::Invalid(format!("this node has no model '{}'", first.request.model)))?;
+            .ok_or_else(|| ExecError::Unavailable(format!("node does not serve model '{}'", first.request.model)))?;
+        let entry = &entry;
         let reqs = jobs.iter().map(|(j, _)| self.request(entry, j)).collect::<Result<Vec<_>, _>>()?;
         let pipeline = self.pipeline(entry)?;
         let mut progress = |step: usize, steps: usize| {
@@ -335,7 +344,30 @@ impl Executor for DiffusionExecutor {
 
     fn models(&self) -> Vec<ModelInfo> {
         let refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
-        self.models.iter().filter(|m| !refused.contains_key(&m.name)).map(model_info).collect()
+        let models = self.models.read().unwrap_or_else(|e| e.into_inner());
+        models.iter().filter(|m| !refused.contains_key(&m.name)).map(model_info).collect()
+    }
+
+    fn rescan(&self) -> anyhow::Result<Rescan> {
+        let catalog = self.catalog.as_ref().context("this executor was given a fixed list of models")?;
+        let Scan { served, refused } = catalog.load()?;
+        let mut models = self.models.write().unwrap_or_else(|e| e.into_inner());
+        let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        let mut refusals = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+        let before: BTreeMap<String, String> = models.iter().map(|m| (m.name.clone(), m.hash.clone())).collect();
+        // A model whose folder is gone or changed is unloaded (jobs running
+        // it keep their own reference to the pipeline until they finish).
+        loaded.retain(|l| served.iter().any(|m| m.name == l.name && before.get(&m.name) == Some(&m.hash)));
+        let added = served.iter().filter(|m| !before.contains_key(&m.name)).map(|m| m.name.clone()).collect();
+        let removed = before.keys().filter(|n| !served.iter().any(|m| &&m.name == n)).cloned().collect();
+        // Run-time refusals are forgotten: a rescan is the operator saying
+        // the folders were fixed; one that still fails to load is refused
+        // again by its next job.
+        *refusals = refused.iter().map(|r| (r.name.clone(), r.reason.clone())).collect();
+        *models = served;
+        let served = models.iter().map(|m| m.name.clone()).collect();
+        let refused = refused.into_iter().map(|r| RefusedModel { name: r.name, reason: r.reason }).collect();
+        Ok(Rescan { served, refused, added, removed })
     }
 
     fn refused_models(&self) -> Vec<RefusedModel> {

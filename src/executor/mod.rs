@@ -49,6 +49,17 @@ impl RunControl {
     }
 }
 
+/// What a rescan of the model folders found.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Rescan {
+    pub served: Vec<String>,
+    pub refused: Vec<RefusedModel>,
+    /// Served now, not before.
+    pub added: Vec<String>,
+    /// Served before, not now.
+    pub removed: Vec<String>,
+}
+
 /// Why an attempt produced no image. The host reports `Invalid` as a final
 /// failure, `Failed` as a retryable one (the job is queued again while it
 /// has attempts left, see `ClusterConfig::max_attempts`) and `Unavailable`
@@ -101,6 +112,10 @@ pub trait Executor: Send + Sync + 'static {
     /// Model folders found and not served, with the reason.
     fn refused_models(&self) -> Vec<RefusedModel> {
         Vec::new()
+    }
+    /// Reads the model folders again (`SIGHUP`, `POST /v1/models/rescan`).
+    fn rescan(&self) -> anyhow::Result<Rescan> {
+        anyhow::bail!("the {} executor has no model folders to rescan", self.name())
     }
     /// Where it computes (`cpu`, `cuda:0`), for the start-up log and `/metrics`.
     fn device(&self) -> String {

@@ -41,6 +41,7 @@ pub fn routes() -> (Router<Arc<App>>, utoipa::openapi::OpenApi) {
         .routes(routes!(get_image))
         .routes(routes!(cluster))
         .routes(routes!(list_models))
+        .routes(routes!(rescan_models))
         .routes(routes!(join))
         .routes(routes!(leave))
         .routes(routes!(healthz))
@@ -619,6 +620,29 @@ async fn list_models(State(app): State<Arc<App>>) -> Json<ModelList> {
         .map(|(node, r)| RefusedView { node, name: r.name, reason: r.reason })
         .collect();
     Json(ModelList { object: "list", data, refused })
+}
+
+/// Reads this node's model folders again (admin key or cluster secret), as
+/// `SIGHUP` does: new folders are validated and advertised, removed or
+/// changed ones unloaded, refusals replaced by what the scan finds. Answers
+/// what this node serves and refuses now (other nodes: ask each).
+#[utoipa::path(post, path = "/v1/models/rescan", tag = "cluster",
+    responses(
+        (status = 200, description = "What this node serves and refuses now", body = Object),
+        (status = 401, description = "No valid key or secret", body = ErrorBody),
+        (status = 403, description = "Not an admin key", body = ErrorBody),
+        (status = 409, description = "This node has no model folders to read (another executor), or they cannot be read", body = ErrorBody),
+    ))]
+async fn rescan_models(
+    State(app): State<Arc<App>>,
+    caller: Option<Extension<Caller>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    require_admin(&app, &headers, caller.as_deref())?;
+    match crate::node::host::rescan_models(&app).await {
+        Ok(r) => Ok(Json(json!({ "node": app.id, "rescan": r })).into_response()),
+        Err(e) => Err(ApiError::new(StatusCode::CONFLICT, "rescan_failed", crate::models::errors::one_line(&e))),
+    }
 }
 
 /// The process answers (no API key needed).

@@ -234,6 +234,7 @@ mod tests {
             "GET /v1/jobs/{id}/events",
             "GET /v1/cluster",
             "GET /v1/models",
+            "POST /v1/models/rescan",
             "POST /v1/cluster/nodes",
             "DELETE /v1/cluster/nodes/{id}",
             "GET /healthz",

@@ -195,6 +195,45 @@ pub fn scan(dir: &Path, variant: Option<&str>, cache: &mut HashCache) -> anyhow:
     Ok(out)
 }
 
+/// Where a node's models come from: the built-in model (unless
+/// `--no-builtin-model`) and the folders under `--models-dir`. Read at start
+/// and again on a rescan (`SIGHUP`, `POST /v1/models/rescan`).
+#[derive(Clone, Debug, Default)]
+pub struct Catalog {
+    pub builtin: bool,
+    pub dir: Option<PathBuf>,
+    /// `--variant`.
+    pub variant: Option<String>,
+    /// Where content hashes are cached (the node's data dir).
+    pub hash_cache: Option<PathBuf>,
+}
+
+impl Catalog {
+    /// The models to serve and the folders refused. A folder named like the
+    /// built-in model is refused (it would be ambiguous which one a job means).
+    pub fn load(&self) -> anyhow::Result<Scan> {
+        let mut out = Scan::default();
+        if self.builtin {
+            out.served.push(builtin()?);
+        }
+        if let Some(dir) = &self.dir {
+            let mut cache = HashCache::open(self.hash_cache.clone());
+            let scan = scan(dir, self.variant.as_deref(), &mut cache)?;
+            for m in scan.served {
+                if out.served.iter().any(|e| e.name == m.name) {
+                    let reason = format!("a folder named '{}' clashes with the built-in model", m.name);
+                    tracing::warn!("not serving model folder {}: {reason}", dir.join(&m.name).display());
+                    out.refused.push(Refused { name: m.name, reason });
+                } else {
+                    out.served.push(m);
+                }
+            }
+            out.refused.extend(scan.refused);
+        }
+        Ok(out)
+    }
+}
+
 /// The model compiled into the binary ([`BUILTIN_MODEL`]), so that a fresh
 /// checkout draws real (if simple) pictures without downloading anything.
 pub fn builtin() -> anyhow::Result<ModelEntry> {

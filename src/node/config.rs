@@ -41,6 +41,8 @@ pub struct NodeSettings {
     /// Log entries kept behind a snapshot, so a follower that lags a little
     /// catches up from the log instead of a snapshot.
     pub snapshot_keep_logs: u64,
+    /// How far the log is synced before a write is acknowledged.
+    pub durability: raftgen_storage::Durability,
     /// Cluster-wide limits this node writes to the log when it leads.
     pub cluster: ClusterConfig,
     /// Webhook deliveries, made by this node while it leads.

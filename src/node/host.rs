@@ -290,6 +290,47 @@ async fn complete(app: &App, id: JobId, attempt: u32, outcome: Outcome, how: Str
     }
 }
 
+/// Reads the executor's model folders again (`SIGHUP`, `POST
+/// /v1/models/rescan`); the registration loop advertises the result within
+/// half a second. One rescan at a time (validation reads every header).
+pub async fn rescan_models(app: &Arc<App>) -> anyhow::Result<crate::executor::Rescan> {
+    static RUNNING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _one = RUNNING.lock().await;
+    let executor = app.executor.clone();
+    let r = tokio::task::spawn_blocking(move || executor.rescan()).await??;
+    tracing::info!(
+        "model rescan: serving {:?}, refused {:?}, added {:?}, removed {:?}",
+        r.served,
+        r.refused.iter().map(|r| &r.name).collect::<Vec<_>>(),
+        r.added,
+        r.removed
+    );
+    Ok(r)
+}
+
+/// Rescans the model folders on each `SIGHUP`.
+pub async fn rescan_on_sighup(app: Arc<App>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("no SIGHUP handler (model rescans only through the API): {e}");
+            return;
+        }
+    };
+    let mut shutdown = app.shutdown.clone();
+    loop {
+        tokio::select! {
+            Some(()) = hup.recv() => {
+                if let Err(e) = rescan_models(&app).await {
+                    tracing::warn!("model rescan on SIGHUP: {}", crate::models::errors::one_line(&e));
+                }
+            }
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
 /// Keeps this node's registration (slots, models) in the replicated state.
 pub async fn register(app: Arc<App>) {
     let mut shutdown = app.shutdown.clone();

@@ -68,8 +68,24 @@ fn check_node_id(opts: &NodeOptions) -> anyhow::Result<()> {
     match std::fs::read_to_string(&path) {
         Ok(s) if s.trim() == opts.id.to_string() => Ok(()),
         Ok(s) => bail!("{} belongs to node {}, not node {}", opts.data.display(), s.trim(), opts.id),
-        Err(_) => Ok(std::fs::write(&path, format!("{}\n", opts.id))?),
+        Err(_) => write_durably(&path, format!("{}\n", opts.id).as_bytes())
+            .with_context(|| format!("writing {}", path.display())),
     }
+}
+
+/// Writes a small file so that a power loss leaves it whole or absent: a
+/// temporary file, synced, renamed into place, and the directory synced.
+fn write_durably(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
@@ -79,7 +95,11 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
     check_node_id(&opts)?;
     crate::logging::set_node_id(opts.id);
     let addr = opts.advertise.clone().unwrap_or_else(|| opts.listen.to_string());
-    let (log, sm) = raftgen_storage::open(&opts.data).with_context(|| format!("opening {}", opts.data.display()))?;
+    let (log, sm) = raftgen_storage::open_with(&opts.data, opts.settings.durability)
+        .with_context(|| format!("opening {}", opts.data.display()))?;
+    if opts.settings.durability == raftgen_storage::Durability::UnsafeFlushOnly {
+        tracing::warn!("--unsafe-no-fsync: writes are acknowledged before they are synced; a power loss can lose them");
+    }
     let results = results::Results::open(&opts.data, opts.settings.results.clone())
         .with_context(|| format!("opening the result store in {}", opts.data.display()))?;
     if let Some(object) = &results.object {
@@ -157,6 +177,7 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
     tokio::spawn(crate::node::webhook::run(app.clone()));
     tokio::spawn(crate::node::host::run(app.clone()));
     tokio::spawn(crate::node::host::register(app.clone()));
+    tokio::spawn(crate::node::host::rescan_on_sighup(app.clone()));
     tokio::spawn(snapshot_by_size(app.clone()));
     tokio::spawn(crate::metrics::observer::run(app.clone()));
     tokio::spawn(results::janitor::run(app.clone()));

@@ -5,7 +5,8 @@
 //! whose threads wake and sleep on every call; under load that churn cost more
 //! CPU than the flushes themselves (measured: ~70% of the leader's CPU). Here
 //! a waiter enqueues a oneshot; the flusher takes all queued waiters, calls
-//! `flush()` once (covering every write made before it was called), and
+//! `flush()` and then `syncfs` once (covering every write made before it was
+//! called: sled's flush alone is `sync_file_range`, not a sync), and
 //! answers them all.
 
 use std::sync::mpsc;
@@ -24,13 +25,19 @@ pub(crate) struct Flusher {
 }
 
 impl Flusher {
-    pub(crate) fn start(db: sled::Db) -> std::io::Result<Self> {
+    /// `sync`: the database's directory, to `syncfs` after each flush
+    /// (`None`: flush only, see `Durability::UnsafeFlushOnly`).
+    pub(crate) fn start(db: sled::Db, sync: Option<std::fs::File>) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Waiter>();
         std::thread::Builder::new().name("raftgen-flush".into()).spawn(move || {
             while let Ok((db, first)) = rx.recv() {
                 let mut waiters = vec![first];
                 waiters.extend(rx.try_iter().map(|(_, w)| w));
-                let result = db.flush().map(|_| ()).map_err(Arc::new);
+                let result = db.flush().map(|_| ()).and_then(|()| match &sync {
+                    Some(dir) => syncfs(dir).map_err(sled::Error::Io),
+                    None => Ok(()),
+                });
+                let result = result.map_err(Arc::new);
                 drop(db);
                 for w in waiters {
                     let _ = w.send(result.clone());
@@ -49,5 +56,21 @@ impl Flusher {
             Ok(Err(e)) => Err(std::io::Error::other(e.to_string())),
             Err(_) => Err(std::io::Error::other("flusher stopped")),
         }
+    }
+}
+
+/// `syncfs(2)` on the filesystem holding `dir`: every dirty page and inode of
+/// it, and a cache flush of the device. Measured on this machine's disk about
+/// as fast as `fdatasync` of sled's one file (0.10-0.16 ms after a 4 KB
+/// write), and it also covers the files sled creates (blobs, snapshots) and
+/// their directory entries, which a per-file sync would have to track.
+fn syncfs(dir: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the descriptor is open for the call's duration; syncfs only
+    // reads it.
+    if unsafe { libc::syncfs(dir.as_raw_fd()) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
