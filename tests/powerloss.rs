@@ -56,17 +56,27 @@ fn replay_journals(journal: &Path) -> usize {
     for e in std::fs::read_dir(journal).unwrap() {
         let path = e.unwrap().path();
         let b = std::fs::read(&path).unwrap();
+        let n = if b.len() >= 5 { u32::from_le_bytes(b[1..5].try_into().unwrap()) as usize } else { usize::MAX };
+        if n == usize::MAX || b.len() < 5 + n {
+            // Cut short before its first record: no write happened.
+            std::fs::remove_file(&path).unwrap();
+            continue;
+        }
         assert_eq!(b[0], b'P', "{}", path.display());
-        let n = u32::from_le_bytes(b[1..5].try_into().unwrap()) as usize;
         let target = PathBuf::from(std::str::from_utf8(&b[5..5 + n]).unwrap());
         let mut at = 5 + n;
         let mut records = Vec::new();
-        while at < b.len() {
+        // A record cut short by the kill belongs to a write that never
+        // happened (the shim journals before it writes): ignored.
+        while at + 25 <= b.len() {
             assert_eq!(b[at], b'W', "{}", path.display());
             at += 1;
             let off = u64_at(&b, &mut at);
             let old_size = u64_at(&b, &mut at);
             let have = u64_at(&b, &mut at) as usize;
+            if at + have > b.len() {
+                break;
+            }
             records.push((off, old_size, &b[at..at + have]));
             at += have;
         }

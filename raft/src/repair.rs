@@ -40,6 +40,12 @@ fn eligible(sm: &JobStateMachine, members: &BTreeSet<NodeId>) -> BTreeSet<NodeId
     members.iter().copied().filter(|n| !sm.is_retiring(*n) && sm.lost_since(*n).is_none()).collect()
 }
 
+/// Whether `node` is draining (stopping or leaving): its copies still count,
+/// but it gets no new ones.
+fn draining(sm: &JobStateMachine, node: NodeId) -> bool {
+    sm.nodes().get(&node).is_some_and(|n| n.draining)
+}
+
 /// Whether `node`'s copy counts at `now_ms`.
 fn counts(sm: &JobStateMachine, members: &BTreeSet<NodeId>, node: NodeId, now_ms: u64) -> bool {
     members.contains(&node)
@@ -50,8 +56,8 @@ fn counts(sm: &JobStateMachine, members: &BTreeSet<NodeId>, node: NodeId, now_ms
 /// Where the node `me` that made result `sha` pushes copies: the other
 /// eligible members, best first, and how many copies in all (its own
 /// included) must be durable before it reports the result: `result_copies`,
-/// capped at the nodes that can hold one. An unreachable candidate is skipped
-/// for the next one.
+/// capped at the nodes that can hold one (members neither retiring, lost nor
+/// draining). An unreachable candidate is skipped for the next one.
 pub fn push_targets(
     sm: &JobStateMachine,
     members: &BTreeSet<NodeId>,
@@ -60,6 +66,8 @@ pub fn push_targets(
 ) -> (Vec<NodeId>, usize) {
     let mut eligible = eligible(sm, members);
     eligible.remove(&me);
+    // A draining node is stopping (SIGTERM) or leaving: no new copies.
+    eligible.retain(|n| !draining(sm, *n));
     let copies = sm.config().result_copies.max(1) as usize;
     let required = copies.min(eligible.len() + 1);
     (rank(sha, eligible), required)
@@ -106,7 +114,7 @@ pub fn plan(
 ) -> Vec<Repair> {
     let copies = sm.config().result_copies.max(1) as usize;
     let eligible = eligible(sm, members);
-    let placeable: BTreeSet<NodeId> = eligible.iter().copied().filter(|n| healthy(*n)).collect();
+    let placeable: BTreeSet<NodeId> = eligible.iter().copied().filter(|n| healthy(*n) && !draining(sm, *n)).collect();
     let target = copies.min(eligible.len());
     let mut out = Vec::new();
     for (sha, blob) in sm.blobs() {

@@ -258,6 +258,14 @@ fn push_targets_skip_lost_and_retiring_nodes_and_cap_the_copies() {
     let (targets, required) = push_targets(&c.sm, &all, 1, &s);
     assert_eq!(required, 3);
     assert_eq!(targets, rank(&s, [4, 5, 6]));
+    // A draining node (stopping on SIGTERM, or leaving) gets no new copies.
+    c.register(5);
+    assert_eq!(c.apply(Command::SetDraining { node: 5, draining: true }), Response::Ok);
+    let (targets, required) = push_targets(&c.sm, &all, 1, &s);
+    assert_eq!((targets, required), (rank(&s, [4, 6]), 3));
+    let (targets, required) = push_targets(&c.sm, &members([1, 4, 5]), 1, &s);
+    assert_eq!((targets, required), (vec![4], 2), "a 3-node cluster with one stopping makes 2 copies");
+    assert_eq!(c.apply(Command::SetDraining { node: 5, draining: false }), Response::Ok);
     // Capped at the nodes that can hold a copy.
     let (targets, required) = push_targets(&c.sm, &members([1, 2, 3, 4]), 1, &s);
     assert_eq!((targets, required), (vec![4], 2));
