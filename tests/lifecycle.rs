@@ -1,6 +1,7 @@
 //! A node's life outside failures: a stop by SIGTERM drains it (running jobs
 //! finish, or are handed back when they outlast `--shutdown-timeout-ms`), a
-//! restarted node takes jobs again, and `--log-format json` names the node and
+//! restarted node takes jobs again, `/readyz` answers 200 only once a
+//! submission would be accepted, and `--log-format json` names the node and
 //! the job on the lines about a job.
 
 use std::time::{Duration, Instant};
@@ -166,4 +167,47 @@ async fn json_logs_name_the_node_on_every_line_and_the_job_on_job_lines() {
         }
     }
     assert!(job_lines > 0, "no line about job {id} in:\n{log}");
+}
+
+/// Until some node serves a model, `/readyz` is 503 and a submission through
+/// any API is a 503 with `Retry-After` (a server state, not a client error);
+/// once a node with an executor has registered, both say yes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_ready_and_503_until_a_node_serves_a_model() {
+    let dir = scratch();
+    let mut cluster = start(&dir.path, 1, &["--executor", "none"]);
+    cluster.wait_ready(1, 1, 0, Duration::from_secs(60)).await.unwrap();
+    let http = reqwest::Client::new();
+    let url = cluster.url(1);
+    common::wait_until("node 1 to register", Duration::from_secs(30), || async {
+        let c: Value = http.get(format!("{url}/v1/cluster")).send().await.unwrap().json().await.unwrap();
+        c["members"][0]["executor"].is_string()
+    })
+    .await;
+    let r = http.get(format!("{url}/readyz")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!((body["ready"].as_bool(), body["models"].as_u64()), (Some(false), Some(0)), "{body}");
+    let submissions = [
+        ("/v1/jobs", json!({"prompt": "x"})),
+        ("/v1/images/generations", json!({"prompt": "x"})),
+        ("/sdapi/v1/txt2img", json!({"prompt": "x"})),
+    ];
+    for (path, body) in &submissions {
+        let r = http.post(format!("{url}{path}")).json(body).send().await.unwrap();
+        let status = r.status().as_u16();
+        let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+        let text = r.text().await.unwrap();
+        assert_eq!((status, retry.as_deref()), (503, Some("1")), "{path}: {text}");
+        assert!(text.contains("no node in the cluster serves a model yet"), "{path}: {text}");
+    }
+
+    cluster.add_node(2, 1, &["--executor", "test-pattern"]).unwrap();
+    common::wait_until("/readyz to say ready", Duration::from_secs(60), || async {
+        http.get(format!("{url}/readyz")).send().await.is_ok_and(|r| r.status().as_u16() == 200)
+    })
+    .await;
+    let r = http.post(format!("{url}/v1/jobs")).json(&json!({"prompt": "x", "steps": 1})).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 202, "{}", r.text().await.unwrap());
 }

@@ -40,7 +40,7 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::api::{read_body, served_models};
+use super::api::{no_model_yet, read_body, served_models};
 use super::sync::{self, SyncError, MAX_JOBS_PER_REQUEST};
 use super::ApiError;
 use crate::models::SamplerKind;
@@ -486,6 +486,9 @@ async fn txt2img(
 ) -> Result<Json<Txt2ImgResponse>, Error> {
     let bytes = read_body(body, &headers, app.settings.max_body_bytes).await?;
     let served = served_models(&app);
+    if served.is_empty() {
+        return Err(no_model_yet().into());
+    }
     let (p, echo) = parse(&bytes, &served)?;
     let key = sync::idempotency_key(&headers).map_err(|e| Error::field(&e.field, e.message, "value_error"))?;
     let requests: Vec<JobRequest> =

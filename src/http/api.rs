@@ -199,9 +199,7 @@ fn parse_submit(
                 ),
             }
         })?,
-        None => served_models.first().ok_or_else(|| {
-            ApiError::field("model", "no node in the cluster serves any model (all started with --executor none?)")
-        })?,
+        None => served_models.first().ok_or_else(no_model_yet)?,
     };
     let guidance = match obj.get("guidance") {
         None | Some(Value::Null) => model.default_guidance_centi as f32 / 100.0,
@@ -318,6 +316,9 @@ async fn submit(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> 
         }
     };
     let served = served_models(&app);
+    if served.is_empty() {
+        return Err(no_model_yet());
+    }
     let request = parse_submit(&bytes, &served, &refused_models(&app))?;
     let id = JobId(rand::random());
     let cmd = Command::Submit { id, request, seed: None, idempotency_key: key };
@@ -340,6 +341,18 @@ async fn submit(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> 
 
 /// Models served by some registered node with the bytes the cluster knows
 /// under their name, sorted by name (the first is the default).
+/// A submission while no node has registered a model: a server state (nodes
+/// still starting, or every executor refused its models), not a client error.
+pub(super) fn no_model_yet() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no_model",
+        "no node in the cluster serves a model yet (nodes starting, every model folder refused, or every node runs \
+         --executor none); see GET /v1/models",
+    )
+    .retry_after(1)
+}
+
 pub(super) fn served_models(app: &App) -> Vec<ModelInfo> {
     let data = app.view.read();
     let mut models: Vec<ModelInfo> = Vec::new();
@@ -662,14 +675,25 @@ async fn healthz() -> Json<Value> {
 async fn readyz(State(app): State<Arc<App>>) -> Response {
     let leader = app.raft.server_metrics().borrow().current_leader;
     // A draining node (stopping, or leaving) should get no new clients.
-    let draining = app.view.read().jobs.nodes().get(&app.id).is_some_and(|n| n.draining);
-    match (leader, app.is_member(), draining) {
-        (Some(leader), true, false) => Json(json!({ "ready": true, "leader_id": leader })).into_response(),
-        (leader, member, draining) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "ready": false, "leader_id": leader, "member": member, "draining": draining })),
-        )
-            .into_response(),
+    // Ready means a submission here would be accepted: a leader, this node a
+    // member and not draining, its own executor registered, and some node
+    // serving a model (else submissions get 503 no_model).
+    let (draining, registered, models) = {
+        let view = app.view.read();
+        let me = view.jobs.nodes().get(&app.id);
+        (me.is_some_and(|n| n.draining), me.is_some(), view.jobs.model_hashes().len())
+    };
+    match (leader, app.is_member(), draining, registered, models) {
+        (Some(leader), true, false, true, 1..) => {
+            Json(json!({ "ready": true, "leader_id": leader, "models": models })).into_response()
+        }
+        (leader, member, draining, registered, models) => {
+            let body = json!({ "ready": false, "leader_id": leader, "member": member, "draining": draining,
+                "registered": registered, "models": models });
+            let mut resp = (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(1));
+            resp
+        }
     }
 }
 

@@ -30,7 +30,7 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::api::{read_body, served_models};
+use super::api::{no_model_yet, read_body, served_models};
 use super::sync::{self, SyncError};
 use super::ApiError;
 use crate::node::app::App;
@@ -211,6 +211,9 @@ fn parse(bytes: &[u8], app: &App) -> Result<Parsed, ApiError> {
     }
     let prompt = string(&obj, "prompt")?.ok_or_else(|| param("prompt", "Missing required parameter: 'prompt'"))?;
     let served = served_models(app);
+    if served.is_empty() {
+        return Err(no_model_yet());
+    }
     let asked = string(&obj, "model")?;
     let openai_name = asked.as_deref().is_some_and(|m| m.starts_with("dall-e") || m.starts_with("gpt-image"));
     let model = match asked.as_deref() {
