@@ -189,16 +189,21 @@ impl Report {
 }
 
 /// Where a state sits in a job's life, for "backwards": (attempt, rank).
-/// A re-queue moves a job from assigned/running back to queued, but always
-/// with a higher attempt next time, so the pair only grows.
-fn rank(state: &str) -> u8 {
+/// The attempt number grows at each assignment; a job whose attempt `a` ended
+/// without ending the job (a retryable failure, a lost or stopping node) is
+/// queued again still showing attempt `a`, after `a`'s assigned and running
+/// and before attempt `a + 1`. So the pair only grows.
+fn rank(state: &str, attempt: u32) -> u8 {
     match state {
-        "queued" => 0,
+        "queued" if attempt == 0 => 0,
         "assigned" => 1,
         "running" => 2,
-        _ => 3, // succeeded, failed, cancelled
+        "queued" => 3,
+        _ => TERMINAL, // succeeded, failed, cancelled
     }
 }
+
+const TERMINAL: u8 = 4;
 
 /// The state an event ends a job in, if it ends one. A job answered from the
 /// result cache (`cache_hit`) succeeds without running; an attempt that failed
@@ -381,10 +386,10 @@ pub fn check(history: &[Record], finals: &[FinalNode]) -> Report {
         match rec {
             Record::NodeStart { node, .. } => seen.retain(|(n, _), _| n != node),
             Record::Poll { job, node, state: Some(state), attempt: Some(attempt), .. } => {
-                let now = (*attempt, rank(state), state.as_str());
+                let now = (*attempt, rank(state, *attempt), state.as_str());
                 if let Some(before) = seen.get(&(*node, job.as_str())) {
-                    let went_back =
-                        (now.0, now.1) < (before.0, before.1) || (before.1 == 3 && now.1 == 3 && before.2 != now.2);
+                    let went_back = (now.0, now.1) < (before.0, before.1)
+                        || (before.1 == TERMINAL && now.1 == TERMINAL && before.2 != now.2);
                     if went_back {
                         r.backwards.add(format!(
                             "node {node} showed job {job} as {} (attempt {}), then {} (attempt {})",
@@ -651,6 +656,32 @@ mod tests {
             attempt: Some(2),
         });
         assert_eq!(check(&h, &f).backwards.count, 0);
+
+        // An attempt that failed retryably queues the job again still showing
+        // that attempt (seeds 910353 and others of `chaos sim` caught it):
+        // progress; running it again under the same attempt is not; nor is a
+        // fresh-queue read after it.
+        let at = |at: u64, state: &str, attempt: u32| Record::Poll {
+            client: 1,
+            job: "j1".into(),
+            node: 2,
+            invoke_ms: at,
+            complete_ms: at,
+            state: Some(state.into()),
+            attempt: Some(attempt),
+        };
+        let (mut h, f) = clean();
+        h.extend([at(50, "running", 1), at(60, "queued", 1), at(70, "assigned", 2), at(80, "succeeded", 2)]);
+        assert_eq!(check(&h, &f).backwards.count, 0);
+        let (mut h, f) = clean();
+        h.extend([at(50, "queued", 1), at(60, "cancelled", 1)]);
+        assert_eq!(check(&h, &f).backwards.count, 0);
+        let (mut h, f) = clean();
+        h.extend([at(50, "queued", 1), at(60, "running", 1)]);
+        assert_eq!(check(&h, &f).backwards.count, 1);
+        let (mut h, f) = clean();
+        h.extend([at(50, "assigned", 1), at(60, "queued", 0)]);
+        assert_eq!(check(&h, &f).backwards.count, 1);
 
         // An image that differs between replicas.
         let (h, mut f) = clean();
