@@ -420,3 +420,69 @@ async fn snapshot_catch_up(extra: &[&str], prompt_chars: usize) -> usize {
     }
     snapshot_bytes
 }
+
+/// The lines of `stderr` that report an error.
+fn error_line(stderr: &str) -> Vec<&str> {
+    stderr.lines().filter(|l| l.starts_with("error: ")).collect()
+}
+
+/// Runs `raftgen node ARGS` to its exit (at most 30 s): (status code, stderr).
+fn node_exit(args: &[&str], secret: &str) -> (Option<i32>, String) {
+    let mut child = std::process::Command::new(common::EXE)
+        .arg("node")
+        .args(args)
+        .env("RAFTGEN_CLUSTER_SECRET", secret)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("raftgen node {args:?} still running after 30 s: a permanent refusal must stop it");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).to_string())
+}
+
+/// Refusals that retrying cannot change stop the node with one line naming
+/// the cause and a non-zero exit (systemd and Kubernetes then show it),
+/// instead of retrying without end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_refusals_stop_the_node_with_the_reason() {
+    let _serial = serial().await;
+    let dir = scratch();
+    let cluster = start(&dir.path, 2, &FAST);
+    cluster.wait_ready(1, 2, 1, Duration::from_secs(60)).await.unwrap();
+    let join = cluster.url(1);
+    let listen = format!("127.0.0.1:{}", raftgen::cli::local::free_port().unwrap());
+    let data = |name: &str| dir.path.join(name).display().to_string();
+
+    // Neither --init nor --join, and nothing in the data dir.
+    let d = data("bare");
+    let (code, stderr) = node_exit(&["--id", "7", "--listen", &listen, "--data", &d], &cluster.secret);
+    assert_ne!(code, Some(0), "{stderr}");
+    assert!(error_line(&stderr).len() == 1 && stderr.contains("--init") && stderr.contains("--join"), "{stderr}");
+
+    // The wrong cluster secret.
+    let d = data("wrong-secret");
+    let args = ["--id", "7", "--listen", &listen, "--data", &d, "--join", &join, "--executor", "none"];
+    let (code, stderr) = node_exit(&args, "not-the-cluster-secret");
+    assert_ne!(code, Some(0), "{stderr}");
+    let line = error_line(&stderr);
+    assert!(line.len() == 1 && line[0].contains("401") && line[0].contains("RAFTGEN_CLUSTER_SECRET"), "{stderr}");
+
+    // An id already in use at another address.
+    let d = data("id-in-use");
+    let args = ["--id", "2", "--listen", &listen, "--data", &d, "--join", &join, "--executor", "none"];
+    let (code, stderr) = node_exit(&args, &cluster.secret);
+    assert_ne!(code, Some(0), "{stderr}");
+    let line = error_line(&stderr);
+    assert!(line.len() == 1 && line[0].contains("node 2 is already a member"), "{stderr}");
+    // Nothing changed for the cluster.
+    let view = cluster_view(&cluster, 1).await;
+    assert_eq!(roles(&view).len(), 2, "{view}");
+}

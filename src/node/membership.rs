@@ -19,8 +19,11 @@ use crate::http::ApiError;
 use crate::node::app::App;
 use crate::node::config::MAX_VOTERS;
 
+/// A membership change Raft could not make now (another change in progress,
+/// leadership moved, a write timed out): a transient server state, so 503
+/// with `Retry-After` (a joining node retries; only a 4xx stops it).
 fn raft_error(e: impl std::fmt::Display) -> ApiError {
-    ApiError::new(StatusCode::CONFLICT, "membership", e.to_string())
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "membership", e.to_string()).retry_after(1)
 }
 
 pub async fn add_node(app: &App, id: NodeId, addr: &str) -> Result<Value, ApiError> {

@@ -169,9 +169,24 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
         tracing::info!("initialized a new cluster with node {} at {addr}", opts.id);
     } else if initialized {
         tracing::info!("resuming node {} from {}", opts.id, opts.data.display());
+    } else if opts.join.is_none() {
+        anyhow::bail!(
+            "{} holds no cluster state: start with --init (a new cluster) or --join URL (an existing one)",
+            opts.data.display()
+        );
     }
+    // A refusal that retrying cannot change (a wrong secret, an id in use at
+    // another address) stops the node with the reason, exit status non-zero.
+    let fatal: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+    let (fatal_tx, fatal_rx) = tokio::sync::oneshot::channel::<()>();
     if let Some(url) = opts.join.clone() {
-        tokio::spawn(join_loop(app.clone(), url));
+        let (app, fatal) = (app.clone(), fatal.clone());
+        tokio::spawn(async move {
+            if let Err(e) = join_loop(app, url).await {
+                *fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                let _ = fatal_tx.send(());
+            }
+        });
     }
     tokio::spawn(crate::node::scheduler::run(app.clone()));
     tokio::spawn(crate::node::webhook::run(app.clone()));
@@ -195,7 +210,10 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
     let stop = {
         let app = app.clone();
         async move {
-            crate::node::drain::on_signal(app.clone()).await;
+            tokio::select! {
+                _ = crate::node::drain::on_signal(app.clone()) => {}
+                Ok(()) = fatal_rx => {}
+            }
             // Open event streams never end by themselves: end them, or the
             // server would wait for them.
             app.event_streams.close();
@@ -205,7 +223,11 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     let _ = shutdown_tx.send(true);
     raft.shutdown().await.ok();
-    Ok(())
+    let fatal = fatal.lock().unwrap_or_else(|p| p.into_inner()).take();
+    match fatal {
+        Some(e) => Err(anyhow::anyhow!(e)),
+        None => Ok(()),
+    }
 }
 
 /// Serves the port (TLS when configured) until `shutdown`, then lets open
@@ -225,7 +247,9 @@ async fn serve(
 /// Asks the cluster at `url` (any node) to add us, until we are a member.
 /// A node restarted with its original `--join` finds itself a member already
 /// (membership is in its own log) and does nothing, even if `url` is down.
-async fn join_loop(app: Arc<App>, url: String) {
+/// Unreachable nodes, 5xx, 408 and 429 are retried; any other refusal is
+/// permanent and returned (one line, for the operator).
+async fn join_loop(app: Arc<App>, url: String) -> Result<(), String> {
     let url = format!("{}/v1/cluster/nodes", url.trim_end_matches('/'));
     let mut delay = Duration::from_millis(200);
     let mut shutdown = app.shutdown.clone();
@@ -233,7 +257,7 @@ async fn join_loop(app: Arc<App>, url: String) {
     tokio::time::sleep(Duration::from_millis(100)).await;
     loop {
         if app.is_member() {
-            return;
+            return Ok(());
         }
         let body = serde_json::json!({ "id": app.id, "addr": app.addr });
         let resp = app
@@ -247,18 +271,32 @@ async fn join_loop(app: Arc<App>, url: String) {
         match resp {
             Ok(r) if r.status().is_success() => {
                 tracing::info!("joined the cluster through {url}");
-                return;
+                return Ok(());
             }
             Ok(r) => {
                 let status = r.status();
                 let text = r.text().await.unwrap_or_default();
-                tracing::warn!("join through {url} refused: {status} {text}");
+                let reason = serde_json::from_str::<serde_json::Value>(&text)
+                    .ok()
+                    .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+                    .unwrap_or_else(|| text.chars().take(300).collect());
+                let permanent = status.is_client_error()
+                    && status != reqwest::StatusCode::REQUEST_TIMEOUT
+                    && status != reqwest::StatusCode::TOO_MANY_REQUESTS;
+                if permanent {
+                    let hint = match status.as_u16() {
+                        401 | 403 => " (is RAFTGEN_CLUSTER_SECRET the cluster's?)",
+                        _ => "",
+                    };
+                    return Err(format!("join through {url} refused: {status}: {reason}{hint}"));
+                }
+                tracing::warn!("join through {url} refused: {status} {reason}; retrying");
             }
             Err(e) => tracing::warn!("join through {url}: {:#}", anyhow::Error::from(e)),
         }
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = shutdown.changed() => return,
+            _ = shutdown.changed() => return Ok(()),
         }
         delay = (delay * 2).min(Duration::from_secs(5));
     }
