@@ -486,3 +486,50 @@ async fn permanent_refusals_stop_the_node_with_the_reason() {
     let view = cluster_view(&cluster, 1).await;
     assert_eq!(roles(&view).len(), 2, "{view}");
 }
+
+/// A node that left (`DELETE /v1/cluster/nodes/3`) is told so by the leader
+/// and stops, exit status 0, instead of campaigning outside the cluster.
+/// Restarted without `--join` it says how to come back; restarted with its
+/// original command line (`--join` included, as systemd would) it starts
+/// over as a new member and runs jobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_that_left_stops_and_its_original_command_line_rejoins() {
+    let _serial = serial().await;
+    let dir = scratch();
+    let mut cluster = start(&dir.path, 3, &FAST);
+    cluster.wait_ready(1, 3, 1, Duration::from_secs(60)).await.unwrap();
+    let (status, body) = delete_node(&cluster.url(1), "3", Some(&cluster.secret)).await;
+    assert_eq!(status, 200, "{body}");
+    let exit = tokio::task::block_in_place(|| cluster.wait_exit(3, Duration::from_secs(30)))
+        .expect("node 3 still runs 30 s after it left");
+    assert!(exit.success(), "node 3 exited with {exit}");
+    assert!(dir.path.join("n3").join("left").exists(), "node 3 did not record that it left");
+
+    // Without --join: one line saying how to come back, non-zero.
+    let data = dir.path.join("n3").display().to_string();
+    let listen = format!("127.0.0.1:{}", raftgen::cli::local::free_port().unwrap());
+    let (code, stderr) = node_exit(&["--id", "3", "--listen", &listen, "--data", &data], &cluster.secret);
+    assert_ne!(code, Some(0), "{stderr}");
+    let line = error_line(&stderr);
+    assert!(line.len() == 1 && line[0].contains("left the cluster") && line[0].contains("--join"), "{stderr}");
+
+    // Its original command line: a member again, running jobs.
+    cluster.spawn(3).unwrap();
+    wait_until("node 3 to be a member again", Duration::from_secs(60), || {
+        let cluster = &cluster;
+        async move {
+            let view = cluster_view(cluster, 1).await;
+            roles(&view).len() == 3 && cluster.client(3).get("/readyz").await.is_ok_and(|r| r["ready"] == true)
+        }
+    })
+    .await;
+    assert!(!dir.path.join("n3").join("left").exists());
+    let c3 = cluster.client(3);
+    let ids: Vec<String> = futures_util::future::join_all((0..6).map(|n| submit(&c3, 100 + n))).await;
+    for id in &ids {
+        wait_succeeded(&c3, id, Duration::from_secs(60)).await;
+    }
+    assert_eq!(cluster.running_ids().len(), 3);
+    let log = std::fs::read_to_string(dir.path.join("n3.log")).unwrap();
+    assert!(log.contains("discarding its old Raft state"), "{log}");
+}

@@ -28,6 +28,8 @@ use crate::node::app::{App, PATH_FORWARD};
 pub const PATH_DUMP: &str = "/raft/dump";
 /// Builds a snapshot now and answers its size (see [`snapshot_now`]).
 pub const PATH_SNAPSHOT_NOW: &str = "/raft/snapshot-now";
+/// The leader telling a node it was removed (see [`left`]).
+pub const PATH_LEFT: &str = "/raft/left";
 /// Longest [`snapshot_now`] waits for the snapshot it asked for.
 const SNAPSHOT_NOW_MAX_MS: u64 = 120_000;
 
@@ -43,6 +45,7 @@ pub fn routes() -> Router<Arc<App>> {
         .route(PATH_FORWARD, post(forward))
         .route(PATH_DUMP, get(dump))
         .route(PATH_SNAPSHOT_NOW, post(snapshot_now))
+        .route(PATH_LEFT, post(left))
         .layer(DefaultBodyLimit::max(MAX_RAFT_BODY_BYTES))
         .route(
             "/raft/results/{sha}",
@@ -188,6 +191,21 @@ async fn snapshot_now(State(app): State<Arc<App>>, headers: HeaderMap) -> Result
         .map_err(|e| unavailable(e.to_string()))?;
     let index = app.raft.metrics().borrow().snapshot.map_or(0, |s| s.index);
     Ok(axum::Json(json!({ "index": index, "bytes": app.view.snapshot_bytes() })))
+}
+
+/// The leader removed this node (`raftgen leave`): it records that and stops.
+async fn left(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Result<axum::Json<Value>, ApiError> {
+    if !secret_ok(&app, &headers) {
+        return Err(ApiError::unauthorized());
+    }
+    let value: Value =
+        serde_json::from_slice(&body).map_err(|e| ApiError::field("body", format!("invalid JSON: {e}")))?;
+    if value["id"].as_u64() != Some(app.id) {
+        return Err(ApiError::field("id", format!("this is node {}", app.id)));
+    }
+    crate::node::mark_left(&app)
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "left", e.to_string()).retry_after(1))?;
+    Ok(axum::Json(json!({ "stopping": true })))
 }
 
 /// Every job this replica holds, without request bodies, with the sha256 of

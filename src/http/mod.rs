@@ -8,7 +8,7 @@ mod api;
 pub mod auth;
 mod error;
 pub mod events;
-mod internal;
+pub mod internal;
 mod metrics;
 mod openai;
 pub mod openapi;

@@ -34,6 +34,8 @@ const READ_YOUR_WRITES_MAX_MS: u64 = 2_000;
 /// The node's shared context.
 pub struct App {
     pub id: NodeId,
+    /// `--data`: the node's data directory.
+    pub data_dir: std::path::PathBuf,
     /// The address other nodes and clients reach this node at.
     pub addr: String,
     pub raft: Raft,

@@ -80,6 +80,9 @@ pub async fn remove_node(app: &App, id: NodeId) -> Result<Value, ApiError> {
     // Its unfinished jobs (if the drain timed out) go back to the queue.
     app.write(Command::ForgetNode { node: id }, timeout).await.map_err(raft_error)?;
     tracing::info!("node {id} left the cluster (drained: {drained}, results handed over: {handed_over})");
+    if let Some(node) = membership.get_node(&id) {
+        tell_left(app, id, &node.addr).await;
+    }
     Ok(json!({
         "id": id,
         "removed": true,
@@ -87,6 +90,31 @@ pub async fn remove_node(app: &App, id: NodeId) -> Result<Value, ApiError> {
         "results_handed_over": handed_over,
         "drain_ms": started.elapsed().as_millis() as u64
     }))
+}
+
+/// Tells node `id` that it left, so that it stops (and records it: restarted,
+/// it rejoins as a new member with `--join`, or says how to). Best effort: a
+/// node that does not hear it keeps running outside the cluster until stopped.
+async fn tell_left(app: &App, id: NodeId, addr: &str) {
+    if id == app.id {
+        if let Err(e) = crate::node::mark_left(app) {
+            tracing::warn!("recording that this node left: {e}");
+        }
+        return;
+    }
+    let resp = app
+        .client
+        .post(app.scheme.url(addr, crate::http::internal::PATH_LEFT))
+        .header(raftgen_raft::network::SECRET_HEADER, &*app.secret)
+        .timeout(Duration::from_secs(2))
+        .json(&json!({ "id": id }))
+        .send()
+        .await;
+    match resp {
+        Ok(r) if r.status().is_success() => {}
+        Ok(r) => tracing::warn!("node {id} at {addr} was not told it left: HTTP {}", r.status()),
+        Err(e) => tracing::warn!("node {id} at {addr} was not told it left: {e}"),
+    }
 }
 
 /// Resolves once no result depends on `node`'s copy (see

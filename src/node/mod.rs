@@ -88,11 +88,60 @@ fn write_durably(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The file in a data directory that says its node left the cluster
+/// (`raftgen leave`): written when the leader tells it, read at start.
+pub const LEFT_FILE: &str = "left";
+
+/// A node that left: its Raft state belongs to a membership it is no longer
+/// part of (it would campaign forever). With `--join` it starts over as a new
+/// member (its Raft state discarded; its results were handed over before it
+/// left); without, it says how to come back.
+fn start_over_if_left(opts: &NodeOptions) -> anyhow::Result<()> {
+    let marker = opts.data.join(LEFT_FILE);
+    if !marker.exists() {
+        return Ok(());
+    }
+    let Some(join) = &opts.join else {
+        bail!(
+            "node {} left the cluster (raftgen leave); to join again, start it with --join URL (its old Raft state \
+             in {} is then discarded)",
+            opts.id,
+            opts.data.display()
+        );
+    };
+    tracing::info!(
+        "node {} left the cluster earlier: discarding its old Raft state, joining again through {join}",
+        opts.id
+    );
+    let sled = opts.data.join("sled");
+    if sled.exists() {
+        std::fs::remove_dir_all(&sled).with_context(|| format!("removing {}", sled.display()))?;
+    }
+    std::fs::remove_file(&marker).with_context(|| format!("removing {}", marker.display()))?;
+    std::fs::File::open(&opts.data)?.sync_all()?;
+    Ok(())
+}
+
+/// Records that this node left the cluster and stops it (as SIGTERM would:
+/// one shutdown path). Called when the leader says so, after the removal.
+pub fn mark_left(app: &App) -> std::io::Result<()> {
+    write_durably(&app.data_dir.join(LEFT_FILE), b"removed from the cluster by raftgen leave\n")?;
+    tracing::info!("this node left the cluster: stopping");
+    tokio::spawn(async {
+        // Let the answer go out first.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // SAFETY: kill(2) on this process, with a signal it handles.
+        unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+    });
+    Ok(())
+}
+
 pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
     if opts.id == 0 {
         bail!("--id must be at least 1");
     }
     check_node_id(&opts)?;
+    start_over_if_left(&opts)?;
     crate::logging::set_node_id(opts.id);
     let addr = opts.advertise.clone().unwrap_or_else(|| opts.listen.to_string());
     let (log, sm) = raftgen_storage::open_with(&opts.data, opts.settings.durability)
@@ -135,6 +184,7 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
         .context("http client")?;
     let app = Arc::new(App {
         id: opts.id,
+        data_dir: opts.data.clone(),
         addr: addr.clone(),
         raft: raft.clone(),
         view,
