@@ -482,6 +482,15 @@ async fn permanent_refusals_stop_the_node_with_the_reason() {
     assert_ne!(code, Some(0), "{stderr}");
     let line = error_line(&stderr);
     assert!(line.len() == 1 && line[0].contains("node 2 is already a member"), "{stderr}");
+    // A data dir another running node holds: waited for (a node restarted
+    // while it still drains), then one line, non-zero.
+    let d = data("n2");
+    let args = ["--id", "2", "--listen", &listen, "--data", &d, "--join", &join, "--executor", "none"];
+    let (code, stderr) = node_exit(&args, &cluster.secret);
+    assert_ne!(code, Some(0), "{stderr}");
+    let line = error_line(&stderr);
+    assert!(line.len() == 1 && line[0].contains("is in use by another process"), "{stderr}");
+
     // Nothing changed for the cluster.
     let view = cluster_view(&cluster, 1).await;
     assert_eq!(roles(&view).len(), 2, "{view}");

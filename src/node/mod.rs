@@ -136,6 +136,40 @@ pub fn mark_left(app: &App) -> std::io::Result<()> {
     Ok(())
 }
 
+/// How long a node waits for another process to let go of its data dir (the
+/// same node still draining after SIGTERM, when systemd restarts it).
+const DATA_DIR_LOCK_WAIT_MS: u64 = 15_000;
+
+/// Opens the Raft storage, waiting (bounded) while another process holds it.
+async fn open_storage(
+    opts: &NodeOptions,
+) -> anyhow::Result<(raftgen_storage::LogStore, raftgen_storage::StateMachineStore)> {
+    let deadline = std::time::Instant::now() + Duration::from_millis(DATA_DIR_LOCK_WAIT_MS);
+    let mut told = false;
+    loop {
+        match raftgen_storage::open_with(&opts.data, opts.settings.durability) {
+            Ok(stores) => return Ok(stores),
+            Err(e) if e.to_string().contains("could not acquire lock") => {
+                if std::time::Instant::now() >= deadline {
+                    bail!(
+                        "{} is in use by another process (a raftgen node still running or stopping?); stop it first",
+                        opts.data.display()
+                    );
+                }
+                if !told {
+                    tracing::info!(
+                        "{} is held by another process (stopping?): waiting up to {DATA_DIR_LOCK_WAIT_MS} ms",
+                        opts.data.display()
+                    );
+                    told = true;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("opening {}", opts.data.display()))),
+        }
+    }
+}
+
 pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
     if opts.id == 0 {
         bail!("--id must be at least 1");
@@ -144,8 +178,7 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
     start_over_if_left(&opts)?;
     crate::logging::set_node_id(opts.id);
     let addr = opts.advertise.clone().unwrap_or_else(|| opts.listen.to_string());
-    let (log, sm) = raftgen_storage::open_with(&opts.data, opts.settings.durability)
-        .with_context(|| format!("opening {}", opts.data.display()))?;
+    let (log, sm) = open_storage(&opts).await?;
     if opts.settings.durability == raftgen_storage::Durability::UnsafeFlushOnly {
         tracing::warn!("--unsafe-no-fsync: writes are acknowledged before they are synced; a power loss can lose them");
     }
