@@ -80,6 +80,7 @@ cached_wheel() {
     for f in "$cache/${name//-/_}-$version-"*"$arch"*.whl; do
         [ -f "$f" ] && { echo "$f"; return; }
     done
+    return 0 # nothing found: empty output, not a failure (set -e)
 }
 
 missing=()
@@ -120,6 +121,9 @@ else
         for d in "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/"cudarc-$cudarc_version"; do
             [ -d "$d/src/driver/sys" ] && { echo "$d"; return; }
         done
+        # Not unpacked (a fresh machine: only a build of cudarc unpacks it):
+        # empty output, not a failure, or set -e would end the script silently.
+        return 0
     }
     src=$(cudarc_src)
     if [ -z "$src" ]; then
