@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_tiny_models as mt  # noqa: E402  (reuse: seeds, tokenizers, configs)
+import corpus_shards  # noqa: E402  (sharded cases, derived with the standard library)
 
 from diffusers import (  # noqa: E402
     AutoencoderKL,
@@ -323,6 +324,10 @@ def build_all() -> None:
         write_case(name, {"serves": True, "family": "z-image", "prompt": PROMPT, "negative_prompt": NEGATIVE,
                           "sampler": "flow_match_euler", "noise_seed": seed + 10, "diffusers_load": {},
                           **ZI_RUN}, ref)
+
+    # Z-Image base: the release layout, sharded (tools/corpus_shards.py;
+    # check_all recomputes its reference from the shards with diffusers).
+    corpus_shards.derive_all()
 
 
 def check_all() -> None:
