@@ -37,7 +37,9 @@ pub fn set_node_id(id: u64) {
 /// Installs the global subscriber, writing to stderr; `RAFTGEN_LOG` filters.
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_env("RAFTGEN_LOG").unwrap_or_else(|_| EnvFilter::new("info,openraft=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only on a terminal: a log file or journald gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.fmt_fields(JsonFields::new()).event_format(JsonLines).init(),

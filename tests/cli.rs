@@ -29,3 +29,41 @@ fn bad_arguments_and_unreachable_servers_give_one_line_and_a_non_zero_exit() {
     let (code, _) = run(&["--help"]);
     assert_eq!(code, 0);
 }
+
+/// What a newcomer types works: `--server host:port` (no scheme) and
+/// `RAFTGEN_SERVER` reach the node; every flag of `node` and `submit` has
+/// help; a node's log file carries no colour codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_five_minutes_server_forms_help_and_plain_logs() {
+    let dir = common::scratch();
+    let cluster = common::start(&dir.path, 1, &["--executor", "test-pattern"]);
+    cluster.wait_ready(1, 1, 1, std::time::Duration::from_secs(60)).await.unwrap();
+    let bare = cluster.url(1).trim_start_matches("http://").to_string();
+    let (code, stderr) = run(&["status", "--server", &bare]);
+    assert_eq!(code, 0, "status --server {bare}: {stderr}");
+    let out = Command::new(common::EXE).args(["status"]).env("RAFTGEN_SERVER", &bare).output().unwrap();
+    assert!(out.status.success(), "RAFTGEN_SERVER={bare}: {}", String::from_utf8_lossy(&out.stderr));
+
+    for cmd in ["node", "submit"] {
+        let out = Command::new(common::EXE).args([cmd, "--help"]).output().unwrap();
+        let help = String::from_utf8_lossy(&out.stdout).into_owned();
+        // Long help puts a flag's description on the next line, indented;
+        // a flag without one is followed by another flag, or only by
+        // `[default: ..]` / `[env: ..]`.
+        let lines: Vec<&str> = help.lines().collect();
+        let bare_flags: Vec<&str> = lines
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.trim_start().starts_with("--"))
+            .filter(|(i, _)| {
+                let next = lines.get(i + 1).copied().unwrap_or("");
+                !(next.starts_with("          ") && !next.trim().is_empty() && !next.trim().starts_with('['))
+            })
+            .map(|(_, l)| l.trim())
+            .collect();
+        assert!(bare_flags.is_empty(), "raftgen {cmd} --help: flags without help: {bare_flags:?}");
+    }
+
+    let log = std::fs::read_to_string(dir.path.join("n1.log")).unwrap();
+    assert!(!log.is_empty() && !log.contains('\u{1b}'), "colour codes in the node's log file");
+}

@@ -155,8 +155,8 @@ pub enum Cmd {
 /// client side of `raftgen node --api-keys`) and TLS trust.
 #[derive(clap::Args)]
 pub struct ServerArgs {
-    /// Any node of the cluster.
-    #[arg(long, default_value = "http://127.0.0.1:7001")]
+    /// Any node of the cluster (`host:port` means `http://host:port`).
+    #[arg(long, env = "RAFTGEN_SERVER", default_value = "http://127.0.0.1:7001")]
     pub server: String,
     /// API key, sent as `Authorization: Bearer KEY` (needed when the nodes run
     /// with --api-keys).
@@ -175,13 +175,16 @@ impl ServerArgs {
 
 #[derive(clap::Args)]
 pub struct NodeArgs {
+    /// This node's id in the cluster (1 or more, unique, fixed for its data dir).
     #[arg(long)]
     pub id: u64,
+    /// Address and port to serve the API and the node-to-node RPCs on.
     #[arg(long)]
     pub listen: SocketAddr,
     /// Address other nodes and clients use to reach this node (default: --listen).
     #[arg(long)]
     pub advertise: Option<String>,
+    /// Data directory: the Raft log and state (sled), the result store.
     #[arg(long)]
     pub data: PathBuf,
     /// Start a new cluster with this node as its only member (ignored once initialized).
@@ -190,6 +193,7 @@ pub struct NodeArgs {
     /// Join the cluster through any of its nodes (ignored once a member).
     #[arg(long)]
     pub join: Option<String>,
+    /// Shared by every node and admin client; nodes refuse RPCs without it.
     #[arg(long, env = "RAFTGEN_CLUSTER_SECRET", hide_env_values = true)]
     pub cluster_secret: Option<String>,
     /// Serve TLS on --listen with this certificate chain (PEM, leaf first) and
@@ -269,8 +273,10 @@ pub struct NodeArgs {
     /// test pattern).
     #[arg(long)]
     pub slots: Option<u32>,
+    /// A node silent this long is declared lost: its running jobs are queued again.
     #[arg(long, default_value_t = 5_000)]
     pub node_timeout_ms: u64,
+    /// Longest a submission waits for its commit before a 503.
     #[arg(long, default_value_t = 30_000)]
     pub submit_timeout_ms: u64,
     /// How long a synchronous image request (OpenAI or AUTOMATIC1111 API)
@@ -278,8 +284,10 @@ pub struct NodeArgs {
     /// on. 100 ms to 1 day.
     #[arg(long, default_value_t = 300_000, value_parser = clap::value_parser!(u64).range(100..=86_400_000))]
     pub sync_timeout_ms: u64,
+    /// Longest a node keeps retrying to report a finished attempt.
     #[arg(long, default_value_t = 600_000)]
     pub report_timeout_ms: u64,
+    /// Longest `raftgen leave` waits for the node's running jobs and result copies.
     #[arg(long, default_value_t = 600_000)]
     pub drain_timeout_ms: u64,
     /// Longest one job may run on this node: beyond it the run is stopped
@@ -290,6 +298,7 @@ pub struct NodeArgs {
     /// back to the queue (keep it under the supervisor's stop timeout).
     #[arg(long, default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
     pub shutdown_timeout_ms: u64,
+    /// Largest request body the API accepts (413 beyond).
     #[arg(long, default_value_t = 64 * 1024)]
     pub max_body_bytes: usize,
     /// Most live progress streams (`GET /v1/jobs/{id}/events`) this node
@@ -300,14 +309,19 @@ pub struct NodeArgs {
     /// (with Last-Event-ID). 1 s to 1 day.
     #[arg(long, default_value_t = 3_600_000, value_parser = clap::value_parser!(u64).range(1_000..=86_400_000))]
     pub event_stream_max_ms: u64,
+    /// Queued jobs beyond which submissions get 429 with Retry-After.
     #[arg(long, default_value_t = ClusterConfig::default().max_queue_depth)]
     pub max_queue_depth: u64,
+    /// Result images kept; the oldest are evicted beyond it.
     #[arg(long, default_value_t = ClusterConfig::default().max_results)]
     pub max_results: u64,
+    /// Bytes of result images kept; the oldest are evicted beyond it.
     #[arg(long, default_value_t = ClusterConfig::default().max_result_bytes)]
     pub max_result_bytes: u64,
+    /// Finished job records kept (with their idempotency keys).
     #[arg(long, default_value_t = ClusterConfig::default().max_finished_jobs)]
     pub max_finished_jobs: u64,
+    /// Attempts per job before a retryable failure or a lost node fails it.
     #[arg(long, default_value_t = ClusterConfig::default().max_attempts)]
     pub max_attempts: u32,
     /// Where result images live: unset, each node's embedded store (in
@@ -369,6 +383,7 @@ pub struct NodeArgs {
     /// syncs every 500 ms); a process crash loses nothing. Default: synced.
     #[arg(long)]
     pub unsafe_no_fsync: bool,
+    /// A snapshot is built after this many bytes of commands (as well as by entry count).
     #[arg(long, default_value_t = 64 << 20)]
     pub snapshot_max_bytes: u64,
     /// Snapshot once this many log entries were applied since the last one.
@@ -377,10 +392,13 @@ pub struct NodeArgs {
     /// Log entries kept behind a snapshot (for followers that lag a little).
     #[arg(long, default_value_t = 1_000)]
     pub snapshot_keep_logs: u64,
+    /// Leader heartbeat period.
     #[arg(long, default_value_t = 25)]
     pub heartbeat_interval_ms: u64,
+    /// A follower without heartbeats campaigns after a random time between min and max.
     #[arg(long, default_value_t = 50)]
     pub election_timeout_min_ms: u64,
+    /// See --election-timeout-min-ms.
     #[arg(long, default_value_t = 100)]
     pub election_timeout_max_ms: u64,
     #[command(flatten)]
@@ -392,20 +410,28 @@ pub struct SubmitArgs {
     #[command(flatten)]
     pub to: ServerArgs,
     pub prompt: String,
+    /// What the image should not show (models that use guidance).
     #[arg(long)]
     pub negative_prompt: Option<String>,
+    /// Width in pixels (default: the model's native size).
     #[arg(long)]
     pub width: Option<u32>,
+    /// Height in pixels (default: the model's native size).
     #[arg(long)]
     pub height: Option<u32>,
+    /// Denoising steps (default: the model's).
     #[arg(long)]
     pub steps: Option<u32>,
+    /// Classifier-free guidance scale (default: the model's).
     #[arg(long)]
     pub guidance: Option<f32>,
+    /// Seed, for a reproducible image (default: a random one).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Model name (default: the cluster's first; GET /v1/models lists them).
     #[arg(long)]
     pub model: Option<String>,
+    /// Higher runs first (default 0).
     #[arg(long)]
     pub priority: Option<i32>,
     /// `ddim`, `euler`, `euler_a` (SD family) or `flow_match_euler` (Z-Image).
@@ -417,6 +443,7 @@ pub struct SubmitArgs {
     /// URL the cluster POSTs the finished job to (signed; see docs/webhooks.md).
     #[arg(long)]
     pub webhook: Option<String>,
+    /// Same key, same request: the same job, however often it is sent (retries).
     #[arg(long)]
     pub idempotency_key: Option<String>,
     /// Wait until the job finishes.
@@ -425,8 +452,10 @@ pub struct SubmitArgs {
     /// Where to write the PNG (with --wait; default: <job id>.png).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Longest --wait waits for the job to end.
     #[arg(long, default_value_t = 600_000)]
     pub timeout_ms: u64,
+    /// text (for people) or json (the job as the API returns it).
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
 }
@@ -575,7 +604,10 @@ impl Client {
 
     pub fn new(server: &str) -> Self {
         let http = Self::builder().build().expect("http client");
-        Client { http, server: server.trim_end_matches('/').to_string(), api_key: None }
+        let server = server.trim_end_matches('/');
+        // `127.0.0.1:7001` is what people type: it means plain http.
+        let server = if server.contains("://") { server.to_string() } else { format!("http://{server}") };
+        Client { http, server, api_key: None }
     }
 
     /// Trusts `tls.tls_ca` (or the system's roots) for an `https` server and
