@@ -84,10 +84,10 @@ fn diffusion_executor(a: &NodeArgs) -> anyhow::Result<DiffusionExecutor> {
     }
     for m in &models {
         tracing::info!(
-            "model '{}' ({}, {} M parameters, sha256 {}) from {}",
+            "model '{}' ({}, {:.2} M parameters, sha256 {}) from {}",
             m.name,
             m.meta.family,
-            m.params / 1_000_000,
+            m.params as f64 / 1e6,
             m.short_hash(),
             m.files.describe()
         );
