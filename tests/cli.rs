@@ -67,3 +67,33 @@ async fn first_five_minutes_server_forms_help_and_plain_logs() {
     let log = std::fs::read_to_string(dir.path.join("n1.log")).unwrap();
     assert!(!log.is_empty() && !log.contains('\u{1b}'), "colour codes in the node's log file");
 }
+
+/// `raftgen demo` on a port already taken says which at once (it used to
+/// wait 60 s for a cluster that could never start) and leaves the data dir
+/// of whatever holds the port alone.
+#[test]
+fn demo_on_a_taken_port_says_which_at_once() {
+    let dir = common::scratch();
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = holder.local_addr().unwrap().port();
+    let base = (port - 1).to_string();
+    let data = dir.path.join("demo-data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("keep"), b"x").unwrap();
+    let started = std::time::Instant::now();
+    let (code, stderr) = run(&[
+        "demo",
+        "--nodes",
+        "1",
+        "--base-port",
+        &base,
+        "--dir",
+        data.to_str().unwrap(),
+        "--out",
+        dir.path.join("out").to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0, "{stderr}");
+    assert!(stderr.contains(&format!("port {port}")) && stderr.contains("--base-port"), "{stderr}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(20), "took {:?}", started.elapsed());
+    assert!(data.join("keep").exists(), "the demo wiped a data dir while its port was taken");
+}

@@ -55,9 +55,18 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         bail!("--nodes must be between 1 and 9");
     }
     let exe = std::env::current_exe().context("finding the raftgen binary")?;
+    let ports: Vec<u16> = (1..=a.nodes).map(|i| a.base_port + i as u16).collect();
+    // A port already taken would only show as a cluster that never gets
+    // ready: say which, at once.
+    for port in &ports {
+        if let Err(e) = std::net::TcpListener::bind(("127.0.0.1", *port)) {
+            bail!(
+                "port {port} on 127.0.0.1 is not free ({e}): another demo still running? Choose others with --base-port"
+            );
+        }
+    }
     let _ = std::fs::remove_dir_all(&a.dir);
     std::fs::create_dir_all(&a.out)?;
-    let ports: Vec<u16> = (1..=a.nodes).map(|i| a.base_port + i as u16).collect();
     let mut extra: Vec<String> = Vec::new();
     if let Some(dir) = &a.models_dir {
         let dir = dir.canonicalize().with_context(|| format!("--models-dir {}", dir.display()))?;
@@ -105,10 +114,22 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         std::fs::write(&path, &png)?;
         println!("  {}  node {}  {:>6} bytes  \"{prompt}\"", path.display(), job["node"], png.len());
     }
-    println!("done: {} images in {}", ids.len(), a.out.display());
+    let out = a.out.canonicalize().unwrap_or(a.out.clone());
+    println!("done: {} images in {}", ids.len(), out.display());
     if a.keep_running {
-        println!("cluster still running; try: raftgen status --server {}   (Ctrl-C to stop)", cluster.url(1));
+        println!("cluster still running (Ctrl-C to stop); next:");
+        println!("  open {}/ in a browser (the web page), or", cluster.url(1));
+        println!(
+            "  raftgen submit --server {} \"a green triangle at the bottom\" --wait --out tri.png",
+            cluster.url(follower)
+        );
+        println!("  raftgen status --server {}", cluster.url(1));
         tokio::signal::ctrl_c().await?;
+    } else {
+        println!(
+            "next: `raftgen demo --keep-running` leaves the cluster up for the web page and the CLI \
+             (`--base-port` moves its ports); README: Running a cluster by hand"
+        );
     }
     Ok(())
 }
