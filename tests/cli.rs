@@ -97,3 +97,28 @@ fn demo_on_a_taken_port_says_which_at_once() {
     assert!(started.elapsed() < std::time::Duration::from_secs(20), "took {:?}", started.elapsed());
     assert!(data.join("keep").exists(), "the demo wiped a data dir while its port was taken");
 }
+
+/// A node whose port is taken says so and leaves no data dir behind.
+#[test]
+fn a_node_on_a_taken_port_leaves_no_data_dir() {
+    let dir = common::scratch();
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = holder.local_addr().unwrap().to_string();
+    let data = dir.path.join("data");
+    let (code, stderr) = run(&[
+        "node",
+        "--id",
+        "1",
+        "--init",
+        "--listen",
+        &listen,
+        "--data",
+        data.to_str().unwrap(),
+        "--executor",
+        "none",
+    ]);
+    assert_ne!(code, 0, "{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error: ")).collect();
+    assert!(errors.len() == 1 && errors[0].contains(&listen), "{stderr}");
+    assert!(!data.exists(), "a data dir was left behind");
+}

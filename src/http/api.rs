@@ -11,7 +11,7 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json, Router};
 use raftgen_raft::command::{ModelInfo, RefusedModel, Rejection};
-use raftgen_raft::job::{JobId, JobRequest, JobState, MAX_IDEMPOTENCY_KEY_BYTES};
+use raftgen_raft::job::{JobId, JobRequest, JobState, MAX_IDEMPOTENCY_KEY_BYTES, MAX_PROMPT_CHARS};
 use raftgen_raft::result::{Location, ResultHash, ResultInfo};
 use raftgen_raft::{Command, NodeId, Response as SmResponse};
 use serde_json::{json, Map, Value};
@@ -63,7 +63,13 @@ const MAX_DRAIN_BYTES: usize = 64 << 20;
 pub(super) async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<Bytes, ApiError> {
     use http_body_util::BodyExt;
     let too_large = || {
-        let mut e = ApiError::field("body", format!("larger than {max} bytes"));
+        let mut e = ApiError::field(
+            "body",
+            format!(
+                "larger than {max} bytes (--max-body-bytes); a prompt or negative_prompt holds at most \
+                 {MAX_PROMPT_CHARS} characters"
+            ),
+        );
         e.status = StatusCode::PAYLOAD_TOO_LARGE;
         e.code = "body_too_large";
         e

@@ -174,6 +174,8 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
     if opts.id == 0 {
         bail!("--id must be at least 1");
     }
+    // Created by this start: removed again if the port turns out to be taken.
+    let fresh = !opts.data.exists();
     check_node_id(&opts)?;
     start_over_if_left(&opts)?;
     crate::logging::set_node_id(opts.id);
@@ -208,8 +210,21 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
         .count_sent_bytes(metrics.peer_sent_bytes.clone());
     let config = Arc::new(opts.settings.raft_config().validate().context("raft settings")?);
     let raft = Raft::new(opts.id, config, network, log, sm).await.context("starting raft")?;
-    let listener =
-        tokio::net::TcpListener::bind(opts.listen).await.with_context(|| format!("binding {}", opts.listen))?;
+    // Bound after the data dir is opened, so that a restart while the old
+    // process still drains waits for the dir (see `open_storage`) instead of
+    // failing on the port the old process still holds.
+    let listener = match tokio::net::TcpListener::bind(opts.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            raft.shutdown().await.ok();
+            drop(raft);
+            if fresh {
+                // A port already taken leaves no new data dir behind.
+                let _ = std::fs::remove_dir_all(&opts.data);
+            }
+            return Err(anyhow::Error::new(e).context(format!("binding {}", opts.listen)));
+        }
+    };
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let client = tls_client(reqwest::Client::builder().connect_timeout(Duration::from_millis(500)).tcp_nodelay(true))
