@@ -43,6 +43,10 @@ async fn first_five_minutes_server_forms_help_and_plain_logs() {
     assert_eq!(code, 0, "status --server {bare}: {stderr}");
     let out = Command::new(common::EXE).args(["status"]).env("RAFTGEN_SERVER", &bare).output().unwrap();
     assert!(out.status.success(), "RAFTGEN_SERVER={bare}: {}", String::from_utf8_lossy(&out.stderr));
+    // The text status names the models the cluster serves, with their size.
+    let text = String::from_utf8_lossy(&out.stdout);
+    let models = text.lines().find(|l| l.starts_with("models: ")).unwrap_or_else(|| panic!("no models line:\n{text}"));
+    assert!(models.contains(" px, ") && !models.contains("none yet"), "{text}");
 
     for cmd in ["node", "submit"] {
         let out = Command::new(common::EXE).args([cmd, "--help"]).output().unwrap();

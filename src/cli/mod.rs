@@ -821,6 +821,20 @@ async fn status(client: &Client, output: OutputFormat) -> anyhow::Result<()> {
             if m["draining"] == true { " (draining)" } else { "" }
         );
     }
+    // The models the cluster serves, and any folder a node refused.
+    let models = client.get("/v1/models").await?;
+    let served: Vec<String> = models["data"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| {
+            format!("{} ({} px, {} steps)", cell(&m["id"]), cell(&m["default_side_px"]), cell(&m["default_steps"]))
+        })
+        .collect();
+    println!("models: {}", if served.is_empty() { "none yet".to_string() } else { served.join(", ") });
+    for r in models["refused"].as_array().into_iter().flatten() {
+        println!("  refused on node {}: {}: {}", cell(&r["node"]), cell(&r["name"]), cell(&r["reason"]));
+    }
     Ok(())
 }
 
