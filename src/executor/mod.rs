@@ -9,6 +9,7 @@
 pub mod device;
 pub mod diffusion;
 pub mod png;
+pub mod priority;
 pub mod test_pattern;
 
 use std::sync::atomic::{AtomicBool, Ordering};

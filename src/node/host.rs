@@ -200,7 +200,10 @@ async fn execute(app: &Arc<App>, batch: Vec<JobSpec>, cancels: Vec<Arc<AtomicBoo
         })
         .collect();
     let n = work.len();
-    let mut run = tokio::task::spawn_blocking(move || executor.generate_batch(&work));
+    let mut run = tokio::task::spawn_blocking(move || {
+        crate::executor::priority::lower_this_thread();
+        executor.generate_batch(&work)
+    });
     let result = tokio::select! {
         result = &mut run => Some(result),
         _ = tokio::time::sleep(app.settings.job_timeout()) => None,

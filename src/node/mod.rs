@@ -7,7 +7,7 @@
 //! batching of forwarded writes, both over [`batch`]), [`scheduler`] (the
 //! leader's loop), [`host`] (the executor host), [`membership`] (join and
 //! leave), [`drain`] (SIGTERM), [`snapshot_guard`], [`webhook`] (deliveries),
-//! [`results`] (where result images live: the embedded store, pushes and
+//! [`raft_runtime`] (the Raft core's own threads), [`results`] (where result images live: the embedded store, pushes and
 //! reads between nodes, an object store, the janitor and the leader's
 //! repair), [`config`] (settings).
 //! Shutdown is handled here and only here: SIGINT/SIGTERM start the drain
@@ -22,6 +22,7 @@ pub mod forwarder;
 pub mod host;
 pub mod membership;
 pub mod proposer;
+pub mod raft_runtime;
 pub mod results;
 pub mod scheduler;
 pub mod snapshot_guard;
@@ -209,7 +210,14 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
     let network = NetworkFactory::new(opts.id, &opts.secret, health.clone(), raft_client, scheme)
         .count_sent_bytes(metrics.peer_sent_bytes.clone());
     let config = Arc::new(opts.settings.raft_config().validate().context("raft settings")?);
-    let raft = Raft::new(opts.id, config, network, log, sm).await.context("starting raft")?;
+    // The core, its replication and its state machine on their own threads
+    // (see `raft_runtime`); kept until this function returns.
+    let raft_runtime = raft_runtime::RaftRuntime::start()?;
+    let id = opts.id;
+    let raft = raft_runtime
+        .run(async move { Raft::new(id, config, network, log, sm).await })
+        .await?
+        .context("starting raft")?;
     // Bound after the data dir is opened, so that a restart while the old
     // process still drains waits for the dir (see `open_storage`) instead of
     // failing on the port the old process still holds.
@@ -321,6 +329,7 @@ pub async fn run(opts: NodeOptions) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     let _ = shutdown_tx.send(true);
     raft.shutdown().await.ok();
+    drop(raft_runtime);
     let fatal = fatal.lock().unwrap_or_else(|p| p.into_inner()).take();
     match fatal {
         Some(e) => Err(anyhow::anyhow!(e)),
