@@ -32,7 +32,8 @@ fn bad_arguments_and_unreachable_servers_give_one_line_and_a_non_zero_exit() {
 
 /// What a newcomer types works: `--server host:port` (no scheme) and
 /// `RAFTGEN_SERVER` reach the node; every flag of `node` and `submit` has
-/// help; a node's log file carries no colour codes.
+/// help; `image` fetches a finished job's PNG again; a node's log file
+/// carries no colour codes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_five_minutes_server_forms_help_and_plain_logs() {
     let dir = common::scratch();
@@ -47,6 +48,26 @@ async fn first_five_minutes_server_forms_help_and_plain_logs() {
     let text = String::from_utf8_lossy(&out.stdout);
     let models = text.lines().find(|l| l.starts_with("models: ")).unwrap_or_else(|| panic!("no models line:\n{text}"));
     assert!(models.contains(" px, ") && !models.contains("none yet"), "{text}");
+
+    // A finished job's image, fetched again later by id, is the same file.
+    let first = dir.path.join("first.png");
+    let out = Command::new(common::EXE)
+        .args(["submit", "a red circle", "--wait", "--output", "json", "--server", &bare, "--out"])
+        .arg(&first)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "submit --wait: {}", String::from_utf8_lossy(&out.stderr));
+    let done: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = done["job"]["id"].as_str().unwrap();
+    let again = dir.path.join("again.png");
+    let out = Command::new(common::EXE).args(["image", id, "--server", &bare, "--out"]).arg(&again).output().unwrap();
+    assert!(out.status.success(), "image: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read(&first).unwrap(), std::fs::read(&again).unwrap(), "image {id} differs from submit's");
+    let unknown = "0".repeat(32);
+    let (code, stderr) = run(&["image", &unknown, "--server", &bare]);
+    assert_ne!(code, 0);
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("404") && stderr.contains(&unknown), "{stderr}");
 
     for cmd in ["node", "submit"] {
         let out = Command::new(common::EXE).args([cmd, "--help"]).output().unwrap();

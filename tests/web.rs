@@ -1,8 +1,10 @@
 //! The web page in a real browser: headless Chromium (Debian's `chromium`,
 //! which `.ci/run` installs) loads `/` from a follower of a 3-node cluster,
-//! checks the cluster view, submits the prompt form (first with a bad width,
+//! checks the cluster view and that the size fields start at the model's
+//! native size, submits the prompt form (first with a bad width,
 //! whose error must appear next to the field), waits until the result's image
-//! has loaded in the gallery, and saves screenshots (their paths are printed).
+//! has loaded in the gallery (the page having said how long the job had
+//! left while it ran), and saves screenshots (their paths are printed).
 //!
 //! Chromium is driven over the DevTools protocol on a pipe
 //! (`--remote-debugging-pipe`: NUL-terminated JSON messages, commands on the
@@ -297,8 +299,9 @@ fn base64_decodes_known_vectors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_in_the_browser_and_see_the_image() {
     let dir = scratch();
+    // Long enough (3 s) for a progress report (one a second) while it runs.
     let flags =
-        ["--executor", "test-pattern", "--test-pattern-delay-ms", "1500", "--slots", "1", "--node-timeout-ms", "2000"];
+        ["--executor", "test-pattern", "--test-pattern-delay-ms", "3000", "--slots", "1", "--node-timeout-ms", "2000"];
     let cluster = start(&dir.path, 3, &flags);
     let leader = cluster.wait_ready(1, 3, 1, WAIT).await.unwrap();
     let follower = (1..=3).find(|i| *i != leader).unwrap();
@@ -338,6 +341,16 @@ async fn submit_in_the_browser_and_see_the_image() {
         ),
     );
     browser.wait_for("the model list", "document.querySelector('#f-model').value === 'test-pattern'");
+    // The size fields start at the model's native size, and the hint says it.
+    let models: Value = http.get(format!("{base}/v1/models")).send().await.unwrap().json().await.unwrap();
+    let side = models["data"][0]["default_side_px"].as_u64().unwrap();
+    browser.wait_for(
+        "the model's native size in the size fields",
+        &format!(
+            "document.querySelector('#f-width').value === '{side}' && document.querySelector('#f-height').value === '{side}' \
+             && document.querySelector('#size-hint').textContent.includes('draws {side}×{side} px natively')"
+        ),
+    );
 
     // A width the model refuses: the API's message appears next to the field.
     browser.eval(&fill("a lighthouse at dusk", 100));
@@ -369,6 +382,9 @@ async fn submit_in_the_browser_and_see_the_image() {
            return [li.dataset.state, li.querySelector('.step').textContent, li.querySelector('progress').value]; }})()"
     ));
     assert_eq!(item, json!(["succeeded", "step 10/10", 10]));
+    // While it ran, the page said how long it had left.
+    let eta = format!("document.querySelector('#jobs li[data-job-id=\"{id}\"]').dataset.etaShown");
+    assert_eq!(browser.eval(&eta), json!("1"), "no time left was shown while the job ran");
     let card = browser.eval(&format!(
         "(() => {{ const f = document.querySelector('#gallery figure[data-job-id=\"{id}\"]');
            const params = Object.fromEntries([...f.querySelectorAll('dt')].map(dt => [dt.textContent, dt.nextElementSibling.textContent]));

@@ -124,6 +124,16 @@ pub enum Cmd {
         #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
         output: OutputFormat,
     },
+    /// Save a finished job's image (a PNG, from any node) to a file.
+    Image {
+        /// The job id (32 hexadecimal characters).
+        id: String,
+        #[command(flatten)]
+        to: ServerArgs,
+        /// Where to write the PNG (default: <job id>.png; `-` for standard output).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// List recent jobs.
     Jobs {
         #[command(flatten)]
@@ -252,6 +262,11 @@ pub struct NodeArgs {
     /// was batched with (float summation order).
     #[arg(long, default_value_t = 1)]
     pub max_batch: usize,
+    /// CPU priority of the threads that run the model, as a nice value (0-19;
+    /// 0 leaves them as the node's other threads). Higher yields the cores to
+    /// the node's Raft heartbeats and HTTP API while a job runs.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub executor_nice: i32,
     /// Simulated run time per job of the test-pattern executor.
     #[arg(long, default_value_t = 500)]
     pub test_pattern_delay_ms: u64,
@@ -509,6 +524,8 @@ impl NodeArgs {
                 "--test-pattern-stall-first, --test-pattern-fail-first and --test-pattern-noise need --executor test-pattern"
             );
         }
+        // Before any model code runs: its threads take the lower priority.
+        crate::executor::priority::configure(self.executor_nice);
         let executor: Arc<dyn Executor> = match self.executor {
             ExecutorKind::Diffusion => Arc::new(diffusion_executor(&self)?),
             ExecutorKind::None => {
@@ -719,6 +736,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Submit(args) => submit(*args).await,
         Cmd::Status { to, output } => status(&to.client()?, output).await,
         Cmd::Job { id, to, output } => job(&to.client()?, &id, output).await,
+        Cmd::Image { id, to, out } => image(&to.client()?, &id, out).await,
         Cmd::Jobs { to, state, limit, output } => jobs(&to.client()?, state, limit, output).await,
         Cmd::Leave { to, id, cluster_secret } => {
             let client = to.client()?;
@@ -776,12 +794,31 @@ async fn submit(a: SubmitArgs) -> anyhow::Result<()> {
     if job["state"] != "succeeded" {
         bail!("job {id} {}: {}", job["state"].as_str().unwrap_or("?"), job["error"].as_str().unwrap_or(""));
     }
-    let png = client.get_bytes(&format!("/v1/jobs/{id}/image")).await?;
-    let out = a.out.unwrap_or_else(|| PathBuf::from(format!("{id}.png")));
-    std::fs::write(&out, &png).with_context(|| format!("writing {}", out.display()))?;
+    let (out, png) = save_image(&client, &id, a.out).await?;
     match a.output {
         OutputFormat::Json => println!("{}", json!({ "job": job, "file": out.display().to_string() })),
         OutputFormat::Text => println!("{id} succeeded: {} ({} bytes)", out.display(), png.len()),
+    }
+    Ok(())
+}
+
+/// Fetches job `id`'s image and writes it to `out` (default `<id>.png`).
+async fn save_image(client: &Client, id: &str, out: Option<PathBuf>) -> anyhow::Result<(PathBuf, Vec<u8>)> {
+    let png = client.get_bytes(&format!("/v1/jobs/{id}/image")).await.with_context(|| format!("job {id}'s image"))?;
+    let out = out.unwrap_or_else(|| PathBuf::from(format!("{id}.png")));
+    if out.as_os_str() == "-" {
+        use std::io::Write;
+        std::io::stdout().lock().write_all(&png).context("writing the image to standard output")?;
+    } else {
+        std::fs::write(&out, &png).with_context(|| format!("writing {}", out.display()))?;
+    }
+    Ok((out, png))
+}
+
+async fn image(client: &Client, id: &str, out: Option<PathBuf>) -> anyhow::Result<()> {
+    let (out, png) = save_image(client, id, out).await?;
+    if out.as_os_str() != "-" {
+        println!("{}: {} bytes", out.display(), png.len());
     }
     Ok(())
 }

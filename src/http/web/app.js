@@ -128,6 +128,53 @@ function renderModels(names) {
   }
   select.replaceChildren(...names.map((n) => el("option", { value: n }, n)));
   if (names.includes(chosen)) select.value = chosen;
+  loadModelDefaults();
+}
+
+/** Each model's native size and default steps (`GET /v1/models`). */
+let modelDefaults = new Map();
+
+async function loadModelDefaults() {
+  try {
+    const r = await api("GET", "/v1/models");
+    if (!r.ok) return;
+    modelDefaults = new Map(r.body.data.map((m) => [m.id, m]));
+    applyModelDefaults();
+  } catch (_) {
+    // The fields keep their placeholders ("model default").
+  }
+}
+
+/** Fills width, height and steps with the chosen model's defaults, unless
+ *  the user typed a value, and says what a larger size costs. */
+function applyModelDefaults() {
+  const m = modelDefaults.get($("#f-model").value);
+  if (!m) return;
+  const form = $("#submit-form");
+  for (const name of ["width", "height"]) {
+    const input = form.elements[name];
+    if (!input.dataset.userSet) input.value = String(m.default_side_px);
+  }
+  form.elements.steps.placeholder = `model default (${m.default_steps})`;
+  sizeHint();
+}
+
+/** Time grows with the pixels: a size above the model's native one says by how much. */
+function sizeHint() {
+  const m = modelDefaults.get($("#f-model").value);
+  const form = $("#submit-form");
+  const w = Number(form.elements.width.value) || (m && m.default_side_px);
+  const h = Number(form.elements.height.value) || (m && m.default_side_px);
+  const hint = $("#size-hint");
+  if (!m || !w || !h) {
+    hint.textContent = "";
+    return;
+  }
+  const native = m.default_side_px * m.default_side_px;
+  const factor = (w * h) / native;
+  hint.textContent =
+    `${m.id} draws ${m.default_side_px}×${m.default_side_px} px natively` +
+    (factor > 1.01 ? `; ${w}×${h} is ${factor.toFixed(factor < 10 ? 1 : 0)}× its pixels, so each step takes about that much longer (more on a CPU).` : ".");
 }
 
 async function pollCluster() {
@@ -264,7 +311,21 @@ function setState(id, state, node) {
   const li = document.querySelector(`#jobs li[data-job-id="${CSS.escape(id)}"]`);
   if (!li) return;
   li.dataset.state = state;
+  if (state === "running" && !runningSeen.has(id)) runningSeen.set(id, [performance.now(), 0]);
+  if (TERMINAL.has(state)) runningSeen.delete(id);
   li.querySelector(".state").textContent = state + (node != null ? " on node " + node : "");
+}
+
+/** When this page first saw each job running: [time (ms), step]. */
+const runningSeen = new Map();
+
+/** "about 2 min left", from the steps done since this page saw the job run. */
+function etaText(id, step, steps) {
+  const seen = runningSeen.get(id);
+  if (!seen || step >= steps || step <= seen[1]) return "";
+  const msPerStep = (performance.now() - seen[0]) / (step - seen[1]);
+  const left = Math.ceil((msPerStep * (steps - step)) / 1000);
+  return left < 90 ? `about ${left} s left` : `about ${Math.round(left / 60)} min left`;
 }
 
 function setProgress(id, step, steps) {
@@ -273,7 +334,9 @@ function setProgress(id, step, steps) {
   const bar = li.querySelector("progress");
   bar.max = steps;
   bar.value = Math.min(step, steps);
-  li.querySelector(".step").textContent = `step ${step}/${steps}`;
+  const eta = li.dataset.state === "running" ? etaText(id, step, steps) : "";
+  if (eta) li.dataset.etaShown = "1";
+  li.querySelector(".step").textContent = `step ${step}/${steps}` + (eta ? ` · ${eta}` : "");
 }
 
 const trackers = new Map();
@@ -454,6 +517,14 @@ function restart() {
 document.addEventListener("DOMContentLoaded", () => {
   setupKey();
   $("#submit-form").addEventListener("submit", submit);
+  for (const name of ["width", "height"]) {
+    const input = $("#f-" + name);
+    input.addEventListener("input", () => {
+      input.dataset.userSet = "1";
+      sizeHint();
+    });
+  }
+  $("#f-model").addEventListener("change", applyModelDefaults);
   pollCluster();
   loadMine();
   pollGallery();
