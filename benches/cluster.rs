@@ -13,102 +13,22 @@
 //! The clients share the machine's 2 cores with the three nodes.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
 use raftgen::cli::local::LocalCluster;
 use serde_json::json;
 
 mod common;
 
+use common::load::{self, Phase, Proto};
 use common::{env_u64, ms, percentile};
 
 const EXE: &str = env!("CARGO_BIN_EXE_raftgen");
 
-struct Phase {
-    name: String,
-    ok: usize,
-    errors: usize,
-    secs: f64,
-    latencies: Vec<Duration>,
-}
-
-/// One client: a single keep-alive HTTP/1.1 connection (plain hyper, no pool,
-/// so the client costs the shared cores little), submitting back to back.
-async fn client(addr: String, c: usize, stop: Arc<AtomicBool>) -> (Vec<Duration>, usize) {
-    let (mut lat, mut errors, mut n) = (Vec::new(), 0usize, 0u64);
-    let mut sender: Option<http1::SendRequest<Full<Bytes>>> = None;
-    while !stop.load(Ordering::Relaxed) {
-        if sender.as_ref().is_none_or(|s| s.is_closed()) {
-            let Ok(stream) = tokio::net::TcpStream::connect(&addr).await else {
-                errors += 1;
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
-            let Ok((s, conn)) = http1::handshake(TokioIo::new(stream)).await else {
-                errors += 1;
-                continue;
-            };
-            tokio::spawn(conn);
-            sender = Some(s);
-        }
-        let s = sender.as_mut().expect("connected above");
-        let body = format!(r#"{{"prompt":"bench {c} {n}","width":64,"height":64,"steps":1}}"#);
-        let req = hyper::Request::post("/v1/jobs")
-            .header("host", &addr)
-            .header("content-type", "application/json")
-            .header("idempotency-key", format!("b-{c}-{n}"))
-            .body(Full::new(Bytes::from(body)))
-            .expect("static request parts");
-        n += 1;
-        let t = Instant::now();
-        match s.send_request(req).await {
-            Ok(resp) => {
-                let ok = resp.status() == 202;
-                let read = resp.into_body().collect().await.is_ok();
-                if ok && read {
-                    lat.push(t.elapsed());
-                } else {
-                    errors += 1;
-                }
-            }
-            Err(_) => {
-                errors += 1;
-                sender = None;
-            }
-        }
-    }
-    (lat, errors)
-}
-
-/// `clients` concurrent clients, spread round-robin over `urls`, for `secs`.
+/// `clients` concurrent raftgen clients spread over `urls` (the shared load
+/// generator, `common::load`).
 async fn load(urls: &[String], clients: usize, secs: u64, name: String) -> Phase {
-    let stop = Arc::new(AtomicBool::new(false));
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..clients)
-        .map(|c| {
-            let addr = urls[c % urls.len()].trim_start_matches("http://").to_string();
-            tokio::spawn(client(addr, c, stop.clone()))
-        })
-        .collect();
-    tokio::time::sleep(Duration::from_secs(secs)).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut phase = Phase { name, ok: 0, errors: 0, secs: 0.0, latencies: Vec::new() };
-    for t in tasks {
-        let (lat, errors) = t.await.unwrap();
-        phase.errors += errors;
-        phase.latencies.extend(lat);
-    }
-    phase.secs = started.elapsed().as_secs_f64();
-    phase.ok = phase.latencies.len();
-    phase.latencies.sort();
-    phase
+    load::run(Proto::Raftgen, urls, clients, secs as f64, name).await
 }
 
 /// The leader, once all three nodes agree on it and it says so itself.

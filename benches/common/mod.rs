@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod load;
+
 use std::time::Duration;
 
 pub fn env_u64(name: &str, default: u64) -> u64 {
