@@ -211,3 +211,36 @@ async fn not_ready_and_503_until_a_node_serves_a_model() {
     let r = http.post(format!("{url}/v1/jobs")).json(&json!({"prompt": "x", "steps": 1})).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 202, "{}", r.text().await.unwrap());
 }
+
+/// The check of readiness: fresh 3-node clusters, a submission to
+/// every node the moment all three answer `/readyz` 200: none refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fresh_clusters_accept_submissions_the_moment_they_say_ready() {
+    const CLUSTERS: usize = 20;
+    let http = reqwest::Client::new();
+    for round in 0..CLUSTERS {
+        let dir = scratch();
+        let cluster = start(&dir.path, 3, &["--executor", "test-pattern"]);
+        let urls: Vec<String> = (1..=3).map(|id| cluster.url(id)).collect();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut ready = 0;
+            for url in &urls {
+                if http.get(format!("{url}/readyz")).send().await.is_ok_and(|r| r.status().as_u16() == 200) {
+                    ready += 1;
+                }
+            }
+            if ready == urls.len() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "cluster {round} never ready; logs in {}", dir.path.display());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for url in &urls {
+            let r = http.post(format!("{url}/v1/jobs")).json(&json!({"prompt": "ready?", "steps": 1})).send().await;
+            let r = r.unwrap();
+            let status = r.status().as_u16();
+            assert_eq!(status, 202, "cluster {round}, {url}: {}", r.text().await.unwrap());
+        }
+    }
+}
