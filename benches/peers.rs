@@ -22,7 +22,9 @@
 //!
 //! Environment: RAFTGEN_BENCH_SECS (per phase, default 10),
 //! RAFTGEN_BENCH_ROUNDS (default 3), RAFTGEN_BENCH_NODE_ARGS (more raftgen
-//! node flags, e.g. `--unsafe-no-fsync`).
+//! node flags, e.g. `--unsafe-no-fsync`), RAFTGEN_BENCH_OTHER_BIN (another
+//! raftgen binary, run as a fourth system `raftgen-b` with the same flags:
+//! an A/B of two builds in one sitting).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -156,6 +158,19 @@ async fn main() {
         phases: Vec::new(),
     }];
     let mut keep = Vec::new();
+    let mut others = Vec::new();
+    if let Ok(other) = std::env::var("RAFTGEN_BENCH_OTHER_BIN") {
+        let b = LocalCluster::start(Path::new(&other), &dir.path().join("raftgen-b"), 3, &[], &extra).unwrap();
+        let leader = b.wait_ready(1, 3, 0, Duration::from_secs(60)).await.unwrap();
+        println!("raftgen-b: {other}");
+        systems.push(System {
+            name: "raftgen-b",
+            proto: Proto::Raftgen,
+            addr: b.url(leader).trim_start_matches("http://").to_string(),
+            phases: Vec::new(),
+        });
+        others.push(b);
+    }
     match binary("RAFTGEN_BENCH_ETCD", "etcd") {
         Some(bin) => {
             let d = dir.path().join("etcd");
@@ -218,14 +233,16 @@ async fn main() {
         (median(&rate), median(&p50), median(&p99))
     };
     for (ci, clients) in CLIENTS.iter().enumerate() {
-        let ours = med(&systems[0], ci);
         for s in &systems {
             let (rate, p50, p99) = med(s, ci);
             let ratio = |other: &str| {
-                systems.iter().find(|o| o.name == other).filter(|_| s.name == "raftgen").map_or(String::new(), |o| {
-                    let (r, p, _) = med(o, ci);
-                    format!("{:.2}x, p50 {:.2}x", ours.0 / r, ours.1 / p)
-                })
+                systems.iter().find(|o| o.name == other).filter(|_| s.name.starts_with("raftgen")).map_or(
+                    String::new(),
+                    |o| {
+                        let (mine, (r, p, _)) = (med(s, ci), med(o, ci));
+                        format!("{:.2}x, p50 {:.2}x", mine.0 / r, mine.1 / p)
+                    },
+                )
             };
             println!(
                 "{:<10} {:>8} {:>12.0} {:>9.2} {:>9.2} {:>12} {:>12}",
@@ -241,5 +258,6 @@ async fn main() {
     }
     println!("(ratios: raftgen's writes/s over theirs, and raftgen's p50 over theirs: below 1 is faster)");
     drop(keep);
+    drop(others);
     drop(cluster);
 }
