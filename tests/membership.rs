@@ -491,9 +491,47 @@ async fn permanent_refusals_stop_the_node_with_the_reason() {
     let line = error_line(&stderr);
     assert!(line.len() == 1 && line[0].contains("is in use by another process"), "{stderr}");
 
+    // Not the address of a node: said at once, nothing retried.
+    for bad in ["http://", "not a node", "ftp://127.0.0.1:1"] {
+        let d = data("bad-join");
+        let args = ["--id", "7", "--listen", &listen, "--data", &d, "--join", bad, "--executor", "none"];
+        let (code, stderr) = node_exit(&args, &cluster.secret);
+        assert_ne!(code, Some(0), "{stderr}");
+        let line = error_line(&stderr);
+        assert!(
+            line.len() == 1 && line[0].contains("--join") && line[0].contains("not the address"),
+            "{bad}: {stderr}"
+        );
+    }
+
     // Nothing changed for the cluster.
     let view = cluster_view(&cluster, 1).await;
     assert_eq!(roles(&view).len(), 2, "{view}");
+
+    // `host:port`, as /v1/cluster and --advertise write addresses, joins.
+    let host_port = join.trim_start_matches("http://").to_string();
+    let mut node = std::process::Command::new(common::EXE)
+        .args(["node", "--id", "7", "--listen", &listen, "--data", &data("host-port"), "--join", &host_port])
+        .args(["--executor", "none"])
+        .env("RAFTGEN_CLUSTER_SECRET", &cluster.secret)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let joined = loop {
+        let view = cluster_view(&cluster, 1).await;
+        if roles(&view).contains_key(&7) {
+            break true;
+        }
+        if Instant::now() > deadline || node.try_wait().unwrap().is_some() {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let _ = node.kill();
+    let _ = node.wait();
+    assert!(joined, "node 7 with --join {host_port} did not join");
 }
 
 /// A node that left (`DELETE /v1/cluster/nodes/3`) is told so by the leader

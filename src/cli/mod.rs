@@ -200,7 +200,8 @@ pub struct NodeArgs {
     /// Start a new cluster with this node as its only member (ignored once initialized).
     #[arg(long, conflicts_with = "join")]
     pub init: bool,
-    /// Join the cluster through any of its nodes (ignored once a member).
+    /// Join the cluster through any of its nodes, `host:port` or a URL
+    /// (ignored once a member).
     #[arg(long)]
     pub join: Option<String>,
     /// Shared by every node and admin client; nodes refuse RPCs without it.
@@ -499,7 +500,8 @@ impl NodeArgs {
             }
             _ => None,
         };
-        if let Some(join) = &self.join {
+        let join = self.join.as_deref().map(|j| join_url(j, tls.is_some())).transpose()?;
+        if let Some(join) = &join {
             match (tls.is_some(), join.starts_with("https://")) {
                 (true, false) => bail!("--join {join}: a node with --tls-cert joins through an https:// URL"),
                 (false, true) => bail!("--join {join}: an https:// URL needs --tls-cert and --tls-key on this node"),
@@ -553,7 +555,7 @@ impl NodeArgs {
             advertise: self.advertise,
             data: self.data,
             init: self.init,
-            join: self.join,
+            join,
             secret,
             api_keys,
             tls,
@@ -604,6 +606,23 @@ impl NodeArgs {
                 webhook: self.webhook.settings(),
             },
         })
+    }
+}
+
+/// `--join` as a base URL. `host:port` (how `--advertise` and `/v1/cluster`
+/// write addresses) means the scheme this node speaks: https with
+/// `--tls-cert`, else http. Anything that is not a node's address stops the
+/// node at once, rather than being retried without end.
+fn join_url(join: &str, tls: bool) -> anyhow::Result<String> {
+    let trimmed = join.trim();
+    let url = if trimmed.contains("://") {
+        trimmed.trim_end_matches('/').to_string()
+    } else {
+        format!("{}://{}", if tls { "https" } else { "http" }, trimmed.trim_end_matches('/'))
+    };
+    match reqwest::Url::parse(&url) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some_and(|h| !h.is_empty()) => Ok(url),
+        _ => bail!("--join {join:?}: not the address of a node (host:port, or http:// or https:// and host:port)"),
     }
 }
 
