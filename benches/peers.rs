@@ -158,7 +158,7 @@ async fn main() {
         phases: Vec::new(),
     }];
     let mut keep = Vec::new();
-    let mut others = Vec::new();
+    let mut other_cluster = None;
     if let Ok(other) = std::env::var("RAFTGEN_BENCH_OTHER_BIN") {
         let b = LocalCluster::start(Path::new(&other), &dir.path().join("raftgen-b"), 3, &[], &extra).unwrap();
         let leader = b.wait_ready(1, 3, 0, Duration::from_secs(60)).await.unwrap();
@@ -169,7 +169,7 @@ async fn main() {
             addr: b.url(leader).trim_start_matches("http://").to_string(),
             phases: Vec::new(),
         });
-        others.push(b);
+        other_cluster = Some(b);
     }
     match binary("RAFTGEN_BENCH_ETCD", "etcd") {
         Some(bin) => {
@@ -258,6 +258,6 @@ async fn main() {
     }
     println!("(ratios: raftgen's writes/s over theirs, and raftgen's p50 over theirs: below 1 is faster)");
     drop(keep);
-    drop(others);
+    drop(other_cluster);
     drop(cluster);
 }

@@ -614,15 +614,24 @@ impl NodeArgs {
 /// `--tls-cert`, else http. Anything that is not a node's address stops the
 /// node at once, rather than being retried without end.
 fn join_url(join: &str, tls: bool) -> anyhow::Result<String> {
-    let trimmed = join.trim();
-    let url = if trimmed.contains("://") {
-        trimmed.trim_end_matches('/').to_string()
-    } else {
-        format!("{}://{}", if tls { "https" } else { "http" }, trimmed.trim_end_matches('/'))
-    };
+    let url = base_url(join.trim(), if tls { "https" } else { "http" });
     match reqwest::Url::parse(&url) {
         Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some_and(|h| !h.is_empty()) => Ok(url),
         _ => bail!("--join {join:?}: not the address of a node (host:port, or http:// or https:// and host:port)"),
+    }
+}
+
+/// A node's base URL as people type it: `host:port` means `scheme://host:port`;
+/// a trailing `/` is dropped.
+fn base_url(addr: &str, scheme: &str) -> String {
+    // The scheme is looked for before the `/` is dropped: `http://` alone is
+    // a URL without a host, not the host `http`.
+    let has_scheme = addr.contains("://");
+    let addr = addr.trim_end_matches('/');
+    if has_scheme {
+        addr.to_string()
+    } else {
+        format!("{scheme}://{addr}")
     }
 }
 
@@ -640,9 +649,8 @@ impl Client {
 
     pub fn new(server: &str) -> Self {
         let http = Self::builder().build().expect("http client");
-        let server = server.trim_end_matches('/');
         // `127.0.0.1:7001` is what people type: it means plain http.
-        let server = if server.contains("://") { server.to_string() } else { format!("http://{server}") };
+        let server = base_url(server, "http");
         Client { http, server, api_key: None }
     }
 
