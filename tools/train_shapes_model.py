@@ -14,10 +14,11 @@ those already finished):
     data     render the training scenes (fixed seed) and the held-out ones
     vae      train the autoencoder (L1 + MSE on pixels, a small KL term)
     latents  encode the training images; the latent scaling factor
-    unet     train the text encoder and the UNet together (epsilon
-             prediction, SD-1.5's noise schedule, captions dropped 10% of the
-             time for classifier-free guidance, offset noise, min-SNR-5
-             weighting, EMA weights)
+    unet     train the text encoder and the UNet together (epsilon or
+             v prediction, SD-1.5's noise schedule, captions dropped 10% of
+             the time for classifier-free guidance, offset noise, min-SNR-5
+             weighting with an optional floor at high noise, an optional
+             scene probe on the text encoder, EMA weights)
     export   save the EMA weights as a diffusers folder (models/shapes-sd)
              and the held-out captions (tests/data/shapes-eval.json)
     parity   diffusers' reference tensors on models/shapes-sd for
@@ -180,9 +181,16 @@ def make_vae():
     return AutoencoderKL(**VAE_CONFIG)
 
 
-def stage_vae(work: Path, seed: int, steps: int, batch: int) -> None:
+def stage_vae(work: Path, seed: int, steps: int, batch: int, init_from: Path | None = None) -> None:
     done = work / "vae.done.pt"
     if done.exists():
+        return
+    if init_from is not None:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(init_from / "vae")
+        save_ckpt(done, {"model": vae.state_dict()})
+        log(f"vae: taken from {init_from / 'vae'} (--init-from), not trained")
         return
     images, _ = load_data(work)
     torch.manual_seed(seed)
@@ -294,6 +302,33 @@ class Denoiser(torch.nn.Module):
         self.unet = make_unet()
 
 
+class SceneProbe(torch.nn.Module):
+    """Training aid, not exported: reads, from the text encoder's pooled output,
+    what the caption puts at each of the five positions (no object or one of
+    the eight colours; no object or one of the three shapes). Its loss
+    (--text-aux-weight) makes the text encoder say where things are, which the
+    UNet can only learn to use once the words are told apart."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.n_col, self.n_shape = len(sd.COLOUR_NAMES) + 1, len(sd.SHAPES) + 1
+        self.head = torch.nn.Linear(hidden, len(sd.POSITION_NAMES) * (self.n_col + self.n_shape))
+
+    @staticmethod
+    def targets(scene: sd.Scene) -> tuple[list[int], list[int]]:
+        col, shp = [0] * len(sd.POSITION_NAMES), [0] * len(sd.POSITION_NAMES)
+        for o in scene.objects:
+            p = sd.POSITION_NAMES.index(o.position)
+            col[p] = 1 + sd.COLOUR_NAMES.index(o.colour)
+            shp[p] = 1 + sd.SHAPES.index(o.shape)
+        return col, shp
+
+    def loss(self, pooled: torch.Tensor, col: torch.Tensor, shp: torch.Tensor) -> torch.Tensor:
+        out = self.head(pooled).view(pooled.shape[0], len(sd.POSITION_NAMES), self.n_col + self.n_shape)
+        return (F.cross_entropy(out[..., :self.n_col].reshape(-1, self.n_col), col.reshape(-1))
+                + F.cross_entropy(out[..., self.n_col:].reshape(-1, self.n_shape), shp.reshape(-1)))
+
+
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters()):
@@ -301,7 +336,8 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 def stage_unet(work: Path, seed: int, steps: int, batch: int, lr_max: float, monitor_every: int,
-               stop_at: int | None = None) -> None:
+               stop_at: int | None = None, init_from: Path | None = None, x0_floor: float = 0.0,
+               aux_weight: float = 0.0) -> None:
     done = work / "unet.done.pt"
     if done.exists():
         return
@@ -312,7 +348,9 @@ def stage_unet(work: Path, seed: int, steps: int, batch: int, lr_max: float, mon
     torch.manual_seed(seed + 1)
     model = Denoiser()
     ema = copy.deepcopy(model).eval()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr_max, betas=(0.9, 0.99), weight_decay=0.01)
+    probe = SceneProbe(TEXT_CONFIG["hidden_size"])
+    params = list(model.parameters()) + (list(probe.parameters()) if aux_weight > 0 else [])
+    opt = torch.optim.AdamW(params, lr=lr_max, betas=(0.9, 0.99), weight_decay=0.01)
     sched = make_scheduler()
     alphas = sched.alphas_cumprod.float()
     snr = alphas / (1 - alphas)
@@ -323,8 +361,19 @@ def stage_unet(work: Path, seed: int, steps: int, batch: int, lr_max: float, mon
         model.load_state_dict(st["model"])
         ema.load_state_dict(st["ema"])
         opt.load_state_dict(st["opt"])
+        if "probe" in st:
+            probe.load_state_dict(st["probe"])
         step = st["step"]
         log(f"unet: resuming at step {step}")
+    elif init_from is not None:
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        model.text.load_state_dict(CLIPTextModel.from_pretrained(init_from / "text_encoder").state_dict())
+        model.unet.load_state_dict(UNet2DConditionModel.from_pretrained(init_from / "unet").state_dict())
+        ema.load_state_dict(model.state_dict())
+        log(f"unet: text encoder and UNet start from {init_from} (--init-from)")
+    v_pred = SCHEDULER_CONFIG["prediction_type"] == "v_prediction"
     n_text = sum(p.numel() for p in model.text.parameters())
     n_unet = sum(p.numel() for p in model.unet.parameters())
     log(f"unet: text encoder {n_text / 1e6:.2f} M, unet {n_unet / 1e6:.2f} M parameters; {steps} steps of {batch}")
@@ -334,7 +383,8 @@ def stage_unet(work: Path, seed: int, steps: int, batch: int, lr_max: float, mon
     while step < steps:
         rng = np.random.default_rng([seed, 3, step])
         idx = rng.integers(len(scenes), size=batch)
-        caps = [sd.caption(scenes[i], rng) if rng.random() >= CAPTION_DROP else "" for i in idx]
+        keep = [rng.random() >= CAPTION_DROP for _ in idx]
+        caps = [sd.caption(scenes[i], rng) if k else "" for i, k in zip(idx, keep)]
         ids = tok(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         g = torch.Generator().manual_seed(seed * 1000003 + step + 17)
         x0 = latents[torch.from_numpy(idx)]
@@ -345,22 +395,40 @@ def stage_unet(work: Path, seed: int, steps: int, batch: int, lr_max: float, mon
         lr = lr_max * min(1.0, (step + 1) / warm) * (0.5 * (1 + math.cos(math.pi * step / steps)) * 0.95 + 0.05)
         for gr in opt.param_groups:
             gr["lr"] = lr
-        ctx = model.text(ids).last_hidden_state
+        text_out = model.text(ids)
+        ctx = text_out.last_hidden_state
         pred = model.unet(xt, t, encoder_hidden_states=ctx).sample
-        w = torch.clamp(snr[t], max=MIN_SNR) / snr[t]
-        loss = (w * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        # The weight of each sample's error measured on x0: min(SNR, 5) (min-SNR-5), raised to
+        # --x0-weight-floor at high noise, where the layout (what the caption says about where
+        # things are) is decided; then expressed for the quantity predicted: an error e on x0 is
+        # e * sqrt(SNR) on epsilon and e * sqrt(SNR + 1) on v.
+        w_x0 = torch.clamp(snr[t], max=MIN_SNR).clamp(min=x0_floor)
+        if v_pred:
+            target = a.sqrt() * noise - (1 - a).sqrt() * x0  # v = sqrt(a) eps - sqrt(1 - a) x0
+            w = w_x0 / (snr[t] + 1)
+        else:
+            target = noise
+            w = w_x0 / snr[t]
+        loss = (w * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
+        aux = torch.zeros(())
+        kept = [j for j, k in enumerate(keep) if k]
+        if aux_weight > 0 and kept:
+            tg = [SceneProbe.targets(scenes[idx[j]]) for j in kept]
+            aux = probe.loss(text_out.pooler_output[kept], torch.tensor([c for c, _ in tg]),
+                             torch.tensor([s for _, s in tg]))
+            loss = loss + aux_weight * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
         ema_update(ema, model, min(0.998, (1 + step) / (10 + step)))
         if step % 50 == 0:
-            log(f"unet step {step}/{steps} loss {loss.item():.4f} lr {lr:.2e} ({(time.time() - tl) / 50:.2f} s/step)")
+            log(f"unet step {step}/{steps} loss {loss.item():.4f} (text probe {aux.item():.3f}) lr {lr:.2e} ({(time.time() - tl) / 50:.2f} s/step)")
             tl = time.time()
         if step % 100 == 0 or step == steps:
             save_ckpt(ckpt, {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                             "step": step})
+                             "probe": probe.state_dict(), "step": step})
             if stop_at is not None and step >= stop_at:
                 log(f"unet: stopping at step {step} (--unet-stop-at)")
                 return
@@ -527,11 +595,21 @@ def main() -> None:
                     help="stop the unet stage after the checkpoint of this step (a later run resumes it, possibly "
                          "with another --unet-steps: the shipped model was trained so, see tools/README.md)")
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--prediction", choices=["epsilon", "v_prediction"], default="epsilon",
+                    help="what the UNet predicts (written to the scheduler config it is exported with)")
+    ap.add_argument("--x0-weight-floor", type=float, default=0.0,
+                    help="lowest weight of a sample's error on x0 (min-SNR-5 gives SNR, near 0 at high noise)")
+    ap.add_argument("--text-aux-weight", type=float, default=0.0,
+                    help="weight of the scene probe's loss on the text encoder (SceneProbe; not exported)")
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="an exported folder (a copy of models/shapes-sd) to start from: its VAE is taken as it is "
+                         "and its text encoder and UNet are the unet stage's starting weights")
     ap.add_argument("--monitor-every", type=int, default=500)
     ap.add_argument("--eval-n", type=int, default=200)
     ap.add_argument("--grid", type=Path, default=None, help="eval: write the images as a PNG grid")
     a = ap.parse_args()
     setup(a.threads)
+    SCHEDULER_CONFIG["prediction_type"] = a.prediction
     a.work.mkdir(parents=True, exist_ok=True)
     stages = ["data", "vae", "latents", "unet", "export", "parity"] if "all" in a.stages else a.stages
     t0, c0 = time.time(), time.process_time()
@@ -539,11 +617,12 @@ def main() -> None:
         if s == "data":
             stage_data(a.work, a.seed)
         elif s == "vae":
-            stage_vae(a.work, a.seed, a.vae_steps, a.vae_batch)
+            stage_vae(a.work, a.seed, a.vae_steps, a.vae_batch, a.init_from)
         elif s == "latents":
             stage_latents(a.work, a.seed)
         elif s == "unet":
-            stage_unet(a.work, a.seed, a.unet_steps, a.unet_batch, a.lr, a.monitor_every, a.unet_stop_at)
+            stage_unet(a.work, a.seed, a.unet_steps, a.unet_batch, a.lr, a.monitor_every, a.unet_stop_at,
+                       a.init_from, a.x0_weight_floor, a.text_aux_weight)
         elif s == "export":
             stage_export(a.work, a.seed)
         elif s == "parity":
