@@ -26,20 +26,27 @@ use raftgen_raft::command::{ModelInfo, RefusedModel, MAX_REFUSED_MODELS};
 use super::device::{is_out_of_memory, Precision};
 use super::png::{encode_rgb, Recipe};
 use super::{ExecError, Executor, JobOutput, JobSpec, Rescan, RunControl};
-use crate::models::catalog::{Catalog, ModelEntry, Refused, Scan};
+use crate::models::catalog::{Catalog, ModelEntry, Refused, Scan, BUILTIN_MODEL};
 use crate::models::errors::one_line;
 use crate::models::{Cancelled, GenRequest, Pipeline, SamplerKind};
 
 /// Steps and guidance a model gets when the job does not say: Turbo models
-/// (by folder name) are distilled for few steps without guidance.
+/// (by folder name) are distilled for few steps without guidance; the
+/// built-in model draws its shapes best at guidance 3 (measured on its
+/// held-out captions: shape 81% at 3, 62% at 7.5, colour and position no
+/// worse; README "The built-in model").
 fn defaults(entry: &ModelEntry) -> (u32, f32) {
     let turbo = entry.name.to_ascii_lowercase().contains("turbo");
     match (entry.meta.family, turbo) {
         ("z-image", _) => (8, 0.0),
         (_, true) => (4, 0.0),
+        _ if entry.name == BUILTIN_MODEL => (20, BUILTIN_GUIDANCE),
         _ => (20, 7.5),
     }
 }
+
+/// The built-in model's default guidance scale (see [`defaults`]).
+const BUILTIN_GUIDANCE: f32 = 3.0;
 
 pub fn model_info(entry: &ModelEntry) -> ModelInfo {
     let (steps, guidance) = defaults(entry);
