@@ -67,7 +67,7 @@ VAE_CONFIG = dict(
     up_block_types=["UpDecoderBlock2D"] * 3,
     # [16, 16, 32] until 2026-12-06: its round trip of the held-out renders
     # judged shape right 78.5% of the time (small triangles came back round);
-    # twice the channels, 96.0% (tools/README.md, "Drawing corners").
+    # twice the channels, 92.5% (tools/README.md, "Drawing corners").
     block_out_channels=[32, 32, 64],
     layers_per_block=1,
     latent_channels=4,
