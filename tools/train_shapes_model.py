@@ -377,7 +377,7 @@ def stage_unet(work: Path, seed: int, steps: int, batch: int, lr_max: float, mon
         model.load_state_dict(st["model"])
         ema.load_state_dict(st["ema"])
         opt.load_state_dict(st["opt"])
-        if probe is not None and "probe" in st:
+        if probe is not None and st.get("probe") is not None:
             probe.load_state_dict(st["probe"])
         if st.get("prediction_type", SCHEDULER_CONFIG["prediction_type"]) != SCHEDULER_CONFIG["prediction_type"]:
             raise SystemExit(f"unet: {ckpt} was trained with --prediction {st['prediction_type']}; "
