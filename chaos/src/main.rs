@@ -286,11 +286,17 @@ fn check(dir: PathBuf) -> anyhow::Result<bool> {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The simulation drops and delays messages on purpose: openraft's warnings
+    // about it (about 90 MB of log in two minutes of `sim`) would bury the
+    // report. RUST_LOG still turns them on.
+    let default_filter = if matches!(cli.cmd, Cmd::Sim(_)) { "warn,openraft=off" } else { "warn" };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()),
+        )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Run(a) => tokio::runtime::Runtime::new().map_err(Into::into).and_then(|rt| rt.block_on(run(a))),
         Cmd::Sim(a) => sim(a),
