@@ -182,10 +182,10 @@ def save_ckpt(path: Path, state: dict) -> None:
 
 # ---------------------------------------------------------------- vae
 
-def make_vae():
+def make_vae(config: dict = VAE_CONFIG):
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(**VAE_CONFIG)
+    return AutoencoderKL(**config)
 
 
 def stage_vae(work: Path, seed: int, steps: int, batch: int, init_from: Path | None = None) -> None:
@@ -249,10 +249,8 @@ def vae_config(vae) -> dict:
 def load_vae(work: Path):
     """The vae stage's autoencoder, built with the configuration it was trained
     (or taken) with, which need not be today's VAE_CONFIG."""
-    from diffusers import AutoencoderKL
-
     st = torch.load(work / "vae.done.pt", weights_only=False)
-    vae = AutoencoderKL(**st.get("config", VAE_CONFIG))
+    vae = make_vae(st.get("config", VAE_CONFIG))
     vae.load_state_dict(st["model"])
     return vae.eval()
 
@@ -623,7 +621,7 @@ def main() -> None:
     ap.add_argument("--unet-batch", type=int, default=32)
     ap.add_argument("--unet-stop-at", type=int, default=None,
                     help="stop the unet stage after the checkpoint of this step (a later run resumes it, possibly "
-                         "with another --unet-steps: the shipped model was trained so, see tools/README.md)")
+                         "with another --unet-steps: the first model was trained so, see tools/README.md)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--prediction", choices=["epsilon", "v_prediction"], default="v_prediction",
                     help="what the UNet predicts (written to the scheduler config it is exported with)")
